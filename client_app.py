@@ -1,0 +1,56 @@
+"""Flower ClientApp: translates messages into calls to :mod:`lorm_flwr.client` and back."""
+
+from __future__ import annotations
+
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from lorm_flwr import protocol as P
+from lorm_flwr.client import Instructions, train_round
+from lorm_flwr.config import RunConfig
+
+app = ClientApp()
+
+
+def _partition(context: Context) -> tuple[int, int]:
+    try:
+        return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+    except KeyError as exc:
+        raise KeyError(
+            f"node config lacks {exc}; start the SuperNode with "
+            "--node-config 'partition-id=K num-partitions=N'"
+        ) from None
+
+
+@app.query("hello")
+def hello(msg: Message, context: Context) -> Message:
+    """Tell the server which data partition this node holds."""
+    pid, num = _partition(context)
+    metrics = MetricRecord({P.MET_PARTITION_ID: pid, P.MET_NUM_PARTITIONS: num})
+    return Message(RecordDict({P.METRICS: metrics}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg = RunConfig.from_mapping(context.run_config)
+    pid, num = _partition(context)
+    c = msg.content[P.CONFIG]
+    plan = Instructions(
+        task=int(c[P.CFG_TASK]),
+        round_in_task=int(c[P.CFG_ROUND_IN_TASK]),
+        train_a=bool(c[P.CFG_TRAIN_A]),
+        train_b=bool(c[P.CFG_TRAIN_B]),
+        train_head=bool(c[P.CFG_TRAIN_HEAD]),
+        stats=str(c[P.CFG_STATS]),
+        seed=int(c[P.CFG_SEED]),
+    )
+    result = train_round(cfg, pid, num, P.arrays_to_tensors(msg.content[P.ARRAYS]), plan)
+    content = RecordDict(
+        {
+            P.ARRAYS: P.tensors_to_arrays(result.tensors),
+            P.METRICS: P.reply_metrics(result.num_examples, **{P.MET_TRAIN_LOSS: result.train_loss}),
+        }
+    )
+    if result.stats:
+        content[P.STATS] = P.tensors_to_arrays(result.stats)
+    return Message(content, reply_to=msg)

@@ -1,0 +1,189 @@
+"""The run configuration: parsed once from Flower's run config, validated, frozen.
+
+Nothing else in the project reads ``context.run_config``; it calls
+:func:`RunConfig.from_mapping` and passes the result around.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ConfigError", "RunConfig"]
+
+
+class ConfigError(ValueError):
+    """A run-config value is invalid. The message names the key, the value and what is allowed."""
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every experiment knob. Field ``foo_bar`` is run-config key ``foo-bar``."""
+
+    strategy: str = "fedit"
+    dataset: str = "mnist"
+    backbone: str = "efficientnet-lite0"
+    num_tasks: int = 5
+    rounds_per_task: int = 2
+    local_epochs: int = 2
+    batch_size: int = 32
+    eval_batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    lora_rank: int = 4
+    lora_alpha: float = 4.0
+    lora_targets: str = "auto"
+    dirichlet_beta: float = 0.5
+    min_samples_per_client: int = 6
+    class_order: str = "natural"
+    test_fraction: float = 0.2
+    image_size: int = 32
+    seed: int = 0
+    device: str = "auto"
+    output_dir: str = "~/lorm-flwr-runs"
+    min_clients: int = 2
+    gram_alpha: float = 1.0
+    head_gram_alpha: float = 0.5
+    merge_ridge: float = 0.0
+    client_threads: int = 0
+
+    # ----------------------------------------------------------------- parsing
+    @classmethod
+    def from_mapping(cls, run_config: Mapping[str, Any]) -> RunConfig:
+        """Parse and validate Flower's run config (kebab-case keys).
+
+        Unknown keys raise, so a typo never silently falls back to a default.
+        """
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        by_key = {_key(name): name for name in fields}
+        values: dict[str, Any] = {}
+        for key, raw in run_config.items():
+            if key not in by_key:
+                allowed = ", ".join(sorted(by_key))
+                raise ConfigError(f"unknown run-config key '{key}'; known keys: {allowed}")
+            name = by_key[key]
+            values[name] = _coerce(key, raw, fields[name].type)
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        """Kebab-case mapping of every key, as written to results.json."""
+        return {_key(f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def replace(self, **changes: Any) -> RunConfig:
+        cfg = dataclasses.replace(self, **changes)
+        cfg.validate()
+        return cfg
+
+    # -------------------------------------------------------------- validation
+    def validate(self) -> None:
+        # Imported here: the registries import torch-heavy modules lazily, and the
+        # config module must stay importable without them.
+        from lorm_flwr.data.datasets import DATASETS
+        from lorm_flwr.models.backbones import BACKBONES
+        from lorm_flwr.strategies import STRATEGIES
+
+        _one_of("strategy", self.strategy, STRATEGIES)
+        _one_of("dataset", self.dataset, DATASETS)
+        _one_of("backbone", self.backbone, BACKBONES)
+        _one_of("class-order", self.class_order, ("natural", "shuffle"))
+        _one_of("device", self.device, ("auto", "cpu", "cuda"), prefix_ok=("cuda:",))
+        for name in (
+            "num_tasks",
+            "rounds_per_task",
+            "local_epochs",
+            "batch_size",
+            "eval_batch_size",
+            "lora_rank",
+            "min_clients",
+            "image_size",
+        ):
+            _positive(name, getattr(self, name))
+        _positive("lr", self.lr)
+        _positive("lora_alpha", self.lora_alpha)
+        _positive("dirichlet_beta", self.dirichlet_beta)
+        _non_negative("weight_decay", self.weight_decay)
+        _non_negative("min_samples_per_client", self.min_samples_per_client)
+        _non_negative("merge_ridge", self.merge_ridge)
+        _non_negative("client_threads", self.client_threads)
+        _non_negative("seed", self.seed)
+        for name in ("gram_alpha", "head_gram_alpha"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{_key(name)}={value!r} is invalid: must be in [0, 1]")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ConfigError(
+                f"test-fraction={self.test_fraction!r} is invalid: must be in (0, 1)"
+            )
+        if self.image_size < 8:
+            raise ConfigError(f"image-size={self.image_size} is invalid: must be >= 8")
+        num_classes = DATASETS[self.dataset].num_classes
+        if self.num_tasks > num_classes:
+            raise ConfigError(
+                f"num-tasks={self.num_tasks} is invalid: dataset '{self.dataset}' has only "
+                f"{num_classes} classes, so at most {num_classes} tasks of disjoint classes"
+            )
+        if not self.output_dir.strip():
+            raise ConfigError("output-dir='' is invalid: give a folder path")
+
+    # ----------------------------------------------------------------- helpers
+    @property
+    def lora_target_list(self) -> list[str] | None:
+        """Explicit target-module names, or None for the backbone's defaults."""
+        if self.lora_targets.strip() in ("", "auto"):
+            return None
+        return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+
+    @property
+    def output_root(self) -> Path:
+        """Absolute output folder (``~`` expanded, relative paths against the cwd)."""
+        return Path(self.output_dir).expanduser().resolve()
+
+
+def _coerce(key: str, raw: Any, annotation: Any) -> Any:
+    kind = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+    try:
+        if kind == "int":
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                raise TypeError
+            return int(raw)
+        if kind == "float":
+            if isinstance(raw, bool):
+                raise TypeError
+            value = float(raw)
+            if not math.isfinite(value):
+                raise TypeError
+            return value
+        if kind == "str":
+            return str(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}={raw!r} is invalid: expected a {kind}") from None
+    return raw
+
+
+def _one_of(
+    key: str, value: str, allowed: Any, prefix_ok: tuple[str, ...] = ()
+) -> None:
+    if value in allowed or any(value.startswith(p) for p in prefix_ok):
+        return
+    names = ", ".join(sorted(allowed))
+    raise ConfigError(f"{key}={value!r} is not known; allowed: {names}")
+
+
+def _positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{_key(name)}={value!r} is invalid: must be > 0")
+
+
+def _non_negative(name: str, value: float) -> None:
+    if not value >= 0:
+        raise ConfigError(f"{_key(name)}={value!r} is invalid: must be >= 0")

@@ -1,0 +1,55 @@
+"""Continual-learning bookkeeping: the round schedule and the accuracy-matrix metrics.
+
+Pure Python/numpy; no Flower, no torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = [
+    "average_forgetting",
+    "factor_of_round",
+    "final_average_accuracy",
+    "reference_forgetting",
+]
+
+
+def factor_of_round(round_in_task: int) -> str:
+    """LoRM's alternation inside a task: round 0 trains ``"B"``, round 1 ``"A"``, ...
+
+    ``round_in_task`` counts from 0 at the start of every task.
+    """
+    if round_in_task < 0:
+        raise ValueError(f"round_in_task must be >= 0, got {round_in_task}")
+    return "B" if round_in_task % 2 == 0 else "A"
+
+
+def final_average_accuracy(correct: int, total: int) -> float:
+    """All correct over all test samples of the seen classes after the last task."""
+    return correct / total if total else float("nan")
+
+
+def average_forgetting(acc: Sequence[Sequence[float]]) -> float:
+    """``mean_k (max_{t<T-1} a[t][k] - a[T-1][k])`` over tasks ``k < T-1``.
+
+    ``acc[t][k]`` is the accuracy on task k's classes after training task t
+    (defined for ``k <= t``). NaN for a single task: nothing can be forgotten.
+    This is the definition in algorithms.md; :func:`reference_forgetting` gives the
+    LoRM reference code's variant.
+    """
+    a = np.asarray(acc, dtype=float)
+    T = a.shape[0]
+    if T < 2:
+        return float("nan")
+    drops = [np.nanmax(a[k : T - 1, k]) - a[T - 1, k] for k in range(T - 1)]
+    return float(np.mean(drops))
+
+
+def reference_forgetting(acc: Sequence[Sequence[float]]) -> float:
+    """The LoRM reference code's ``mean_k (a[k][k] - a[T-1][k])`` over all T tasks."""
+    a = np.asarray(acc, dtype=float)
+    T = a.shape[0]
+    return float(np.mean([a[k, k] - a[T - 1, k] for k in range(T)]))

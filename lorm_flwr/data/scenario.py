@@ -1,0 +1,130 @@
+"""The federated class-incremental scenario: class order, tasks, non-IID client shards.
+
+Classes are put in order (natural, or a seeded shuffle) and cut into ``num_tasks``
+tasks of disjoint classes. Each task's training samples are spread over the
+clients with flwr-datasets' ``DirichletPartitioner`` (Dirichlet(beta) over clients
+per class, redrawn until every client has ``min_samples_per_client``). The same
+seed gives the same scenario on the server and on every client.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from lorm_flwr.config import ConfigError
+
+__all__ = ["Scenario", "ScenarioError", "build_scenario", "class_order", "split_classes"]
+
+
+class ScenarioError(ConfigError):
+    """The data cannot be split as configured (raised before any training)."""
+
+
+def class_order(num_classes: int, order: str, seed: int) -> list[int]:
+    """Natural order ``0..C-1`` or a permutation drawn from ``seed``."""
+    if order == "natural":
+        return list(range(num_classes))
+    return [int(c) for c in np.random.default_rng(seed).permutation(num_classes)]
+
+
+def split_classes(order: list[int], num_tasks: int) -> list[list[int]]:
+    """Cut the class order into ``num_tasks`` contiguous, disjoint, near-equal tasks."""
+    if not 1 <= num_tasks <= len(order):
+        raise ScenarioError(
+            f"num-tasks={num_tasks} is invalid: must be between 1 and {len(order)} classes"
+        )
+    return [[int(c) for c in part] for part in np.array_split(np.asarray(order), num_tasks)]
+
+
+def dirichlet_split(
+    labels: np.ndarray, num_clients: int, beta: float, min_samples: int, seed: int
+) -> list[np.ndarray]:
+    """Indices into ``labels`` for each client, Dirichlet(beta) over clients per class."""
+    from datasets import Dataset
+    from flwr_datasets.partitioner import DirichletPartitioner
+
+    if num_clients == 1:
+        return [np.arange(len(labels))]
+    if len(labels) < num_clients * max(min_samples, 1):
+        raise ScenarioError(
+            f"min-samples-per-client={min_samples} cannot be met: the task has only "
+            f"{len(labels)} training samples for {num_clients} clients"
+        )
+    partitioner = DirichletPartitioner(
+        num_partitions=num_clients,
+        partition_by="label",
+        alpha=beta,
+        min_partition_size=min_samples,
+        self_balancing=False,
+        shuffle=True,
+        seed=seed,
+    )
+    partitioner.dataset = Dataset.from_dict(
+        {"label": labels.astype(np.int64), "index": np.arange(len(labels))}
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # it warns on each redraw; we report the outcome
+        try:
+            return [
+                np.asarray(partitioner.load_partition(k)["index"][:], dtype=np.int64)
+                for k in range(num_clients)
+            ]
+        except ValueError as exc:
+            raise ScenarioError(
+                f"min-samples-per-client={min_samples} could not be met with "
+                f"dirichlet-beta={beta} and {num_clients} clients after 10 Dirichlet "
+                f"draws ({len(labels)} samples in the task); raise dirichlet-beta, "
+                "lower min-samples-per-client, or use fewer clients"
+            ) from exc
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """Tasks and shards. ``shards[t][k]`` indexes the training set for client k, task t."""
+
+    tasks: tuple[tuple[int, ...], ...]
+    shards: tuple[tuple[np.ndarray, ...], ...]
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.shards[0])
+
+    def seen_classes(self, task: int) -> list[int]:
+        """Classes of tasks ``0..task``, in task order."""
+        return [c for t in self.tasks[: task + 1] for c in t]
+
+    def shard_sizes(self) -> list[list[int]]:
+        return [[len(s) for s in task] for task in self.shards]
+
+
+def build_scenario(
+    train_labels: np.ndarray,
+    num_classes: int,
+    *,
+    num_tasks: int,
+    num_clients: int,
+    beta: float,
+    min_samples: int,
+    order: str,
+    seed: int,
+) -> Scenario:
+    """Split classes into tasks and each task's samples over clients.
+
+    Raises :class:`ScenarioError` (a :class:`ConfigError`) naming the key at fault.
+    """
+    if num_clients < 1:
+        raise ScenarioError(f"the federation has {num_clients} clients; need at least 1")
+    tasks = split_classes(class_order(num_classes, order, seed), num_tasks)
+    shards = []
+    for t, classes in enumerate(tasks):
+        in_task = np.flatnonzero(np.isin(train_labels, classes))  # (n_t,)
+        parts = dirichlet_split(train_labels[in_task], num_clients, beta, min_samples, seed + t)
+        shards.append(tuple(np.sort(in_task[p]) for p in parts))
+    return Scenario(tuple(tuple(c) for c in tasks), tuple(shards))

@@ -1,0 +1,53 @@
+"""Centralised class-incremental evaluation of a global model (pure torch; no Flower)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lorm_flwr.config import RunConfig
+from lorm_flwr.data.scenario import Scenario
+from lorm_flwr.models.adapters import set_tensors
+from lorm_flwr.runtime import data_of, input_spec, model_of
+from lorm_flwr.train import evaluate_accuracy, pick_device, predict
+
+__all__ = ["EvalResult", "evaluate_global"]
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    accuracy: float  # over the test samples of every seen class
+    per_task: list[float]  # accuracy on each seen task's classes
+    correct: int
+    total: int
+
+
+def evaluate_global(
+    cfg: RunConfig,
+    scenario: Scenario,
+    task: int,
+    tensors: dict[str, torch.Tensor],
+    *,
+    rank: int | None = None,
+    alpha: float | None = None,
+) -> EvalResult:
+    """Accuracy after task ``task``: argmax over all seen classes, no task id."""
+    data = data_of(cfg)
+    seen = scenario.seen_classes(task)
+    mask = np.isin(data.test_y, seen)
+    images, labels = data.test_x[mask], data.test_y[mask]
+    model = model_of(cfg, rank=rank, alpha=alpha)
+    set_tensors(model, tensors)
+    preds = predict(
+        model,
+        images,
+        seen_classes=seen,
+        inputs=input_spec(cfg),
+        batch_size=cfg.eval_batch_size,
+        device=pick_device(cfg.device),
+    )
+    overall, per_task = evaluate_accuracy(preds, labels, scenario.tasks[: task + 1])
+    correct = int((preds == labels).sum())
+    return EvalResult(overall, per_task, correct, int(len(labels)))

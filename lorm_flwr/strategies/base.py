@@ -1,0 +1,197 @@
+"""Shared Flower strategy logic: task-aware configs, reply checks, byte accounting.
+
+Every strategy subclasses :class:`LoraStrategy` (itself Flower's ``FedAvg``) and
+overrides :meth:`round_plan` (what trains, what statistics come back) and
+:meth:`merge` (the aggregation). Task boundaries are driven by the ServerApp
+through :meth:`begin_task` and :meth:`end_task`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from lorm_flwr import protocol as P
+from lorm_flwr.config import RunConfig
+from lorm_flwr.models.adapters import AdaptedLayer
+
+log = logging.getLogger("flwr.lorm")
+
+__all__ = [
+    "AggregationFailed",
+    "LoraStrategy",
+    "ModelLayout",
+    "RoundLog",
+    "RoundPlan",
+    "TaskModel",
+]
+
+
+class AggregationFailed(RuntimeError):
+    """Too few valid replies to merge a round."""
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """What the server knows of the model: adapted layers, head keys, tensor shapes."""
+
+    layers: tuple[AdaptedLayer, ...]
+    head_weight: str
+    head_bias: str
+    shapes: Mapping[str, tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """One round's instructions to the clients."""
+
+    train_a: bool
+    train_b: bool
+    train_head: bool = True
+    stats: str = P.STATS_NONE
+
+
+@dataclass(frozen=True)
+class TaskModel:
+    """The model evaluated and exported after a task: adapter tensors at ``rank``/``alpha``."""
+
+    tensors: dict[str, torch.Tensor]
+    rank: int
+    alpha: float
+
+
+@dataclass
+class RoundLog:
+    task: int
+    round_in_task: int
+    bytes_down: int = 0
+    bytes_up: int = 0
+    replies: int = 0
+    failures: list[str] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)
+    train_loss: float = float("nan")
+    num_examples: int = 0
+    merge_seconds: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class LoraStrategy(FedAvg):
+    """FedAvg's sampling and loop, with tasks, validation and byte accounting."""
+
+    name = "base"
+
+    def __init__(self, cfg: RunConfig, layout: ModelLayout) -> None:
+        super().__init__(
+            fraction_train=1.0,
+            fraction_evaluate=0.0,  # evaluation is centralised, on the server
+            min_train_nodes=cfg.min_clients,
+            min_available_nodes=cfg.min_clients,
+            weighted_by_key=P.MET_NUM_EXAMPLES,
+            arrayrecord_key=P.ARRAYS,
+            configrecord_key=P.CONFIG,
+        )
+        self.cfg = cfg
+        self.layout = layout
+        self.task = 0
+        self.rounds: list[RoundLog] = []
+        self._sent: dict[str, torch.Tensor] = {}
+
+    # ---------------------------------------------------------------- tasks
+    def begin_task(self, task: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Called before task ``task``'s first round; returns the tensors to start from."""
+        self.task = task
+        return tensors
+
+    def end_task(self, task: int, grid: Grid, tensors: dict[str, torch.Tensor]) -> TaskModel:
+        """Called after the task's last round; returns the model to evaluate and export."""
+        return TaskModel(tensors, self.cfg.lora_rank, self.cfg.lora_alpha)
+
+    # ------------------------------------------------------------ per round
+    def round_plan(self, round_in_task: int) -> RoundPlan:
+        return RoundPlan(train_a=True, train_b=True)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        round_in_task = server_round - 1
+        plan = self.round_plan(round_in_task)
+        config = ConfigRecord(dict(config))
+        config[P.CFG_TASK] = self.task
+        config[P.CFG_ROUND_IN_TASK] = round_in_task
+        config[P.CFG_TRAIN_A] = plan.train_a
+        config[P.CFG_TRAIN_B] = plan.train_b
+        config[P.CFG_TRAIN_HEAD] = plan.train_head
+        config[P.CFG_STATS] = plan.stats
+        config[P.CFG_SEED] = self.cfg.seed * 100_003 + self.task * 1_009 + round_in_task
+        self._sent = P.arrays_to_tensors(arrays)
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        entry = RoundLog(task=self.task, round_in_task=round_in_task)
+        entry.bytes_down = sum(P.record_bytes(m.content) for m in messages)
+        self.rounds.append(entry)
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        import time
+
+        entry = self.rounds[-1]
+        good: list[Message] = []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                entry.failures.append(f"node {node}: {msg.error.reason}")
+                log.warning("round %d: node %d failed: %s", server_round, node, msg.error.reason)
+                continue
+            entry.bytes_up += P.record_bytes(msg.content)
+            try:
+                self.check_reply(msg)
+            except P.PayloadError as exc:
+                entry.rejected.append(str(exc))
+                log.warning("round %d: rejected reply: %s", server_round, exc)
+                continue
+            good.append(msg)
+        entry.replies = len(good)
+        if len(good) < self.cfg.min_clients:
+            raise AggregationFailed(
+                f"task {self.task} round {entry.round_in_task}: only {len(good)} valid "
+                f"replies, min-clients={self.cfg.min_clients}; failures: "
+                f"{entry.failures + entry.rejected}"
+            )
+        weights = [P.num_examples(m) for m in good]
+        entry.num_examples = sum(weights)
+        entry.train_loss = sum(
+            w * float(m.content[P.METRICS].get(P.MET_TRAIN_LOSS, 0.0)) for w, m in zip(weights, good)
+        ) / max(sum(weights), 1)
+        start = time.perf_counter()
+        merged = self.merge(good, weights, dict(self._sent))
+        entry.merge_seconds = time.perf_counter() - start
+        metrics = MetricRecord({P.MET_TRAIN_LOSS: entry.train_loss, P.MET_NUM_EXAMPLES: entry.num_examples})
+        return P.tensors_to_arrays(merged), metrics
+
+    # ------------------------------------------------------------- to override
+    def expected_reply(self, plan: RoundPlan) -> dict[str, tuple[int, ...]]:
+        """Keys and shapes of a reply's ``arrays`` record under ``plan``."""
+        return dict(self.layout.shapes)
+
+    def check_reply(self, msg: Message) -> None:
+        node = msg.metadata.src_node_id
+        P.check_num_examples(node, msg)
+        if P.ARRAYS not in msg.content:
+            raise P.PayloadError(f"node {node}: reply has no '{P.ARRAYS}' record")
+        plan = self.round_plan(self.rounds[-1].round_in_task)
+        P.check_tensors(node, msg.content[P.ARRAYS], self.expected_reply(plan))
+
+    def merge(
+        self,
+        replies: list[Message],
+        weights: list[int],
+        current: dict[str, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        raise NotImplementedError

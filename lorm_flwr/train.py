@@ -1,0 +1,154 @@
+"""Local training and evaluation loops (pure torch; no Flower).
+
+Images stay uint8 in memory and are resized and normalised per batch, so a
+224-px data set never needs a float copy of the whole array.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "InputSpec",
+    "TrainStats",
+    "batches",
+    "evaluate_accuracy",
+    "pick_device",
+    "predict",
+    "train_local",
+]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How raw uint8 images become backbone inputs."""
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __call__(self, images: np.ndarray, device: torch.device) -> torch.Tensor:
+        """uint8 ``(B, H, W)`` or ``(B, H, W, 3)`` -> float ``(B, 3, S, S)`` on ``device``."""
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(device)
+        x = x.unsqueeze(1).expand(-1, 3, -1, -1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
+        x = x.float().div_(255.0)  # (B, 3, H, W)
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            x = F.interpolate(
+                x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
+            )
+        mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    loss: float
+    num_examples: int
+    steps: int
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device={name!r} was asked for but CUDA is not available")
+    return torch.device(name)
+
+
+def batches(
+    n: int, batch_size: int, *, shuffle: bool, generator: np.random.Generator | None = None
+) -> Iterator[np.ndarray]:
+    """Index batches over ``range(n)``; seeded shuffling keeps runs reproducible."""
+    order = generator.permutation(n) if shuffle and generator is not None else np.arange(n)
+    for start in range(0, n, batch_size):
+        yield order[start : start + batch_size]
+
+
+def train_local(
+    model: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    task_classes: Sequence[int],
+    inputs: InputSpec,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    device: torch.device,
+    seed: int,
+) -> TrainStats:
+    """AdamW on the trainable parameters; cross-entropy over the current task's logits only.
+
+    Old classes' head rows get no gradient, as in the LoRM reference. The model
+    stays in eval mode: the backbone is frozen, so its BatchNorm statistics must
+    not drift away from the server's copy.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: every parameter is frozen")
+    if len(labels) == 0:
+        return TrainStats(loss=0.0, num_examples=0, steps=0)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    classes = torch.tensor(list(task_classes), device=device)
+    # Map a global label to its column among the task's logits.
+    remap = torch.full((int(max(task_classes)) + 1,), -1, dtype=torch.long, device=device)
+    remap[classes] = torch.arange(len(classes), device=device)
+    model.eval()
+    rng = np.random.default_rng(seed)
+    total, steps = 0.0, 0
+    for _ in range(epochs):
+        for idx in batches(len(labels), batch_size, shuffle=True, generator=rng):
+            x = inputs(images[idx], device)
+            y = remap[torch.from_numpy(labels[idx]).to(device)]
+            logits = model(x)[:, classes]  # (B, |task|)
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach())
+            steps += 1
+    return TrainStats(loss=total / max(steps, 1), num_examples=int(len(labels)), steps=steps)
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    images: np.ndarray,
+    *,
+    seen_classes: Sequence[int],
+    inputs: InputSpec,
+    batch_size: int,
+    device: torch.device,
+) -> np.ndarray:
+    """Class-incremental prediction: argmax over the logits of ``seen_classes`` (no task id)."""
+    model.eval()
+    seen = torch.tensor(list(seen_classes), device=device)
+    out = []
+    for idx in batches(len(images), batch_size, shuffle=False):
+        logits = model(inputs(images[idx], device))[:, seen]
+        out.append(seen[logits.argmax(dim=1)].cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+
+
+def evaluate_accuracy(
+    predictions: np.ndarray, labels: np.ndarray, tasks: Sequence[Sequence[int]]
+) -> tuple[float, list[float]]:
+    """Overall accuracy and per-task accuracy of predictions on the given labels.
+
+    A task with no test sample gets NaN.
+    """
+    overall = float((predictions == labels).mean()) if len(labels) else float("nan")
+    per_task = []
+    for classes in tasks:
+        mask = np.isin(labels, list(classes))
+        per_task.append(float((predictions[mask] == labels[mask]).mean()) if mask.any() else float("nan"))
+    return overall, per_task

@@ -1,0 +1,171 @@
+"""Flower ServerApp: drives tasks x rounds, evaluates, and writes the results.
+
+Thin: the merges live in the strategies, the math in ``lorm_flwr.merge``, the
+bookkeeping in ``lorm_flwr.results`` and ``lorm_flwr.continual``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from lorm_flwr import protocol as P
+from lorm_flwr.config import RunConfig
+from lorm_flwr.continual import average_forgetting, final_average_accuracy, reference_forgetting
+from lorm_flwr.evaluation import evaluate_global
+from lorm_flwr.models.adapters import get_tensors
+from lorm_flwr.results import RunRecorder, export_adapter, run_folder
+from lorm_flwr.runtime import layout_of, model_of, scenario_of
+from lorm_flwr.strategies import strategy_class
+
+log = logging.getLogger("flwr.lorm")
+app = ServerApp()
+
+NODE_WAIT_SECONDS = 300.0
+
+
+def _wait_for_nodes(grid: Grid, count: int) -> list[int]:
+    deadline = time.monotonic() + NODE_WAIT_SECONDS
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= count:
+            return nodes
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"only {len(nodes)} SuperNodes connected after {NODE_WAIT_SECONDS:.0f} s; "
+                f"min-clients={count}"
+            )
+        time.sleep(1.0)
+
+
+def _partitions(grid: Grid, nodes: list[int]) -> dict[int, int]:
+    """Ask every node for its partition; all must agree on ``num-partitions``."""
+    queries = [
+        Message(RecordDict(), dst_node_id=n, message_type=P.QUERY_HELLO) for n in nodes
+    ]
+    replies = list(grid.send_and_receive(queries, timeout=600))
+    mapping: dict[int, int] = {}
+    totals = set()
+    for r in replies:
+        if r.has_error():
+            raise RuntimeError(f"node {r.metadata.src_node_id} failed to start: {r.error.reason}")
+        m = r.content[P.METRICS]
+        mapping[r.metadata.src_node_id] = int(m[P.MET_PARTITION_ID])
+        totals.add(int(m[P.MET_NUM_PARTITIONS]))
+    if len(totals) != 1:
+        raise RuntimeError(f"nodes disagree on num-partitions: {sorted(totals)}")
+    if sorted(mapping.values()) != list(range(totals.pop())):
+        raise RuntimeError(f"partition ids {sorted(mapping.values())} are not 0..N-1 once each")
+    return mapping
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = RunConfig.from_mapping(context.run_config)  # bad values stop here
+    nodes = _wait_for_nodes(grid, cfg.min_clients)
+    num_clients = len(_partitions(grid, nodes))
+    scenario = scenario_of(cfg, num_clients)  # impossible splits stop here
+    log.info(
+        "lorm-flwr: %s on %s, %d clients, %d tasks %s, shard sizes %s",
+        cfg.strategy, cfg.dataset, num_clients, scenario.num_tasks,
+        [list(t) for t in scenario.tasks], scenario.shard_sizes(),
+    )  # fmt: skip
+
+    model = model_of(cfg)
+    strategy = strategy_class(cfg.strategy)(cfg, layout_of(model))
+    folder = run_folder(cfg)
+    recorder = RunRecorder(
+        cfg, folder, [list(t) for t in scenario.tasks], scenario.shard_sizes()
+    )
+    log.info("lorm-flwr: writing results to %s", folder)
+    tensors = get_tensors(model)
+    start = time.perf_counter()
+
+    try:
+        for task in range(scenario.num_tasks):
+            tensors = strategy.begin_task(task, tensors)
+
+            def evaluate_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+                if server_round == 0:
+                    return None  # the task's starting model; evaluated at the last task end
+                ev = evaluate_global(cfg, scenario, task, P.arrays_to_tensors(arrays))
+                stats = strategy.rounds[-1]
+                recorder.add_round(
+                    {
+                        "task": task,
+                        "round_in_task": server_round - 1,
+                        "accuracy": ev.accuracy,
+                        "per_task_accuracy": ev.per_task,
+                        "train_loss": stats.train_loss,
+                        "bytes_down": stats.bytes_down,
+                        "bytes_up": stats.bytes_up,
+                        "replies": stats.replies,
+                        "failures": stats.failures,
+                        "rejected": stats.rejected,
+                        "merge_seconds": stats.merge_seconds,
+                        "elapsed_seconds": time.perf_counter() - start,
+                        **stats.extra,
+                    }
+                )
+                log.info(
+                    "lorm-flwr: task %d/%d round %d/%d: accuracy on seen classes %.3f, "
+                    "train loss %.3f, %d B down, %d B up",
+                    task + 1, scenario.num_tasks, server_round, cfg.rounds_per_task,
+                    ev.accuracy, stats.train_loss, stats.bytes_down, stats.bytes_up,
+                )  # fmt: skip
+                return MetricRecord({"accuracy": ev.accuracy})
+
+            result = strategy.start(
+                grid=grid,
+                initial_arrays=P.tensors_to_arrays(tensors),
+                num_rounds=cfg.rounds_per_task,
+                train_config=ConfigRecord(),
+                evaluate_fn=evaluate_round,
+            )
+            tensors = P.arrays_to_tensors(result.arrays)
+            final_model = strategy.end_task(task, grid, tensors)
+            ev = evaluate_global(
+                cfg, scenario, task, final_model.tensors,
+                rank=final_model.rank, alpha=final_model.alpha,
+            )  # fmt: skip
+            recorder.end_task(
+                task,
+                ev.per_task,
+                {"accuracy": ev.accuracy, "correct": ev.correct, "total": ev.total,
+                 "adapter_rank": final_model.rank},
+            )  # fmt: skip
+            export_adapter(
+                model_of(cfg, rank=final_model.rank, alpha=final_model.alpha),
+                final_model.tensors,
+                folder / "adapter",
+            )
+            log.info(
+                "lorm-flwr: after task %d/%d: accuracy on seen classes %.3f, per task %s",
+                task + 1, scenario.num_tasks, ev.accuracy, [round(a, 3) for a in ev.per_task],
+            )  # fmt: skip
+    except BaseException:
+        recorder.status = "failed"
+        recorder.write()
+        raise
+
+    last = recorder.task_end[-1]
+    recorder.final = {
+        "final_average_accuracy": final_average_accuracy(last["correct"], last["total"]),
+        "average_forgetting": average_forgetting(recorder.accuracy_matrix),
+        "reference_forgetting": reference_forgetting(recorder.accuracy_matrix),
+        "forgetting_definition": "mean over k<T-1 of max_{t<T-1} a[t][k] - a[T-1][k]",
+        "bytes_down_total": sum(r["bytes_down"] for r in recorder.rounds),
+        "bytes_up_total": sum(r["bytes_up"] for r in recorder.rounds),
+        "wall_seconds": time.perf_counter() - start,
+    }
+    recorder.status = "completed"
+    recorder.write()
+    recorder.plot()
+    log.info(
+        "lorm-flwr: done. final average accuracy %.3f, average forgetting %.3f",
+        recorder.final["final_average_accuracy"], recorder.final["average_forgetting"],
+    )  # fmt: skip
+    log.info("lorm-flwr: results in %s", folder)
