@@ -117,11 +117,16 @@ def build_classifier(
 ) -> Classifier:
     """Build the frozen backbone and a seeded linear head over ``num_classes``.
 
-    The head is initialised from ``seed`` alone (nn.Linear's own scheme), so the
-    server and every client build the same one without touching the global RNG.
+    Everything random (the head, nn.Linear's own scheme; a random-init backbone) is
+    drawn from ``seed`` alone, so the server and every client build the same model
+    without touching the global RNG.
     """
     spec = BACKBONES[backbone]
-    features = spec.build(image_size, checkpoint)
+    # Randomly initialised backbones (tests, or layers a checkpoint lacks) must come
+    # out identical on the server and every client: build them under ``seed``.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        features = spec.build(image_size, checkpoint)
     for p in features.parameters():
         p.requires_grad_(False)
     model = Classifier(features, int(features.num_features), num_classes)

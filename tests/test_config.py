@@ -1,0 +1,67 @@
+"""Run-config parsing and validation: one test per rejected value."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from lorm_flwr.config import ConfigError, RunConfig
+from lorm_flwr.data.scenario import ScenarioError, build_scenario
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pyproject_defaults_parse_and_match_dataclass():
+    defaults = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    cfg = RunConfig.from_mapping(defaults)
+    assert cfg == RunConfig()  # pyproject and dataclass defaults agree
+    assert set(cfg.to_dict()) == set(defaults)  # every key has a pyproject default
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "fragment"),
+    [
+        ("strategy", "fedavgx", "strategy='fedavgx' is not known; allowed: "),
+        ("dataset", "imagenet", "dataset='imagenet' is not known; allowed: "),
+        ("backbone", "resnet9000", "backbone='resnet9000' is not known; allowed: "),
+        ("lora-rank", 0, "lora-rank=0 is invalid: must be > 0"),
+        ("lora-rank", -3, "lora-rank=-3 is invalid: must be > 0"),
+        ("dirichlet-beta", 0.0, "dirichlet-beta=0.0 is invalid: must be > 0"),
+        ("dirichlet-beta", -1.0, "dirichlet-beta=-1.0 is invalid: must be > 0"),
+        ("num-tasks", 11, "num-tasks=11 is invalid: dataset 'mnist' has only 10 classes"),
+        ("lr", 0.0, "lr=0.0 is invalid"),
+        ("gram-alpha", 1.5, "gram-alpha=1.5 is invalid: must be in [0, 1]"),
+        ("device", "tpu", "device='tpu' is not known"),
+        ("lora-rank", "four", "lora-rank='four' is invalid: expected a int"),
+    ],
+)
+def test_bad_values_name_key_value_and_allowed(key, value, fragment):
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_mapping({key: value})
+    assert fragment in str(err.value)
+
+
+def test_unknown_key_is_rejected():
+    with pytest.raises(ConfigError, match="unknown run-config key 'lora-rnak'"):
+        RunConfig.from_mapping({"lora-rnak": 4})
+
+
+def test_client_below_minimum_samples_is_rejected_before_training():
+    import numpy as np
+
+    labels = np.repeat(np.arange(4), 10)  # 10 samples per class
+    with pytest.raises(ScenarioError, match="min-samples-per-client=30"):
+        build_scenario(
+            labels, 4, num_tasks=2, num_clients=3, beta=0.5, min_samples=30,
+            order="natural", seed=0,
+        )  # fmt: skip
+    assert issubclass(ScenarioError, ConfigError)
+
+
+def test_ints_accepted_for_floats_and_config_is_frozen():
+    cfg = RunConfig.from_mapping({"lr": 1, "lora-alpha": 8})
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float)
+    with pytest.raises(AttributeError):
+        cfg.lr = 2.0  # type: ignore[misc]
