@@ -1,0 +1,130 @@
+"""Run the app for real: a SuperLink on 127.0.0.1 owned by the test, then `flwr run`.
+
+The SuperLink is started in its own process session and always stopped by its
+PID (with its whole process group), even when the test fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"flower-superlink exited early with code {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return
+        time.sleep(0.3)
+    raise TimeoutError(f"flower-superlink did not listen on 127.0.0.1:{port}")
+
+
+def stop_process_group(proc: subprocess.Popen, grace: float = 15.0) -> None:
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=grace)
+
+
+@dataclass
+class Federation:
+    env: dict[str, str]
+    connection: str
+    home: Path
+
+    def run(
+        self, run_config: dict, num_supernodes: int, timeout: float = 900
+    ) -> subprocess.CompletedProcess:
+        items = " ".join(
+            f"{k}='{v}'" if isinstance(v, str) else f"{k}={str(v).lower() if isinstance(v, bool) else v}"
+            for k, v in run_config.items()
+        )
+        cmd = [
+            str(BIN / "flwr"), "run", str(ROOT), self.connection, "--stream",
+            "--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus=1",
+            "--run-config", items,
+        ]  # fmt: skip
+        return subprocess.run(
+            cmd, env=self.env, capture_output=True, text=True, timeout=timeout, cwd=self.home
+        )
+
+
+@contextlib.contextmanager
+def simulation_superlink(tmp: Path) -> Iterator[Federation]:
+    home = tmp / "flwr-home"
+    home.mkdir(parents=True, exist_ok=True)
+    port, control = free_port(), free_port()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "test"\n\n[superlink.test]\n'
+        f'address = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+    ray_tmp = tempfile.mkdtemp(prefix="lfr-ray-", dir="/tmp")
+    env = dict(os.environ)
+    env.update(
+        FLWR_HOME=str(home),
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        # Ray's AF_UNIX socket paths must stay under 107 bytes: pytest's tmp is too deep.
+        RAY_TMPDIR=ray_tmp,
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+    )
+    log = open(tmp / "superlink.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [
+            str(BIN / "flower-superlink"), "--insecure", "--simulation",
+            "--isolation", "subprocess",
+            "--host", "127.0.0.1", "--port", str(port),
+            "--control-api-address", f"127.0.0.1:{control}",
+            "--database", str(home / "state.db"),
+            "--disable-runtime-dependency-installation",
+        ],  # fmt: skip
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        _wait_for_port(port, proc)
+        yield Federation(env=env, connection="test", home=home)
+    finally:
+        stop_process_group(proc)
+        log.close()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def load_results(output_dir: Path) -> tuple[Path, dict]:
+    runs = sorted(p for p in output_dir.iterdir() if (p / "results.json").exists())
+    assert runs, f"no results.json under {output_dir}"
+    folder = runs[-1]
+    return folder, json.loads((folder / "results.json").read_text())
