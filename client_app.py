@@ -6,7 +6,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from lorm_flwr import protocol as P
-from lorm_flwr.client import Instructions, train_round
+from lorm_flwr.client import Instructions, task_grams, train_round
 from lorm_flwr.config import RunConfig
 
 app = ClientApp()
@@ -53,4 +53,23 @@ def train(msg: Message, context: Context) -> Message:
     )
     if result.stats:
         content[P.STATS] = P.tensors_to_arrays(result.stats)
+    return Message(content, reply_to=msg)
+
+
+@app.query("task_stats")
+def task_stats(msg: Message, context: Context) -> Message:
+    """End of task: Grams of the adapted layers' inputs on the model sent, on this task's data."""
+    cfg = RunConfig.from_mapping(context.run_config)
+    pid, num = _partition(context)
+    c = msg.content[P.CONFIG]
+    stats, n = task_grams(
+        cfg,
+        pid,
+        num,
+        P.arrays_to_tensors(msg.content[P.ARRAYS]),
+        task=int(c[P.CFG_TASK]),
+        rank=int(c[P.CFG_RANK]),
+        alpha=float(c[P.CFG_ALPHA]),
+    )
+    content = RecordDict({P.STATS: P.tensors_to_arrays(stats), P.METRICS: P.reply_metrics(n)})
     return Message(content, reply_to=msg)

@@ -6,12 +6,24 @@ from dataclasses import dataclass
 
 import torch
 
+from lorm_flwr import protocol as P
 from lorm_flwr.config import RunConfig
-from lorm_flwr.models.adapters import get_tensors, set_tensors, set_trainable
+from lorm_flwr.gram import layer_grams
+from lorm_flwr.lorm import lorm_products
+from lorm_flwr.models.adapters import (
+    HEAD,
+    adapter_layout,
+    get_tensors,
+    head_keys,
+    set_tensors,
+    set_trainable,
+)
 from lorm_flwr.runtime import data_of, input_spec, model_of, scenario_of, set_threads
 from lorm_flwr.train import pick_device, train_local
 
-__all__ = ["ClientResult", "Instructions", "train_round"]
+__all__ = ["ClientResult", "Instructions", "task_grams", "train_round"]
+
+PEFT_PREFIX = "base_model.model."
 
 
 @dataclass(frozen=True)
@@ -65,9 +77,62 @@ def train_round(
         device=pick_device(cfg.device),
         seed=plan.seed * 1_000 + partition_id,
     )
+    tensors = get_tensors(model)
+    if plan.stats in (P.STATS_LORM_A, P.STATS_LORM_B):
+        layers = adapter_layout(model)
+        grams = _grams(cfg, model, data.train_x[shard], with_head=True)
+        weight_key, bias_key = head_keys(model)
+        products = lorm_products(plan.stats, tensors, grams, layers, HEAD, weight_key)
+        # The closed-form steps need only the products; the bias is averaged.
+        return ClientResult({bias_key: tensors[bias_key]}, products, stats.num_examples, stats.loss)
     return ClientResult(
-        tensors=get_tensors(model),
+        tensors=tensors,
         stats={},
         num_examples=stats.num_examples,
         train_loss=stats.loss,
     )
+
+
+def _grams(cfg: RunConfig, model, images, *, with_head: bool) -> dict[str, torch.Tensor]:
+    """Smoothed input Grams of every adapted layer (and the head) over ``images``."""
+    targets = {
+        layer.name: (model.get_submodule(PEFT_PREFIX + layer.name), layer.is_conv)
+        for layer in adapter_layout(model)
+    }
+    alphas = {name: cfg.gram_alpha for name in targets}
+    if with_head:
+        targets[HEAD] = (model.get_submodule(PEFT_PREFIX + HEAD), False)
+        alphas[HEAD] = cfg.head_gram_alpha
+    grams, _ = layer_grams(
+        model,
+        targets,
+        images,
+        inputs=input_spec(cfg),
+        batch_size=cfg.eval_batch_size,
+        device=pick_device(cfg.device),
+        alphas=alphas,
+    )
+    return grams
+
+
+def task_grams(
+    cfg: RunConfig,
+    partition_id: int,
+    num_partitions: int,
+    tensors: dict[str, torch.Tensor],
+    task: int,
+    rank: int,
+    alpha: float,
+) -> tuple[dict[str, torch.Tensor], int]:
+    """End-of-task statistics: each adapted layer's Gram on this client's task data.
+
+    ``tensors`` is the model to record on, an adapter of ``rank``/``alpha``.
+    """
+    set_threads(cfg)
+    data = data_of(cfg)
+    shard = scenario_of(cfg, num_partitions).shards[task][partition_id]
+    model = model_of(cfg, rank=rank, alpha=alpha)
+    set_tensors(model, tensors)
+    grams = _grams(cfg, model, data.train_x[shard], with_head=False)
+    stats = {P.stat_key(name, P.STAT_G): g.float() for name, g in grams.items()}
+    return stats, int(len(shard))

@@ -53,7 +53,9 @@ class RunConfig:
     gram_alpha: float = 1.0
     head_gram_alpha: float = 0.5
     merge_ridge: float = 0.0
-    client_threads: int = 0
+    client_threads: int = 1
+    merge_anchor: str = "zero"
+    lorm_reference_grams: bool = False
 
     # ----------------------------------------------------------------- parsing
     @classmethod
@@ -96,6 +98,7 @@ class RunConfig:
         _one_of("dataset", self.dataset, DATASETS)
         _one_of("backbone", self.backbone, BACKBONES)
         _one_of("class-order", self.class_order, ("natural", "shuffle"))
+        _one_of("merge-anchor", self.merge_anchor, ("zero", "global"))
         _one_of("device", self.device, ("auto", "cpu", "cuda"), prefix_ok=("cuda:",))
         for name in (
             "num_tasks",
@@ -165,6 +168,12 @@ def _coerce(key: str, raw: Any, annotation: Any) -> Any:
             return value
         if kind == "str":
             return str(raw)
+        if kind == "bool":
+            if isinstance(raw, bool):
+                return raw
+            if str(raw).lower() in ("true", "false"):
+                return str(raw).lower() == "true"
+            raise TypeError
     except (TypeError, ValueError):
         raise ConfigError(f"{key}={raw!r} is invalid: expected a {kind}") from None
     return raw

@@ -41,6 +41,7 @@ __all__ = [
     "merge_lora_a_from_sums",
     "merge_lora_b",
     "merge_lora_b_from_sums",
+    "cross_task_factors",
     "project_gram",
     "psd_solve_right",
     "regmean",
@@ -224,19 +225,36 @@ def regmean(
     return psd_solve_right(rhs, gram_sum(grams, w), ridge).to(Ws[0].dtype)
 
 
-def merge_lora_a_from_sums(a_gram_sum: Tensor, gram_total: Tensor, ridge: float = 0.0) -> Tensor:
-    """LoRM A-step from client sums: ``A = M S^+``.
+def _anchored(product_sum: Tensor, gram_total: Tensor, anchor: Tensor | None) -> Tensor:
+    """``M - anchor @ S``: moves the solve's origin to ``anchor``."""
+    m = product_sum.to(torch.float64)
+    if anchor is None:
+        return m
+    return m - _times_gram(anchor.to(torch.float64), gram_total.to(torch.float64))
+
+
+def merge_lora_a_from_sums(
+    a_gram_sum: Tensor, gram_total: Tensor, ridge: float = 0.0, anchor: Tensor | None = None
+) -> Tensor:
+    """LoRM A-step (or RegMean of any layer) from client sums: ``A = M S^+``.
 
     Parameters
     ----------
     a_gram_sum : (r, k), ``M = sum_i w_i A_i G_i``.
     gram_total : (k, k) or (k,), ``S = sum_i w_i G_i``.
+    anchor : optional (r, k). Every minimiser differs only in directions that no
+        client's inputs excite (the null space of S). Without an anchor the
+        minimum-norm one is returned, ``M S^+`` (the paper's formula); with one,
+        the minimiser closest to ``anchor``, ``anchor + (M - anchor S) S^+``, so
+        that unexcited directions keep their current value instead of being zeroed.
 
     Returns
     -------
     (r, k) float64.
     """
-    return psd_solve_right(a_gram_sum.to(torch.float64), gram_total.to(torch.float64), ridge)
+    g = gram_total.to(torch.float64)
+    out = psd_solve_right(_anchored(a_gram_sum, g, anchor), g, ridge)
+    return out if anchor is None else out + anchor.to(torch.float64)
 
 
 def merge_lora_a(
@@ -262,20 +280,21 @@ def merge_lora_a(
 
 
 def merge_lora_b_from_sums(
-    b_proj_sum: Tensor, proj_gram_sum: Tensor, ridge: float = 0.0
+    b_proj_sum: Tensor, proj_gram_sum: Tensor, ridge: float = 0.0, anchor: Tensor | None = None
 ) -> Tensor:
-    """LoRM B-step from client sums: ``B = P Q^+``.
+    """LoRM B-step from client sums: ``B = P Q^+`` (``anchor`` as in the A-step).
 
     Parameters
     ----------
     b_proj_sum : (d, r), ``P = sum_i w_i B_i A G_i A^T``.
     proj_gram_sum : (r, r), ``Q = sum_i w_i A G_i A^T``.
+    anchor : optional (d, r).
 
     Returns
     -------
     (d, r) float64.
     """
-    return psd_solve_right(b_proj_sum.to(torch.float64), proj_gram_sum.to(torch.float64), ridge)
+    return merge_lora_a_from_sums(b_proj_sum, proj_gram_sum, ridge, anchor)
 
 
 def project_gram(A: Tensor, gram: Tensor) -> Tensor:
@@ -313,3 +332,33 @@ def merge_lora_b(
     for wi, Bi, q in zip(w, Bs, projected):
         rhs.add_(Bi.to(torch.float64) @ q, alpha=wi)
     return merge_lora_b_from_sums(rhs, gram_sum(projected, w), ridge).to(Bs[0].dtype)
+
+
+def cross_task_factors(
+    scaled_bs: Sequence[Tensor],
+    a_grams: Sequence[Tensor],
+    gram_total: Tensor,
+    ridge: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    """Low-rank factors of the cross-task merge ``Delta W = R S^+``.
+
+    With ``R = sum_t B_t A_t G_t`` and ``S = sum_t G_t``,
+    ``R S^+ = sum_t B_t (A_t G_t S^+) = B_cat @ A_cat``, a LoRA of rank
+    ``sum_t r_t``; the dense ``(d, k)`` delta is never formed.
+
+    Parameters
+    ----------
+    scaled_bs : per task, ``(d, r_t)`` up-projections with the LoRA scaling folded in.
+    a_grams : per task, ``(r_t, k)`` products ``A_t G_t``.
+    gram_total : ``S``, (k, k) or (k,).
+
+    Returns
+    -------
+    ``B_cat: (d, R)`` and ``A_cat: (R, k)``, float64, ``R = sum_t r_t``.
+    """
+    if len(scaled_bs) != len(a_grams) or not scaled_bs:
+        raise ValueError("need one (B, A G) pair per task, at least one")
+    b_cat = torch.cat([b.to(torch.float64) for b in scaled_bs], dim=1)  # (d, R)
+    ag_cat = torch.cat([ag.to(torch.float64) for ag in a_grams], dim=0)  # (R, k)
+    a_cat = psd_solve_right(ag_cat, gram_total.to(torch.float64), ridge)  # (R, k)
+    return b_cat, a_cat

@@ -44,12 +44,26 @@ CFG_TRAIN_B = "train-b"
 CFG_TRAIN_HEAD = "train-head"
 CFG_STATS = "stats"  # which statistics to reply with, see STATS_* below
 CFG_SEED = "seed"
+CFG_RANK = "rank"  # adapter rank of the tensors sent (end-of-task query)
+CFG_ALPHA = "alpha"  # adapter alpha of the tensors sent
 
 # What a client computes after training (value of CFG_STATS).
 STATS_NONE = "none"
 STATS_LORM_A = "lorm-a"  # A_i G_i and G_i per layer; W_i G_i and G_i for the head
 STATS_LORM_B = "lorm-b"  # B_i A G_i A^T and A G_i A^T per layer; head as above
 STATS_GRAMS = "grams"  # G_i per layer and head, on the model as sent (end of task)
+
+# Keys in the ``stats`` record: f"{layer}|{kind}" (see ``stat_key``).
+STAT_AG = "AG"  # A_i G_i, (r, k)
+STAT_G = "G"  # G_i, (k, k) or (k,) when gram-alpha = 0
+STAT_BAGA = "BAGA"  # B_i A G_i A^T, (d, r)
+STAT_AGA = "AGA"  # A G_i A^T, (r, r)
+STAT_WG = "WG"  # head W_i G_i, (C, F)
+
+
+def stat_key(layer: str, kind: str) -> str:
+    return f"{layer}|{kind}"
+
 
 # MetricRecord keys (client -> server).
 MET_NUM_EXAMPLES = "num-examples"
@@ -58,7 +72,7 @@ MET_NUM_TOKENS = "num-tokens"
 
 # Query message types.
 QUERY_HELLO = "query.hello"  # node -> partition-id / num-partitions
-QUERY_TASK_STATS = "query.task-stats"  # end-of-task Grams on the merged model
+QUERY_TASK_STATS = "query.task_stats"  # end-of-task Grams on the merged model
 MET_PARTITION_ID = "partition-id"
 MET_NUM_PARTITIONS = "num-partitions"
 
@@ -118,6 +132,25 @@ def check_tensors(
         if not torch.isfinite(tensor).all():
             raise PayloadError(f"node {node}: {key} holds NaN or Inf")
     return tensors
+
+
+def check_gram(node: int, key: str, gram: torch.Tensor) -> None:
+    """Reject a Gram that cannot be ``X X^T``: asymmetric, negative diagonal, or
+    an entry above ``sqrt(G_ii G_jj)`` (Cauchy-Schwarz). O(k^2): cheap enough to
+    run on every reply, and it catches corrupted or hand-crafted payloads.
+    """
+    g = gram.double()
+    diag = g if g.dim() == 1 else torch.diagonal(g)
+    scale = float(diag.abs().max()) if diag.numel() else 0.0
+    tol = 1e-4 * scale + 1e-12
+    if (diag < -tol).any():
+        raise PayloadError(f"node {node}: {key} has a negative diagonal entry (not PSD)")
+    if g.dim() == 2:
+        if not torch.allclose(g, g.T, rtol=1e-4, atol=tol):
+            raise PayloadError(f"node {node}: {key} is not symmetric")
+        bound = torch.sqrt(diag.clamp(min=0).outer(diag.clamp(min=0)))
+        if (g.abs() > bound * (1 + 1e-3) + tol).any():
+            raise PayloadError(f"node {node}: {key} is not positive semi-definite")
 
 
 def check_num_examples(node: int, msg: Message) -> int:

@@ -178,3 +178,43 @@ def test_shape_and_weight_errors():
 def test_weighted_mean():
     a, b = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 6.0])
     torch.testing.assert_close(weighted_mean([a, b], [1, 3]), torch.tensor([2.5, 5.0]))
+
+
+def test_anchor_picks_the_minimiser_closest_to_it():
+    """With a singular S, the anchored solution is optimal too and keeps unexcited directions."""
+    from lorm_flwr.merge import merge_lora_a_from_sums
+
+    rng = np.random.default_rng(7)
+    k, r = 6, 2
+    x = rng.standard_normal((k, 3))
+    x[4:] = 0.0  # features 4 and 5 never fire
+    g = torch.from_numpy(x @ x.T)
+    anchor = torch.from_numpy(rng.standard_normal((r, k)))
+    a_client = torch.from_numpy(rng.standard_normal((r, k)))
+    free = merge_lora_a_from_sums(a_client @ g, g)
+    anchored = merge_lora_a_from_sums(a_client @ g, g, anchor=anchor)
+    # Same objective value: both reproduce the client's outputs on its inputs.
+    torch.testing.assert_close(anchored @ g, a_client @ g)
+    torch.testing.assert_close(free @ g, a_client @ g)
+    torch.testing.assert_close(anchored[:, 4:], anchor[:, 4:])  # kept, not zeroed
+    assert torch.count_nonzero(free[:, 4:]) == 0
+
+
+def test_cross_task_factor_form_equals_dense_r_s_pinv():
+    from lorm_flwr.merge import cross_task_factors
+
+    rng = np.random.default_rng(8)
+    d, k, r, s = 7, 12, 2, 0.5
+    bs, ags, grams = [], [], []
+    for t in range(3):
+        x = rng.standard_normal((k, 5 + 2 * t))
+        x[:2] = 0.0  # rank-deficient total Gram
+        g = torch.from_numpy(x @ x.T)
+        A, B = torch.from_numpy(rng.standard_normal((r, k))), torch.from_numpy(rng.standard_normal((d, r)))
+        bs.append(s * B), ags.append(A @ g), grams.append(g)
+    S = sum(grams)
+    R = sum(b @ ag for b, ag in zip(bs, ags))  # sum_t s B_t A_t G_t
+    dense = R.numpy() @ np.linalg.pinv(S.numpy(), rcond=1e-10, hermitian=True)
+    b_cat, a_cat = cross_task_factors(bs, ags, S)
+    assert b_cat.shape == (d, 3 * r) and a_cat.shape == (3 * r, k)
+    np.testing.assert_allclose((b_cat @ a_cat).numpy(), dense, atol=1e-6, rtol=1e-6)

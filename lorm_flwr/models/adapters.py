@@ -26,6 +26,8 @@ __all__ = [
     "get_tensors",
     "set_tensors",
     "set_trainable",
+    "fresh_factors",
+    "head_keys",
     "reset_lora",
 ]
 
@@ -106,6 +108,8 @@ def set_tensors(model: PeftModel, tensors: dict[str, torch.Tensor], strict: bool
         raise KeyError(f"unknown adapter tensors: {sorted(unknown)[:5]}")
     if strict and set(tensors) != expected:
         raise KeyError(f"missing adapter tensors: {sorted(expected - set(tensors))[:5]}")
+    if set(tensors) != expected:
+        tensors = {**get_tensors(model), **tensors}  # peft loads whole adapters only
     full = {"base_model.model." + k: v for k, v in tensors.items()}
     result = set_peft_model_state_dict(model, full, adapter_name=ADAPTER)
     unexpected = getattr(result, "unexpected_keys", [])
@@ -171,17 +175,24 @@ def set_trainable(model: PeftModel, *, train_a: bool, train_b: bool, train_head:
             p.requires_grad_(False)
 
 
-def reset_lora(model: PeftModel, seed: int) -> None:
-    """Re-initialise every A (Kaiming-uniform, as peft does) from ``seed``; zero every B.
+def fresh_factors(layers: list[AdaptedLayer], seed: int) -> dict[str, torch.Tensor]:
+    """Every A drawn Kaiming-uniform (peft's LoRA init) from ``seed``; every B zero.
 
-    The same seed gives the same factors on the server and on every client.
+    Pure function of the layout and the seed, so the server and every client get
+    the same factors.
     """
     gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
-                a = module.lora_A[ADAPTER].weight
-                fresh = torch.empty(a.shape, dtype=a.dtype)
-                nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=gen)
-                a.copy_(fresh)
-                module.lora_B[ADAPTER].weight.zero_()
+    out = {}
+    for layer in layers:
+        a_shape = (layer.rank, layer.d_in) + ((1, 1) if layer.is_conv else ())
+        b_shape = (layer.d_out, layer.rank) + ((1, 1) if layer.is_conv else ())
+        a = torch.empty(a_shape)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)
+        out[layer.a_key] = a
+        out[layer.b_key] = torch.zeros(b_shape)
+    return out
+
+
+def reset_lora(model: PeftModel, seed: int) -> None:
+    """Re-initialise every A from ``seed`` (see :func:`fresh_factors`); zero every B."""
+    set_tensors(model, fresh_factors(adapter_layout(model), seed), strict=False)

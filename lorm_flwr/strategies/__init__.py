@@ -11,6 +11,7 @@ import importlib
 # name -> "module:Class"
 STRATEGIES: dict[str, str] = {
     "fedit": "lorm_flwr.strategies.fedit:FedIT",
+    "lorm": "lorm_flwr.strategies.lorm:LoRM",
 }
 
 
