@@ -48,7 +48,14 @@ def train(msg: Message, context: Context) -> Message:
     content = RecordDict(
         {
             P.ARRAYS: P.tensors_to_arrays(result.tensors),
-            P.METRICS: P.reply_metrics(result.num_examples, **{P.MET_TRAIN_LOSS: result.train_loss}),
+            P.METRICS: P.reply_metrics(
+                result.num_examples,
+                **{
+                    P.MET_TRAIN_LOSS: result.train_loss,
+                    P.MET_TRAIN_SECONDS: result.train_seconds,
+                    P.MET_STATS_SECONDS: result.stats_seconds,
+                },
+            ),
         }
     )
     if result.stats:

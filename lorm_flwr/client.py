@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,8 @@ class ClientResult:
     stats: dict[str, torch.Tensor]
     num_examples: int
     train_loss: float
+    train_seconds: float = 0.0
+    stats_seconds: float = 0.0
 
 
 def train_round(
@@ -64,6 +67,7 @@ def train_round(
     model = model_of(cfg)
     set_tensors(model, global_tensors)
     set_trainable(model, train_a=plan.train_a, train_b=plan.train_b, train_head=plan.train_head)
+    start = time.perf_counter()
     stats = train_local(
         model,
         data.train_x[shard],
@@ -77,20 +81,20 @@ def train_round(
         device=pick_device(cfg.device),
         seed=plan.seed * 1_000 + partition_id,
     )
+    train_seconds = time.perf_counter() - start
     tensors = get_tensors(model)
     if plan.stats in (P.STATS_LORM_A, P.STATS_LORM_B):
+        start = time.perf_counter()
         layers = adapter_layout(model)
         grams = _grams(cfg, model, data.train_x[shard], with_head=True)
         weight_key, bias_key = head_keys(model)
         products = lorm_products(plan.stats, tensors, grams, layers, HEAD, weight_key)
         # The closed-form steps need only the products; the bias is averaged.
-        return ClientResult({bias_key: tensors[bias_key]}, products, stats.num_examples, stats.loss)
-    return ClientResult(
-        tensors=tensors,
-        stats={},
-        num_examples=stats.num_examples,
-        train_loss=stats.loss,
-    )
+        return ClientResult(
+            {bias_key: tensors[bias_key]}, products, stats.num_examples, stats.loss,
+            train_seconds, time.perf_counter() - start,
+        )  # fmt: skip
+    return ClientResult(tensors, {}, stats.num_examples, stats.loss, train_seconds)
 
 
 def _grams(cfg: RunConfig, model, images, *, with_head: bool) -> dict[str, torch.Tensor]:

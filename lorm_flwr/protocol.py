@@ -69,6 +69,8 @@ def stat_key(layer: str, kind: str) -> str:
 MET_NUM_EXAMPLES = "num-examples"
 MET_TRAIN_LOSS = "train-loss"
 MET_NUM_TOKENS = "num-tokens"
+MET_TRAIN_SECONDS = "train-seconds"  # local training time of this reply
+MET_STATS_SECONDS = "stats-seconds"  # Gram pass and products after training
 
 # Query message types.
 QUERY_HELLO = "query.hello"  # node -> partition-id / num-partitions

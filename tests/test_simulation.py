@@ -13,7 +13,7 @@ from lorm_flwr.config import RunConfig
 from lorm_flwr.data.datasets import load_dataset
 from lorm_flwr.models.backbones import BACKBONES, build_classifier
 from lorm_flwr.train import InputSpec, predict
-from tests.flwr_harness import load_results, simulation_superlink
+from lorm_flwr.local_federation import load_results, simulation_superlink
 
 pytestmark = pytest.mark.slow
 

@@ -169,6 +169,10 @@ class LoraStrategy(FedAvg):
         entry.train_loss = sum(
             w * float(m.content[P.METRICS].get(P.MET_TRAIN_LOSS, 0.0)) for w, m in zip(weights, good)
         ) / max(sum(weights), 1)
+        for key in (P.MET_TRAIN_SECONDS, P.MET_STATS_SECONDS):
+            values = [float(m.content[P.METRICS].get(key, 0.0)) for m in good]
+            entry.extra[f"client_{key.replace('-', '_')}_sum"] = sum(values)
+            entry.extra[f"client_{key.replace('-', '_')}_max"] = max(values)
         start = time.perf_counter()
         merged = self.merge(good, weights, dict(self._sent))
         entry.merge_seconds = time.perf_counter() - start

@@ -1,7 +1,8 @@
-"""Run the app for real: a SuperLink on 127.0.0.1 owned by the test, then `flwr run`.
+"""Run the app for real on this machine: a simulation SuperLink on 127.0.0.1 that
+this process owns, then ``flwr run``. Used by the integration tests and benchmarks.
 
 The SuperLink is started in its own process session and always stopped by its
-PID (with its whole process group), even when the test fails.
+PID (with its whole process group), even when the caller fails.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]  # the app (pyproject.toml) in a source checkout
 BIN = Path(sys.executable).parent
 
 
@@ -59,9 +60,14 @@ class Federation:
     env: dict[str, str]
     connection: str
     home: Path
+    session: int
 
     def run(
-        self, run_config: dict, num_supernodes: int, timeout: float = 900
+        self,
+        run_config: dict,
+        num_supernodes: int,
+        timeout: float = 900,
+        cpus_per_client: float = 1,
     ) -> subprocess.CompletedProcess:
         items = " ".join(
             f"{k}='{v}'" if isinstance(v, str) else f"{k}={str(v).lower() if isinstance(v, bool) else v}"
@@ -69,12 +75,28 @@ class Federation:
         )
         cmd = [
             str(BIN / "flwr"), "run", str(ROOT), self.connection, "--stream",
-            "--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus=1",
+            "--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}",
             "--run-config", items,
         ]  # fmt: skip
         return subprocess.run(
             cmd, env=self.env, capture_output=True, text=True, timeout=timeout, cwd=self.home
         )
+
+
+    def process_memory(self) -> int:
+        """Resident memory (bytes) of the SuperLink's whole session: ServerApp, Ray, clients."""
+        total = 0
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                if os.getsid(int(pid)) != self.session:
+                    continue
+                with open(f"/proc/{pid}/statm") as f:
+                    total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            except (OSError, ValueError):
+                continue
+        return total
 
 
 @contextlib.contextmanager
@@ -116,7 +138,7 @@ def simulation_superlink(tmp: Path) -> Iterator[Federation]:
     )
     try:
         _wait_for_port(port, proc)
-        yield Federation(env=env, connection="test", home=home)
+        yield Federation(env=env, connection="test", home=home, session=proc.pid)
     finally:
         stop_process_group(proc)
         log.close()

@@ -1,0 +1,141 @@
+"""Compare strategies over seeds on real Flower simulations; Markdown + JSON out.
+
+Each run is the real app (``flwr run`` against a loopback simulation SuperLink
+owned by this script), one at a time. Reports final average accuracy, average
+forgetting, bytes per round, wall time and the peak memory of all processes of
+the run (ServerApp, Ray, clients), as mean +- std with the per-seed values.
+
+    python benchmarks/compare.py --strategies lorm fedit --seeds 0 1 2 3 4 \
+        --out benchmarks/results/accuracy
+    python benchmarks/compare.py --strategies lorm --seeds 0 1 2 --set merge-anchor=global
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from lorm_flwr.local_federation import load_results, simulation_superlink
+
+
+def _parse_sets(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        for cast in (int, float):
+            try:
+                out[key] = cast(value)
+                break
+            except ValueError:
+                continue
+        else:
+            out[key] = {"true": True, "false": False}.get(value, value)
+    return out
+
+
+def _fmt(values: list[float], digits: int = 3) -> str:
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def run_one(fed, cfg: dict, clients: int) -> dict:
+    out = Path(tempfile.mkdtemp(prefix="lfr-bench-"))
+    peak = 0
+    done = threading.Event()
+
+    def watch() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, fed.process_memory())
+            time.sleep(0.5)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    start = time.perf_counter()
+    proc = fed.run({**cfg, "output-dir": str(out)}, num_supernodes=clients, timeout=3600)
+    wall = time.perf_counter() - start
+    done.set()
+    watcher.join()
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stdout[-3000:] + proc.stderr[-3000:])
+    folder, res = load_results(out)
+    if res["status"] != "completed":
+        raise RuntimeError(f"run did not complete: {folder}\n{proc.stdout[-3000:]}")
+    rounds = res["rounds"]
+    train = sum(r.get("client_train_seconds_max", 0.0) for r in rounds)
+    return {
+        "folder": str(folder),
+        "final_average_accuracy": res["final_average_accuracy"],
+        "average_forgetting": res["average_forgetting"],
+        "accuracy_matrix": res["accuracy_matrix"],
+        "bytes_up_per_round": res["bytes_up_total"] / len(rounds),
+        "bytes_down_per_round": res["bytes_down_total"] / len(rounds),
+        "wall_seconds": wall,
+        "server_loop_seconds": res["wall_seconds"],
+        "local_training_seconds": train,
+        "client_stats_seconds": sum(r.get("client_stats_seconds_max", 0.0) for r in rounds),
+        "peak_memory_bytes": peak,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--strategies", nargs="+", default=["lorm", "fedit"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    p.add_argument("--clients", type=int, default=3)
+    p.add_argument("--set", nargs="*", default=[], help="extra run-config key=value pairs")
+    p.add_argument("--out", default="benchmarks/results/compare")
+    args = p.parse_args()
+    extra = _parse_sets(args.set)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    runs: dict[str, list[dict]] = {s: [] for s in args.strategies}
+    with simulation_superlink(Path(tempfile.mkdtemp(prefix="lfr-fed-"))) as fed:
+        for seed in args.seeds:  # seeds outermost: strategies alternate in time
+            for strategy in args.strategies:
+                cfg = {**extra, "strategy": strategy, "seed": seed}
+                print(f"running {cfg} ...", flush=True)
+                r = run_one(fed, cfg, args.clients)
+                r["seed"] = seed
+                runs[strategy].append(r)
+                print(
+                    f"  final average accuracy {r['final_average_accuracy']:.3f}, "
+                    f"forgetting {r['average_forgetting']:.3f}, wall {r['wall_seconds']:.0f} s",
+                    flush=True,
+                )
+                out.with_suffix(".json").write_text(json.dumps({"config": extra, "runs": runs}, indent=2))
+    lines = [
+        f"Command: `python benchmarks/compare.py --strategies {' '.join(args.strategies)} "
+        f"--seeds {' '.join(map(str, args.seeds))} --clients {args.clients}"
+        + (f" --set {' '.join(args.set)}" if args.set else "") + "`",
+        f"Date: {time.strftime('%Y-%m-%d')}; machine: 2-core CPU, no GPU.",
+        "",
+        "| strategy | final avg accuracy | forgetting | bytes up / round | bytes down / round "
+        "| wall s | peak memory MB | per-seed accuracy |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for strategy, rs in runs.items():
+        lines.append(
+            f"| {strategy} | {_fmt([r['final_average_accuracy'] for r in rs])} "
+            f"| {_fmt([r['average_forgetting'] for r in rs])} "
+            f"| {statistics.mean(r['bytes_up_per_round'] for r in rs):,.0f} "
+            f"| {statistics.mean(r['bytes_down_per_round'] for r in rs):,.0f} "
+            f"| {_fmt([r['wall_seconds'] for r in rs], 0)} "
+            f"| {_fmt([r['peak_memory_bytes'] / 2**20 for r in rs], 0)} "
+            f"| {', '.join(f'{r['final_average_accuracy']:.3f}' for r in rs)} |"
+        )
+    table = "\n".join(lines)
+    out.with_suffix(".md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
