@@ -7,7 +7,9 @@ the run (ServerApp, Ray, clients), as mean +- std with the per-seed values.
 
     python benchmarks/compare.py --strategies lorm fedit --seeds 0 1 2 3 4 \
         --out benchmarks/results/accuracy
-    python benchmarks/compare.py --strategies lorm --seeds 0 1 2 --set merge-anchor=global
+    python benchmarks/compare.py --strategies lorm lorm:merge-anchor=global --seeds 0 1 2
+
+A strategy entry ``name:key=value,key=value`` is a variant with its own overrides.
 """
 
 from __future__ import annotations
@@ -101,7 +103,9 @@ def main() -> None:
     with simulation_superlink(Path(tempfile.mkdtemp(prefix="lfr-fed-"))) as fed:
         for seed in args.seeds:  # seeds outermost: strategies alternate in time
             for strategy in args.strategies:
-                cfg = {**extra, "strategy": strategy, "seed": seed}
+                name, _, overrides = strategy.partition(":")
+                own = _parse_sets([o for o in overrides.split(",") if o])
+                cfg = {**extra, **own, "strategy": name, "seed": seed}
                 print(f"running {cfg} ...", flush=True)
                 r = run_one(fed, cfg, args.clients)
                 r["seed"] = seed
@@ -130,7 +134,7 @@ def main() -> None:
             f"| {statistics.mean(r['bytes_down_per_round'] for r in rs):,.0f} "
             f"| {_fmt([r['wall_seconds'] for r in rs], 0)} "
             f"| {_fmt([r['peak_memory_bytes'] / 2**20 for r in rs], 0)} "
-            f"| {', '.join(f'{r['final_average_accuracy']:.3f}' for r in rs)} |"
+            f"| {', '.join(format(r['final_average_accuracy'], '.3f') for r in rs)} |"
         )
     table = "\n".join(lines)
     out.with_suffix(".md").write_text(table + "\n")

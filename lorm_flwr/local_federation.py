@@ -84,18 +84,31 @@ class Federation:
 
 
     def process_memory(self) -> int:
-        """Resident memory (bytes) of the SuperLink's whole session: ServerApp, Ray, clients."""
-        total = 0
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
+        """Resident memory (bytes) of the SuperLink and all its descendants: the
+        ServerApp, Ray's daemons and the client actors. Ray starts some of them in
+        sessions of their own, so they are found by parent links, not by session.
+        """
+        parents: dict[int, int] = {}
+        rss: dict[int, int] = {}
+        page = os.sysconf("SC_PAGE_SIZE")
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
                 continue
             try:
-                if os.getsid(int(pid)) != self.session:
-                    continue
-                with open(f"/proc/{pid}/statm") as f:
-                    total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-            except (OSError, ValueError):
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+                with open(f"/proc/{entry}/statm") as f:
+                    rss[int(entry)] = int(f.read().split()[1]) * page
+            except (OSError, ValueError, IndexError):
                 continue
+            parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+        total = 0
+        for pid, size in rss.items():
+            p, hops = pid, 0
+            while p > 1 and p != self.session and hops < 64:
+                p, hops = parents.get(p, 0), hops + 1
+            if p == self.session:
+                total += size
         return total
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lorm_flwr.merge import (
+    PINV_RCOND,
     merge_lora_a,
     merge_lora_b,
     psd_solve_right,
@@ -151,7 +152,7 @@ def test_nearly_singular_gram_takes_pseudo_inverse():
     s = torch.from_numpy(x @ x.T) + 1e-14 * torch.eye(k, dtype=torch.float64)
     rhs = torch.from_numpy(rng.standard_normal((3, k))) @ s
     got = psd_solve_right(rhs, s)
-    expected = rhs.numpy() @ np.linalg.pinv(s.numpy(), rcond=1e-10, hermitian=True)
+    expected = rhs.numpy() @ np.linalg.pinv(s.numpy(), rcond=PINV_RCOND, hermitian=True)
     np.testing.assert_allclose(got.numpy(), expected, atol=1e-7)
 
 
@@ -214,7 +215,7 @@ def test_cross_task_factor_form_equals_dense_r_s_pinv():
         bs.append(s * B), ags.append(A @ g), grams.append(g)
     S = sum(grams)
     R = sum(b @ ag for b, ag in zip(bs, ags))  # sum_t s B_t A_t G_t
-    dense = R.numpy() @ np.linalg.pinv(S.numpy(), rcond=1e-10, hermitian=True)
+    dense = R.numpy() @ np.linalg.pinv(S.numpy(), rcond=PINV_RCOND, hermitian=True)
     b_cat, a_cat = cross_task_factors(bs, ags, S)
     assert b_cat.shape == (d, 3 * r) and a_cat.shape == (3 * r, k)
     np.testing.assert_allclose((b_cat @ a_cat).numpy(), dense, atol=1e-6, rtol=1e-6)

@@ -85,3 +85,26 @@ def test_fedit_simulation_writes_results_and_a_reloadable_adapter(federation, tm
     assert _reloaded_accuracy(folder, results) == pytest.approx(
         results["final_average_accuracy"], abs=1e-12
     )
+
+
+def test_lorm_simulation_follows_schedule_and_exports_merged_adapter(federation, tmp_path):
+    import json
+
+    folder, results, _ = _run(
+        federation, tmp_path, num_clients=2, strategy="lorm", **{"rounds-per-task": 2}
+    )
+    rounds = results["rounds"]
+    assert [(r["task"], r["round_in_task"]) for r in rounds] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for r in rounds:
+        trained_b = r["round_in_task"] % 2 == 0  # B first, then A
+        assert (r["change_b"] > 0) == trained_b, r
+        assert (r["change_a"] > 0) == (not trained_b), r
+        assert r["change_head"] > 0  # the head trains every round
+        assert r["bytes_up"] > 0 and r["client_stats_seconds_sum"] > 0
+    # After task t the exported adapter has rank (t+1) r.
+    assert [t["adapter_rank"] for t in results["task_end"]] == [2, 4]
+    adapter_cfg = json.loads((folder / "adapter" / "adapter_config.json").read_text())
+    assert adapter_cfg["r"] == 4
+    assert _reloaded_accuracy(folder, results) == pytest.approx(
+        results["final_average_accuracy"], abs=1e-12
+    )

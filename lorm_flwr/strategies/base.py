@@ -176,8 +176,24 @@ class LoraStrategy(FedAvg):
         start = time.perf_counter()
         merged = self.merge(good, weights, dict(self._sent))
         entry.merge_seconds = time.perf_counter() - start
+        self._log_changes(entry, merged)
         metrics = MetricRecord({P.MET_TRAIN_LOSS: entry.train_loss, P.MET_NUM_EXAMPLES: entry.num_examples})
         return P.tensors_to_arrays(merged), metrics
+
+    def _log_changes(self, entry: RoundLog, merged: dict[str, torch.Tensor]) -> None:
+        """Largest absolute change of A, B and head this round (shows the schedule)."""
+        groups = {
+            "change_a": [l.a_key for l in self.layout.layers],
+            "change_b": [l.b_key for l in self.layout.layers],
+            "change_head": [self.layout.head_weight, self.layout.head_bias],
+        }
+        for name, keys in groups.items():
+            diffs = [
+                float((merged[k].double() - self._sent[k].double()).abs().max())
+                for k in keys
+                if k in merged and k in self._sent
+            ]
+            entry.extra[name] = max(diffs, default=0.0)
 
     # ------------------------------------------------------------- to override
     def expected_reply(self, plan: RoundPlan) -> dict[str, tuple[int, ...]]:

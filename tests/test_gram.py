@@ -1,0 +1,63 @@
+"""Gram recording with hooks: exact sums, 1x1-conv tokens, diagonals, token masks.
+
+Per-batch products are fp32 (summed in fp64), hence the 1e-5 tolerances.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lorm_flwr.gram import GramRecorder, tokens_of
+
+
+def test_linear_gram_is_sum_of_outer_products_over_batches():
+    lin = nn.Linear(5, 3)
+    rec = GramRecorder({"lin": (lin, False)})
+    xs = [torch.randn(4, 7, 5), torch.randn(2, 7, 5)]  # (batch, tokens, features)
+    with rec.recording():
+        for x in xs:
+            lin(x)
+    X = torch.cat([x.reshape(-1, 5) for x in xs]).double()  # (n, k)
+    torch.testing.assert_close(rec.grams()["lin"], X.T @ X, rtol=1e-5, atol=1e-5)
+    assert rec.stats["lin"].tokens == 6 * 7
+    lin(torch.randn(1, 5))  # hooks removed after the context
+    assert rec.stats["lin"].tokens == 42
+
+
+def test_conv1x1_every_pixel_is_a_token_and_diagonal_mode():
+    conv = nn.Conv2d(4, 6, kernel_size=1)
+    full = GramRecorder({"c": (conv, True)})
+    diag = GramRecorder({"c": (conv, True)}, diagonal=True)
+    x = torch.randn(3, 4, 5, 5)
+    with full.recording(), diag.recording():
+        conv(x)
+    X = x.permute(0, 2, 3, 1).reshape(-1, 4).double()  # (3*25, 4)
+    torch.testing.assert_close(full.grams()["c"], X.T @ X, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(diag.grams()["c"], (X * X).sum(0), rtol=1e-5, atol=1e-5)
+    assert full.stats["c"].tokens == 75
+    assert tokens_of(x, True).shape == (75, 4)
+
+
+def test_padding_tokens_are_excluded_by_the_mask():
+    lin = nn.Linear(3, 2)
+    x = torch.randn(2, 4, 3)
+    keep = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)
+    x_padded = x.clone()
+    x_padded[~keep] = 100.0  # padding garbage must not count
+    rec = GramRecorder({"lin": (lin, False)}, token_mask=lambda: keep)
+    with rec.recording():
+        lin(x_padded)
+    X = x[keep].double()
+    torch.testing.assert_close(rec.grams()["lin"], X.T @ X, rtol=1e-5, atol=1e-5)
+    assert rec.stats["lin"].tokens == 5
+
+
+def test_low_precision_activations_accumulate_in_fp64():
+    lin = nn.Linear(3, 2).to(torch.bfloat16)
+    rec = GramRecorder({"lin": (lin, False)})
+    x = torch.randn(8, 3).to(torch.bfloat16)
+    with rec.recording():
+        lin(x)
+    assert rec.grams()["lin"].dtype == torch.float64
+    torch.testing.assert_close(rec.grams()["lin"], x.double().T @ x.double())

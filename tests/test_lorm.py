@@ -1,0 +1,187 @@
+"""LoRM: the strategy's merge equals the pure math; on real activations it beats FedIT."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from lorm_flwr import protocol as P
+from lorm_flwr.config import RunConfig
+from lorm_flwr.gram import GramRecorder
+from lorm_flwr.lorm import lorm_products, matrix
+from lorm_flwr.merge import merge_lora_a, merge_lora_b, regmean, smooth_gram, weighted_mean
+from lorm_flwr.models.adapters import HEAD, adapter_layout, attach_lora, get_tensors, set_tensors
+from lorm_flwr.models.backbones import build_classifier
+from lorm_flwr.runtime import layout_of
+from lorm_flwr.strategies.base import RoundLog
+from lorm_flwr.strategies.lorm import LoRM
+from tests.messages import reply
+
+TARGETS = ["qkv", "attn.proj", "fc1", "fc2"]
+
+
+def _model(seed=0, rank=2):
+    base = build_classifier("vit-tiny", 16, 10, seed)
+    return attach_lora(base, rank=rank, alpha=2.0 * rank, targets=TARGETS)
+
+
+def _client_tensors(model, seed, which):
+    """Global tensors with the trained factor ``which`` (and the head) perturbed."""
+    gen = torch.Generator().manual_seed(seed)
+    out = dict(get_tensors(model))
+    for layer in adapter_layout(model):
+        key = layer.a_key if which == "A" else layer.b_key
+        out[key] = out[key] + 0.1 * torch.randn(out[key].shape, generator=gen)
+    for k in (f"{HEAD}.weight", f"{HEAD}.bias"):
+        out[k] = out[k] + 0.1 * torch.randn(out[k].shape, generator=gen)
+    return out
+
+
+def _grams_on(model, tensors, images, alphas):
+    """Per-layer and head input Grams of ``model`` loaded with ``tensors``."""
+    set_tensors(model, tensors)
+    targets = {
+        l.name: (model.get_submodule("base_model.model." + l.name), l.is_conv)
+        for l in adapter_layout(model)
+    }
+    targets[HEAD] = (model.get_submodule("base_model.model." + HEAD), False)
+    rec = GramRecorder(targets)
+    with torch.no_grad(), rec.recording():
+        model(images)
+    return {n: smooth_gram(g, alphas.get(n, 1.0)) for n, g in rec.grams().items()}
+
+
+def _close_on_data(got, expected, grams):
+    """Relative difference in the data norm, ||(X - Y) S^(1/2)|| / ||Y S^(1/2)||, S = sum G_i.
+
+    Statistics travel as fp32; in directions the summed Gram barely excites, that
+    round-off moves the parameters without changing any client's outputs, so the
+    merges are compared on the data, where the objective lives.
+    """
+    S = sum(g.double() if g.dim() == 2 else torch.diag(g.double()) for g in grams)
+    d = got.double() - expected.double()
+    num = float(torch.trace(d @ S @ d.T))
+    den = float(torch.trace(expected.double() @ S @ expected.double().T))
+    assert num <= 1e-8 * den, (num, den)
+
+
+def _strategy(model, **cfg):
+    strategy = LoRM(RunConfig(strategy="lorm", backbone="vit-tiny", lora_rank=2, **cfg), layout_of(model))
+    return strategy
+
+
+def _run_round(strategy, global_tensors, clients, round_in_task):
+    strategy.rounds.append(RoundLog(task=0, round_in_task=round_in_task))
+    strategy._sent = dict(global_tensors)
+    kind = strategy.round_plan(round_in_task).stats
+    layers = list(strategy.layout.layers)
+    replies = []
+    for node, (tensors, grams, n) in enumerate(clients, start=1):
+        stats = lorm_products(kind, tensors, grams, layers, HEAD, strategy.layout.head_weight)
+        arrays = {strategy.layout.head_bias: tensors[strategy.layout.head_bias]}
+        replies.append(reply(node, arrays, n, stats=stats))
+    arrays, _ = strategy.aggregate_train(round_in_task + 1, replies)
+    return P.arrays_to_tensors(arrays)
+
+
+def _setup(which, head_alpha=0.5):
+    model = _model()
+    glob = get_tensors(model)
+    clients = []
+    for i in range(3):
+        t = _client_tensors(model, seed=10 + i, which=which)
+        images = torch.randn(2 + i, 3, 16, 16, generator=torch.Generator().manual_seed(i))
+        grams = _grams_on(model, t, images, {HEAD: head_alpha})
+        clients.append((t, grams, 2 + i))
+    return model, glob, clients
+
+
+def test_strategy_a_round_equals_pure_merges():
+    model, glob, clients = _setup("A")
+    strategy = _strategy(model)
+    merged = _run_round(strategy, glob, clients, round_in_task=1)  # round 1 trains A
+    for layer in strategy.layout.layers:
+        expected = merge_lora_a(
+            [matrix(c[0][layer.a_key]).double() for c in clients],
+            [c[1][layer.name] for c in clients],
+        )
+        _close_on_data(matrix(merged[layer.a_key]), expected, [c[1][layer.name] for c in clients])
+        torch.testing.assert_close(merged[layer.b_key], glob[layer.b_key])  # B untouched
+    w_key, b_key = strategy.layout.head_weight, strategy.layout.head_bias
+    expected_w = regmean([c[0][w_key].double() for c in clients], [c[1][HEAD] for c in clients])
+    _close_on_data(merged[w_key], expected_w, [c[1][HEAD] for c in clients])
+    expected_b = weighted_mean([c[0][b_key] for c in clients], [c[2] for c in clients])
+    torch.testing.assert_close(merged[b_key], expected_b)
+
+
+def test_strategy_b_round_equals_pure_merges():
+    model, glob, clients = _setup("B")
+    strategy = _strategy(model)
+    merged = _run_round(strategy, glob, clients, round_in_task=0)  # round 0 trains B
+    for layer in strategy.layout.layers:
+        A = matrix(glob[layer.a_key]).double()
+        expected = merge_lora_b(
+            [matrix(c[0][layer.b_key]).double() for c in clients], A, [c[1][layer.name] for c in clients]
+        )
+        codes = [A @ (g if g.dim() == 2 else torch.diag(g)).double() @ A.T for g in (c[1][layer.name] for c in clients)]
+        _close_on_data(matrix(merged[layer.b_key]), expected, codes)
+        torch.testing.assert_close(merged[layer.a_key], glob[layer.a_key])  # A untouched
+
+
+def test_on_real_activations_lorm_reproduces_clients_better_than_fedit():
+    """Sum over clients of ||W_merged X_i - W_i X_i||^2 on real ViT inputs of each layer."""
+    model, glob, clients = _setup("A", head_alpha=1.0)
+    for layer in adapter_layout(model):
+        grams = [c[1][layer.name] for c in clients]
+        B = matrix(glob[layer.b_key]).double() + 0.3  # a shared, non-zero B
+        As = [matrix(c[0][layer.a_key]).double() for c in clients]
+        fedit = torch.stack(As).mean(0)
+        lorm = merge_lora_a(As, grams)
+
+        def err(A):
+            return sum(
+                float(torch.trace(B @ (A - Ai) @ g @ (A - Ai).T @ B.T)) for Ai, g in zip(As, grams)
+            )
+
+        assert err(lorm) <= err(fedit) * (1 + 1e-9) + 1e-9
+    # And the whole-layer products (RegMean of B_i A_i vs FedIT's B-bar A-bar).
+    rng = np.random.default_rng(0)
+    layer = adapter_layout(model)[0]
+    grams = [c[1][layer.name] for c in clients]
+    As = [matrix(c[0][layer.a_key]).double() for c in clients]
+    Bs = [torch.from_numpy(rng.standard_normal((layer.d_out, layer.rank))) for _ in clients]
+    deltas = [b @ a for a, b in zip(As, Bs)]
+    fedit = torch.stack(Bs).mean(0) @ torch.stack(As).mean(0)
+    merged = regmean(deltas, grams)
+
+    def err_w(W):
+        return sum(float(torch.trace((W - D) @ g @ (W - D).T)) for D, g in zip(deltas, grams))
+
+    assert err_w(merged) < err_w(fedit)
+
+
+def test_reply_with_bad_gram_is_rejected():
+    model, glob, clients = _setup("A")
+    strategy = _strategy(model)
+    layer = strategy.layout.layers[0]
+    bad = dict(clients[0][1])
+    g = bad[layer.name].clone()
+    g[0, 1] += 1e3  # no longer symmetric
+    bad[layer.name] = g
+    clients = [(clients[0][0], bad, clients[0][2])] + clients[1:]
+    strategy.rounds.append(RoundLog(task=0, round_in_task=1))
+    strategy._sent = dict(glob)
+    merged = _run_round(strategy, glob, clients, round_in_task=1)
+    assert any("symmetric" in r or "semi-definite" in r for r in strategy.rounds[-1].rejected)
+    assert all(torch.isfinite(v).all() for v in merged.values())
+
+
+def test_diagonal_grams_upload_only_diagonals():
+    model = _model()
+    t = _client_tensors(model, 1, "A")
+    grams = _grams_on(model, t, torch.randn(2, 3, 16, 16), {HEAD: 0.5})
+    grams = {n: torch.diagonal(g).clone() if n != HEAD else g for n, g in grams.items()}
+    layers = adapter_layout(model)
+    stats = lorm_products(P.STATS_LORM_A, t, grams, layers, HEAD, f"{HEAD}.weight")
+    for layer in layers:
+        assert stats[P.stat_key(layer.name, P.STAT_G)].shape == (layer.d_in,)
