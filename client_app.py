@@ -6,7 +6,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from lorm_flwr import protocol as P
-from lorm_flwr.client import Instructions, task_grams, train_round
+from lorm_flwr.client import Instructions, evaluate_personal, task_grams, train_round
 from lorm_flwr.config import RunConfig
 
 app = ClientApp()
@@ -43,8 +43,14 @@ def train(msg: Message, context: Context) -> Message:
         train_head=bool(c[P.CFG_TRAIN_HEAD]),
         stats=str(c[P.CFG_STATS]),
         seed=int(c[P.CFG_SEED]),
+        local=frozenset(g for g in str(c.get(P.CFG_LOCAL, "")).split(",") if g),
     )
-    result = train_round(cfg, pid, num, P.arrays_to_tensors(msg.content[P.ARRAYS]), plan)
+    result = train_round(
+        cfg, pid, num, P.arrays_to_tensors(msg.content[P.ARRAYS]), plan, _local(context)
+    )
+    if result.local is not None:
+        # The client's own parts (FedSA's B and head) stay here, across rounds and tasks.
+        context.state[P.LOCAL_STATE] = P.tensors_to_arrays(result.local)
     content = RecordDict(
         {
             P.ARRAYS: P.tensors_to_arrays(result.tensors),
@@ -61,6 +67,28 @@ def train(msg: Message, context: Context) -> Message:
     if result.stats:
         content[P.STATS] = P.tensors_to_arrays(result.stats)
     return Message(content, reply_to=msg)
+
+
+def _local(context: Context) -> dict | None:
+    if P.LOCAL_STATE in context.state:
+        return P.arrays_to_tensors(context.state[P.LOCAL_STATE])
+    return None
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Personalised evaluation: global parts + this client's own parts, on its test split."""
+    cfg = RunConfig.from_mapping(context.run_config)
+    pid, num = _partition(context)
+    task = int(msg.content[P.CONFIG][P.CFG_TASK])
+    correct, total = evaluate_personal(
+        cfg, pid, num, P.arrays_to_tensors(msg.content[P.ARRAYS]), _local(context), task
+    )
+    values: dict[str, int | float] = {P.MET_NUM_EXAMPLES: max(sum(total), 1)}
+    for k, (c, t) in enumerate(zip(correct, total)):
+        values[P.MET_CORRECT.format(k)] = c
+        values[P.MET_TOTAL.format(k)] = t
+    return Message(RecordDict({P.METRICS: MetricRecord(values)}), reply_to=msg)
 
 
 @app.query("task_stats")

@@ -16,9 +16,9 @@ from lorm_flwr import protocol as P
 from lorm_flwr.config import RunConfig
 from lorm_flwr.continual import average_forgetting, final_average_accuracy, reference_forgetting
 from lorm_flwr.evaluation import evaluate_global
-from lorm_flwr.models.adapters import get_tensors
+from lorm_flwr.joint import JOINT_STRATEGIES, run_joint
 from lorm_flwr.results import RunRecorder, export_adapter, run_folder
-from lorm_flwr.runtime import layout_of, model_of, scenario_of
+from lorm_flwr.runtime import initial_tensors, layout_of, model_of, scenario_of
 from lorm_flwr.strategies import strategy_class
 
 log = logging.getLogger("flwr.lorm")
@@ -62,95 +62,78 @@ def _partitions(grid: Grid, nodes: list[int]) -> dict[int, int]:
     return mapping
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    cfg = RunConfig.from_mapping(context.run_config)  # bad values stop here
-    nodes = _wait_for_nodes(grid, cfg.min_clients)
-    num_clients = len(_partitions(grid, nodes))
-    scenario = scenario_of(cfg, num_clients)  # impossible splits stop here
+def _round_evaluator(cfg, scenario, task, strategy, recorder, start):
+    """Flower's ``evaluate_fn`` for one task: evaluate, record, report progress."""
+
+    def evaluate_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0:
+            return None  # the task's starting model; evaluated at the previous task end
+        stats = strategy.rounds[-1]
+        entry = {
+            "task": task,
+            "round_in_task": server_round - 1,
+            "train_loss": stats.train_loss,
+            "bytes_down": stats.bytes_down,
+            "bytes_up": stats.bytes_up,
+            "replies": stats.replies,
+            "failures": stats.failures,
+            "rejected": stats.rejected,
+            "merge_seconds": stats.merge_seconds,
+            "elapsed_seconds": time.perf_counter() - start,
+            **stats.extra,
+        }
+        if stats.personal:
+            entry["personalised"] = stats.personal
+        if strategy.has_global_model:
+            ev = evaluate_global(cfg, scenario, task, P.arrays_to_tensors(arrays))
+            entry["accuracy"], entry["per_task_accuracy"] = ev.accuracy, ev.per_task
+        else:
+            entry["accuracy"] = stats.personal.get("accuracy_weighted", float("nan"))
+            entry["per_task_accuracy"] = stats.personal.get("per_task_weighted", [])
+        recorder.add_round(entry)
+        log.info(
+            "lorm-flwr: task %d/%d round %d/%d: %s accuracy on seen classes %.3f, "
+            "train loss %.3f, %d B down, %d B up",
+            task + 1, scenario.num_tasks, server_round, cfg.rounds_per_task,
+            "global" if strategy.has_global_model else "personalised", entry["accuracy"],
+            stats.train_loss, stats.bytes_down, stats.bytes_up,
+        )  # fmt: skip
+        return MetricRecord({"accuracy": float(entry["accuracy"])})
+
+    return evaluate_round
+
+
+def _end_task(cfg, scenario, task, grid, strategy, recorder, tensors) -> None:
+    """Evaluate the model after the task, fill the accuracy-matrix row, export the adapter."""
+    final_model = strategy.end_task(task, grid, tensors)
+    if strategy.has_global_model:
+        ev = evaluate_global(
+            cfg, scenario, task, final_model.tensors, rank=final_model.rank, alpha=final_model.alpha
+        )
+        per_task, summary = ev.per_task, {
+            "accuracy": ev.accuracy, "correct": ev.correct, "total": ev.total,
+            "adapter_rank": final_model.rank,
+        }  # fmt: skip
+        model = model_of(cfg, rank=final_model.rank, alpha=final_model.alpha)
+        export_adapter(model, final_model.tensors, recorder.folder / "adapters" / f"task-{task}")
+        export_adapter(model, final_model.tensors, recorder.folder / "adapter")
+    else:
+        # No global model: the clients' own models, evaluated on their own test splits.
+        personal = strategy.rounds[-1].personal
+        per_task = personal["per_task_weighted"]
+        summary = {
+            "accuracy": personal["accuracy_weighted"],
+            "accuracy_unweighted": personal["accuracy_unweighted"],
+            "correct": personal["correct"], "total": personal["total"],
+        }  # fmt: skip
+    recorder.end_task(task, per_task, summary)
     log.info(
-        "lorm-flwr: %s on %s, %d clients, %d tasks %s, shard sizes %s",
-        cfg.strategy, cfg.dataset, num_clients, scenario.num_tasks,
-        [list(t) for t in scenario.tasks], scenario.shard_sizes(),
+        "lorm-flwr: after task %d/%d: accuracy on seen classes %.3f, per task %s",
+        task + 1, scenario.num_tasks, summary["accuracy"], [round(a, 3) for a in per_task],
     )  # fmt: skip
 
-    model = model_of(cfg)
-    strategy = strategy_class(cfg.strategy)(cfg, layout_of(model))
-    folder = run_folder(cfg)
-    recorder = RunRecorder(
-        cfg, folder, [list(t) for t in scenario.tasks], scenario.shard_sizes()
-    )
-    log.info("lorm-flwr: writing results to %s", folder)
-    tensors = get_tensors(model)
-    start = time.perf_counter()
 
-    try:
-        for task in range(scenario.num_tasks):
-            tensors = strategy.begin_task(task, tensors)
-
-            def evaluate_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-                if server_round == 0:
-                    return None  # the task's starting model; evaluated at the last task end
-                ev = evaluate_global(cfg, scenario, task, P.arrays_to_tensors(arrays))
-                stats = strategy.rounds[-1]
-                recorder.add_round(
-                    {
-                        "task": task,
-                        "round_in_task": server_round - 1,
-                        "accuracy": ev.accuracy,
-                        "per_task_accuracy": ev.per_task,
-                        "train_loss": stats.train_loss,
-                        "bytes_down": stats.bytes_down,
-                        "bytes_up": stats.bytes_up,
-                        "replies": stats.replies,
-                        "failures": stats.failures,
-                        "rejected": stats.rejected,
-                        "merge_seconds": stats.merge_seconds,
-                        "elapsed_seconds": time.perf_counter() - start,
-                        **stats.extra,
-                    }
-                )
-                log.info(
-                    "lorm-flwr: task %d/%d round %d/%d: accuracy on seen classes %.3f, "
-                    "train loss %.3f, %d B down, %d B up",
-                    task + 1, scenario.num_tasks, server_round, cfg.rounds_per_task,
-                    ev.accuracy, stats.train_loss, stats.bytes_down, stats.bytes_up,
-                )  # fmt: skip
-                return MetricRecord({"accuracy": ev.accuracy})
-
-            result = strategy.start(
-                grid=grid,
-                initial_arrays=P.tensors_to_arrays(tensors),
-                num_rounds=cfg.rounds_per_task,
-                train_config=ConfigRecord(),
-                evaluate_fn=evaluate_round,
-            )
-            tensors = P.arrays_to_tensors(result.arrays)
-            final_model = strategy.end_task(task, grid, tensors)
-            ev = evaluate_global(
-                cfg, scenario, task, final_model.tensors,
-                rank=final_model.rank, alpha=final_model.alpha,
-            )  # fmt: skip
-            recorder.end_task(
-                task,
-                ev.per_task,
-                {"accuracy": ev.accuracy, "correct": ev.correct, "total": ev.total,
-                 "adapter_rank": final_model.rank},
-            )  # fmt: skip
-            export_adapter(
-                model_of(cfg, rank=final_model.rank, alpha=final_model.alpha),
-                final_model.tensors,
-                folder / "adapter",
-            )
-            log.info(
-                "lorm-flwr: after task %d/%d: accuracy on seen classes %.3f, per task %s",
-                task + 1, scenario.num_tasks, ev.accuracy, [round(a, 3) for a in ev.per_task],
-            )  # fmt: skip
-    except BaseException:
-        recorder.status = "failed"
-        recorder.write()
-        raise
-
+def _finish(recorder: RunRecorder, start: float) -> None:
     last = recorder.task_end[-1]
     recorder.final = {
         "final_average_accuracy": final_average_accuracy(last["correct"], last["total"]),
@@ -168,4 +151,74 @@ def main(grid: Grid, context: Context) -> None:
         "lorm-flwr: done. final average accuracy %.3f, average forgetting %.3f",
         recorder.final["final_average_accuracy"], recorder.final["average_forgetting"],
     )  # fmt: skip
-    log.info("lorm-flwr: results in %s", folder)
+    log.info("lorm-flwr: results in %s", recorder.folder)
+
+
+def _main_joint(cfg: RunConfig) -> None:
+    """``joint`` / ``joint-incremental``: pooled data in this process, no federation.
+
+    The pooled data is every client's shard, i.e. the whole training set of each
+    task, so the split over clients does not matter; one client is assumed.
+    """
+    scenario = scenario_of(cfg, 1)
+    folder = run_folder(cfg)
+    recorder = RunRecorder(cfg, folder, [list(t) for t in scenario.tasks], scenario.shard_sizes())
+    recorder.accuracy_kind = "global"
+    log.info("lorm-flwr: %s (no federation), writing results to %s", cfg.strategy, folder)
+    start = time.perf_counter()
+    try:
+        run_joint(cfg, scenario, recorder, lambda line: log.info("%s", line))
+    except BaseException:
+        recorder.status = "failed"
+        recorder.write()
+        raise
+    _finish(recorder, start)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = RunConfig.from_mapping(context.run_config)  # bad values stop here
+    if cfg.strategy in JOINT_STRATEGIES:
+        _main_joint(cfg)
+        return
+    nodes = _wait_for_nodes(grid, cfg.min_clients)
+    num_clients = len(_partitions(grid, nodes))
+    scenario = scenario_of(cfg, num_clients)  # impossible splits stop here
+    log.info(
+        "lorm-flwr: %s on %s, %d clients, %d tasks %s, shard sizes %s",
+        cfg.strategy, cfg.dataset, num_clients, scenario.num_tasks,
+        [list(t) for t in scenario.tasks], scenario.shard_sizes(),
+    )  # fmt: skip
+
+    model = model_of(cfg)
+    strategy = strategy_class(cfg.strategy)(cfg, layout_of(model))
+    folder = run_folder(cfg)
+    recorder = RunRecorder(
+        cfg, folder, [list(t) for t in scenario.tasks], scenario.shard_sizes()
+    )
+    log.info("lorm-flwr: writing results to %s", folder)
+    tensors = dict(initial_tensors(cfg))  # the same seeded start as every client's
+    start = time.perf_counter()
+
+    recorder.accuracy_kind = (
+        "global" if strategy.has_global_model else "personalised, sample-weighted over clients"
+    )
+    try:
+        for task in range(scenario.num_tasks):
+            tensors = strategy.begin_task(task, tensors)
+            evaluate_round = _round_evaluator(cfg, scenario, task, strategy, recorder, start)
+            result = strategy.start(
+                grid=grid,
+                initial_arrays=P.tensors_to_arrays(tensors),
+                num_rounds=cfg.rounds_per_task,
+                train_config=ConfigRecord(),
+                evaluate_fn=evaluate_round,
+            )
+            tensors = P.arrays_to_tensors(result.arrays)
+            _end_task(cfg, scenario, task, grid, strategy, recorder, tensors)
+    except BaseException:
+        recorder.status = "failed"
+        recorder.write()
+        raise
+
+    _finish(recorder, start)

@@ -95,8 +95,16 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=3)
     p.add_argument("--set", nargs="*", default=[], help="extra run-config key=value pairs")
     p.add_argument("--out", default="benchmarks/results/compare")
+    p.add_argument(
+        "--also-single-task", action="store_true",
+        help="also run every entry with num-tasks=1 (plain federated learning)",
+    )
     args = p.parse_args()
     extra = _parse_sets(args.set)
+    if args.also_single_task:
+        args.strategies = args.strategies + [
+            f"{s}{',' if ':' in s else ':'}num-tasks=1" for s in args.strategies
+        ]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     runs: dict[str, list[dict]] = {s: [] for s in args.strategies}
@@ -139,7 +147,31 @@ def main() -> None:
         )
     table = "\n".join(lines)
     out.with_suffix(".md").write_text(table + "\n")
+    _plot(runs, out.with_suffix(".png"))
     print(table)
+
+
+def _plot(runs: dict[str, list[dict]], path: Path) -> None:
+    """Final average accuracy per entry, mean and std over seeds, seeds as dots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(runs)
+    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(names)), 3.5))
+    for i, name in enumerate(names):
+        acc = [r["final_average_accuracy"] for r in runs[name]]
+        sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
+        ax.bar(i, statistics.mean(acc), yerr=sd, capsize=4, color="#8fb3d9")
+        ax.plot([i] * len(acc), acc, "k.", ms=4)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("final average accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

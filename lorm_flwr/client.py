@@ -5,24 +5,33 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from lorm_flwr import protocol as P
 from lorm_flwr.config import RunConfig
 from lorm_flwr.gram import layer_grams
-from lorm_flwr.lorm import lorm_products
+from lorm_flwr.lorm import lorm_products, regmean_products
 from lorm_flwr.models.adapters import (
     HEAD,
     adapter_layout,
     get_tensors,
+    group_of,
     head_keys,
     set_tensors,
     set_trainable,
 )
-from lorm_flwr.runtime import data_of, input_spec, model_of, scenario_of, set_threads
-from lorm_flwr.train import pick_device, train_local
+from lorm_flwr.runtime import (
+    data_of,
+    initial_tensors,
+    input_spec,
+    model_of,
+    scenario_of,
+    set_threads,
+)
+from lorm_flwr.train import pick_device, predict, train_local
 
-__all__ = ["ClientResult", "Instructions", "task_grams", "train_round"]
+__all__ = ["ClientResult", "Instructions", "evaluate_personal", "task_grams", "train_round"]
 
 PEFT_PREFIX = "base_model.model."
 
@@ -36,6 +45,7 @@ class Instructions:
     train_head: bool
     stats: str
     seed: int
+    local: frozenset[str] = frozenset()  # groups ("A", "B", "head") kept on the client
 
 
 @dataclass
@@ -46,6 +56,24 @@ class ClientResult:
     train_loss: float
     train_seconds: float = 0.0
     stats_seconds: float = 0.0
+    local: dict[str, torch.Tensor] | None = None  # the client's own parts, to keep
+
+
+def _load(
+    cfg: RunConfig,
+    model,
+    global_tensors: dict[str, torch.Tensor],
+    local_tensors: dict[str, torch.Tensor] | None,
+) -> None:
+    """Model = initial tensors, overridden by the client's own parts, then the global ones.
+
+    A client that has no local parts yet starts them from the run's seeded initial
+    values, the same on every client.
+    """
+    tensors = dict(initial_tensors(cfg))
+    tensors.update(local_tensors or {})
+    tensors.update(global_tensors)
+    set_tensors(model, tensors)
 
 
 def train_round(
@@ -54,6 +82,7 @@ def train_round(
     num_partitions: int,
     global_tensors: dict[str, torch.Tensor],
     plan: Instructions,
+    local_tensors: dict[str, torch.Tensor] | None = None,
 ) -> ClientResult:
     """Load the global tensors, train on this client's shard of the task, report back."""
     set_threads(cfg)
@@ -65,7 +94,7 @@ def train_round(
         raise ValueError(f"task {plan.task} outside [0, {scenario.num_tasks})")
     shard = scenario.shards[plan.task][partition_id]
     model = model_of(cfg)
-    set_tensors(model, global_tensors)
+    _load(cfg, model, global_tensors, local_tensors)
     set_trainable(model, train_a=plan.train_a, train_b=plan.train_b, train_head=plan.train_head)
     start = time.perf_counter()
     stats = train_local(
@@ -94,7 +123,54 @@ def train_round(
             {bias_key: tensors[bias_key]}, products, stats.num_examples, stats.loss,
             train_seconds, time.perf_counter() - start,
         )  # fmt: skip
-    return ClientResult(tensors, {}, stats.num_examples, stats.loss, train_seconds)
+    if plan.stats == P.STATS_REGMEAN:
+        start = time.perf_counter()
+        grams = _grams(cfg, model, data.train_x[shard], with_head=True)
+        weight_key, bias_key = head_keys(model)
+        products = regmean_products(tensors, grams, adapter_layout(model), HEAD, weight_key)
+        return ClientResult(
+            {bias_key: tensors[bias_key]}, products, stats.num_examples, stats.loss,
+            train_seconds, time.perf_counter() - start,
+        )  # fmt: skip
+    trained = {g for g, on in (("A", plan.train_a), ("B", plan.train_b), ("head", plan.train_head)) if on}
+    shared = {k: v for k, v in tensors.items() if group_of(k) in trained - plan.local}
+    local = {k: v for k, v in tensors.items() if group_of(k) in plan.local}
+    return ClientResult(
+        shared, {}, stats.num_examples, stats.loss, train_seconds, local=local or None
+    )
+
+
+def evaluate_personal(
+    cfg: RunConfig,
+    partition_id: int,
+    num_partitions: int,
+    global_tensors: dict[str, torch.Tensor],
+    local_tensors: dict[str, torch.Tensor] | None,
+    task: int,
+) -> tuple[list[int], list[int]]:
+    """Global parts + this client's own parts, on its test split of the seen classes.
+
+    Returns correct and total counts per seen task (class-incremental argmax over
+    all seen classes).
+    """
+    set_threads(cfg)
+    data = data_of(cfg)
+    scenario = scenario_of(cfg, num_partitions)
+    seen = scenario.seen_classes(task)
+    idx = np.concatenate([scenario.test_shards[t][partition_id] for t in range(task + 1)])
+    model = model_of(cfg)
+    _load(cfg, model, global_tensors, local_tensors)
+    preds = predict(
+        model, data.test_x[idx], seen_classes=seen, inputs=input_spec(cfg),
+        batch_size=cfg.eval_batch_size, device=pick_device(cfg.device),
+    )  # fmt: skip
+    labels = data.test_y[idx]
+    correct, total = [], []
+    for classes in scenario.tasks[: task + 1]:
+        mask = np.isin(labels, list(classes))
+        correct.append(int((preds[mask] == labels[mask]).sum()))
+        total.append(int(mask.sum()))
+    return correct, total
 
 
 def _grams(cfg: RunConfig, model, images, *, with_head: bool) -> dict[str, torch.Tensor]:

@@ -56,6 +56,9 @@ class RunConfig:
     client_threads: int = 1
     merge_anchor: str = "zero"
     lorm_reference_grams: bool = False
+    fedsa_head: str = "local"
+    fedsa_weighted: bool = True
+    backbone_checkpoint: str = ""
 
     # ----------------------------------------------------------------- parsing
     @classmethod
@@ -99,6 +102,11 @@ class RunConfig:
         _one_of("backbone", self.backbone, BACKBONES)
         _one_of("class-order", self.class_order, ("natural", "shuffle"))
         _one_of("merge-anchor", self.merge_anchor, ("zero", "global"))
+        _one_of("fedsa-head", self.fedsa_head, ("local", "shared"))
+        if self.backbone_checkpoint and not Path(self.backbone_checkpoint).expanduser().is_file():
+            raise ConfigError(
+                f"backbone-checkpoint={self.backbone_checkpoint!r} is not a readable file"
+            )
         _one_of("device", self.device, ("auto", "cpu", "cuda"), prefix_ok=("cuda:",))
         for name in (
             "num_tasks",

@@ -13,7 +13,7 @@ from lorm_flwr import protocol as P
 from lorm_flwr.merge import _times_gram, project_gram
 from lorm_flwr.models.adapters import AdaptedLayer
 
-__all__ = ["expected_stats", "lorm_products", "matrix"]
+__all__ = ["expected_stats", "lorm_products", "matrix", "regmean_products"]
 
 
 def matrix(t: torch.Tensor) -> torch.Tensor:
@@ -50,6 +50,26 @@ def lorm_products(
     return {k: v.float() for k, v in out.items()}
 
 
+def regmean_products(
+    tensors: dict[str, torch.Tensor],
+    grams: dict[str, torch.Tensor],
+    layers: list[AdaptedLayer],
+    head_name: str,
+    head_weight_key: str,
+) -> dict[str, torch.Tensor]:
+    """RegMean of whole LoRA deltas: ``s B_i A_i G_i`` and ``G_i`` per layer; head as LoRM."""
+    out: dict[str, torch.Tensor] = {}
+    for layer in layers:
+        g = grams[layer.name]
+        delta = layer.scaling * matrix(tensors[layer.b_key]).double() @ matrix(tensors[layer.a_key]).double()
+        out[P.stat_key(layer.name, P.STAT_DG)] = _times_gram(delta, g)
+        out[P.stat_key(layer.name, P.STAT_G)] = g
+    gh = grams[head_name]
+    out[P.stat_key(head_name, P.STAT_WG)] = _times_gram(tensors[head_weight_key].double(), gh)
+    out[P.stat_key(head_name, P.STAT_G)] = gh
+    return {k: v.float() for k, v in out.items()}
+
+
 def expected_stats(
     kind: str,
     layers: list[AdaptedLayer],
@@ -68,9 +88,12 @@ def expected_stats(
         elif kind == P.STATS_LORM_B:
             shapes[P.stat_key(layer.name, P.STAT_BAGA)] = (d, r)
             shapes[P.stat_key(layer.name, P.STAT_AGA)] = (r, r)
+        elif kind == P.STATS_REGMEAN:
+            shapes[P.stat_key(layer.name, P.STAT_DG)] = (d, k)
+            shapes[P.stat_key(layer.name, P.STAT_G)] = (k,) if gram_alpha == 0 else (k, k)
         elif kind == P.STATS_GRAMS:
             shapes[P.stat_key(layer.name, P.STAT_G)] = (k,) if gram_alpha == 0 else (k, k)
-    if kind in (P.STATS_LORM_A, P.STATS_LORM_B):
+    if kind in (P.STATS_LORM_A, P.STATS_LORM_B, P.STATS_REGMEAN):
         c, f = head_shape
         shapes[P.stat_key(head_name, P.STAT_WG)] = (c, f)
         shapes[P.stat_key(head_name, P.STAT_G)] = (f,) if head_gram_alpha == 0 else (f, f)

@@ -44,6 +44,7 @@ CFG_TRAIN_B = "train-b"
 CFG_TRAIN_HEAD = "train-head"
 CFG_STATS = "stats"  # which statistics to reply with, see STATS_* below
 CFG_SEED = "seed"
+CFG_LOCAL = "local"  # comma-separated groups ("A", "B", "head") kept on the client
 CFG_RANK = "rank"  # adapter rank of the tensors sent (end-of-task query)
 CFG_ALPHA = "alpha"  # adapter alpha of the tensors sent
 
@@ -51,6 +52,7 @@ CFG_ALPHA = "alpha"  # adapter alpha of the tensors sent
 STATS_NONE = "none"
 STATS_LORM_A = "lorm-a"  # A_i G_i and G_i per layer; W_i G_i and G_i for the head
 STATS_LORM_B = "lorm-b"  # B_i A G_i A^T and A G_i A^T per layer; head as above
+STATS_REGMEAN = "regmean"  # s B_i A_i G_i and G_i per layer; head as LoRM
 STATS_GRAMS = "grams"  # G_i per layer and head, on the model as sent (end of task)
 
 # Keys in the ``stats`` record: f"{layer}|{kind}" (see ``stat_key``).
@@ -59,6 +61,7 @@ STAT_G = "G"  # G_i, (k, k) or (k,) when gram-alpha = 0
 STAT_BAGA = "BAGA"  # B_i A G_i A^T, (d, r)
 STAT_AGA = "AGA"  # A G_i A^T, (r, r)
 STAT_WG = "WG"  # head W_i G_i, (C, F)
+STAT_DG = "DG"  # full LoRA delta times Gram, s B_i A_i G_i, (d, k)
 
 
 def stat_key(layer: str, kind: str) -> str:
@@ -76,6 +79,10 @@ MET_STATS_SECONDS = "stats-seconds"  # Gram pass and products after training
 QUERY_HELLO = "query.hello"  # node -> partition-id / num-partitions
 QUERY_TASK_STATS = "query.task_stats"  # end-of-task Grams on the merged model
 MET_PARTITION_ID = "partition-id"
+# Personalised evaluation (client -> server): per seen task k.
+MET_CORRECT = "correct-task-{}"
+MET_TOTAL = "total-task-{}"
+LOCAL_STATE = "lorm-flwr-local"  # context.state key of a client's own tensors
 MET_NUM_PARTITIONS = "num-partitions"
 
 

@@ -67,6 +67,7 @@ class RunRecorder:
     task_end: list[dict[str, Any]] = field(default_factory=list)
     final: dict[str, Any] = field(default_factory=dict)
     status: str = "running"
+    accuracy_kind: str = "global"
 
     def add_round(self, entry: dict[str, Any]) -> None:
         self.rounds.append(entry)
@@ -88,6 +89,7 @@ class RunRecorder:
             "clients": len(self.shard_sizes[0]) if self.shard_sizes else 0,
             "shard_sizes": self.shard_sizes,
             "rounds": self.rounds,
+            "accuracy_kind": self.accuracy_kind,
             "accuracy_matrix": self.accuracy_matrix,
             "task_end": self.task_end,
             **self.final,

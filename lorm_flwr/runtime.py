@@ -17,6 +17,7 @@ from lorm_flwr.data.datasets import ImageData, load_dataset
 from lorm_flwr.data.scenario import Scenario, build_scenario
 from lorm_flwr.models.adapters import adapter_layout, attach_lora, head_keys
 from lorm_flwr.models.backbones import BACKBONES, build_classifier
+from lorm_flwr.strategies import adapter_kind
 from lorm_flwr.strategies.base import ModelLayout
 from lorm_flwr.train import InputSpec, pick_device
 
@@ -33,6 +34,7 @@ def scenario_of(cfg: RunConfig, num_clients: int) -> Scenario:
     return build_scenario(
         data.train_y,
         data.num_classes,
+        test_labels=data.test_y,
         num_tasks=cfg.num_tasks,
         num_clients=num_clients,
         beta=cfg.dirichlet_beta,
@@ -54,15 +56,33 @@ def lora_targets(cfg: RunConfig) -> list[str]:
 @functools.lru_cache(maxsize=3)
 def _cached_model(
     backbone: str, image_size: int, num_classes: int, seed: int, rank: int, alpha: float,
-    targets: tuple[str, ...], device: str,
+    targets: tuple[str, ...], device: str, kind: str, checkpoint: str,
 ) -> PeftModel:  # fmt: skip
-    base = build_classifier(backbone, image_size, num_classes, seed)
-    model = attach_lora(base, rank=rank, alpha=alpha, targets=list(targets))
+    base = build_classifier(backbone, image_size, num_classes, seed, checkpoint)
+    model = attach_lora(base, rank=rank, alpha=alpha, targets=list(targets), kind=kind, seed=seed)
     return model.to(device)
 
 
-def model_of(cfg: RunConfig, rank: int | None = None, alpha: float | None = None) -> PeftModel:
-    """The cached peft model for ``cfg`` (optionally at another rank/alpha), on its device."""
+@functools.lru_cache(maxsize=2)
+def initial_tensors(cfg: RunConfig) -> dict[str, torch.Tensor]:
+    """The adapter and head every run starts from: a pure function of the config."""
+    from lorm_flwr.models.adapters import get_tensors
+
+    base = build_classifier(
+        cfg.backbone, cfg.image_size, data_of(cfg).num_classes, cfg.seed, cfg.backbone_checkpoint
+    )
+    kind = adapter_kind(cfg.strategy)
+    model = attach_lora(
+        base, rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=lora_targets(cfg),
+        kind=kind, seed=cfg.seed,
+    )  # fmt: skip
+    return get_tensors(model)
+
+
+def model_of(
+    cfg: RunConfig, rank: int | None = None, alpha: float | None = None, kind: str | None = None
+) -> PeftModel:
+    """The cached peft model for ``cfg`` (optionally at another rank/alpha/kind), on its device."""
     return _cached_model(
         cfg.backbone,
         cfg.image_size,
@@ -72,6 +92,8 @@ def model_of(cfg: RunConfig, rank: int | None = None, alpha: float | None = None
         alpha if alpha is not None else cfg.lora_alpha,
         tuple(lora_targets(cfg)),
         str(pick_device(cfg.device)),
+        kind or adapter_kind(cfg.strategy),
+        cfg.backbone_checkpoint,
     )
 
 

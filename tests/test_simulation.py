@@ -65,7 +65,7 @@ def _reloaded_accuracy(folder, results):
     return float((preds == data.test_y[mask]).mean())
 
 
-def test_fedit_simulation_writes_results_and_a_reloadable_adapter(federation, tmp_path):
+def test_fedit_simulation_writes_results_and_a_reloadable_adapter(federation, tmp_path):  # noqa: D103
     folder, results, proc = _run(federation, tmp_path, strategy="fedit")
     assert "final average accuracy" in proc.stdout + proc.stderr
     assert results["clients"] == 3
@@ -108,3 +108,58 @@ def test_lorm_simulation_follows_schedule_and_exports_merged_adapter(federation,
     assert _reloaded_accuracy(folder, results) == pytest.approx(
         results["final_average_accuracy"], abs=1e-12
     )
+
+
+FEDERATED = ["fedit", "lorm", "fedsa", "fedsa-rslora", "fedsa-vera", "ffa", "regmean"]
+ALL = FEDERATED + ["joint", "joint-incremental"]
+
+
+@pytest.fixture(scope="module")
+def per_strategy(federation, tmp_path_factory):
+    """One 2-task run per strategy (2 clients, 1 round per task), shared by the checks."""
+    out = {}
+    for strategy in ALL:
+        tmp = tmp_path_factory.mktemp(strategy)
+        out[strategy] = _run(federation, tmp, num_clients=2, strategy=strategy)[:2]
+    return out
+
+
+@pytest.mark.parametrize("strategy", ALL)
+def test_every_strategy_runs_two_tasks(per_strategy, strategy):
+    folder, results = per_strategy[strategy]
+    matrix = results["accuracy_matrix"]
+    if strategy == "joint":
+        assert len(matrix) == 1 and None not in matrix[0]  # one model, all tasks at once
+    else:
+        assert len(matrix) == 2 and matrix[0][1] is None
+    assert 0.0 <= results["final_average_accuracy"] <= 1.0
+    personalised = strategy.startswith("fedsa")
+    assert results["accuracy_kind"].startswith("personalised" if personalised else "global")
+    for r in results["rounds"]:
+        if strategy.startswith("joint"):
+            assert r["bytes_up"] == 0 == r["bytes_down"]
+            continue
+        assert r["bytes_up"] > 0 and r["bytes_down"] > 0
+        if personalised:
+            p = r["personalised"]
+            assert 0 <= p["accuracy_weighted"] <= 1 and 0 <= p["accuracy_unweighted"] <= 1
+            assert len(p["per_client"]) == 2
+        if strategy == "ffa":
+            assert r["change_a"] == 0.0 and r["change_b"] > 0
+        if strategy == "regmean":
+            assert 0.0 <= r["truncation_error_max"] <= 1.0
+    if not personalised:
+        assert (folder / "adapter" / "adapter_config.json").exists()
+
+
+def test_fedsa_uploads_about_half_of_fedit(per_strategy):
+    fedit = per_strategy["fedit"][1]["rounds"][0]["bytes_up"]
+    fedsa = per_strategy["fedsa"][1]["rounds"][0]["bytes_up"]
+    assert fedsa < 0.6 * fedit
+
+
+@pytest.mark.parametrize("strategy", ALL)
+def test_every_strategy_runs_plain_federated_learning(federation, tmp_path, strategy):
+    _, results, _ = _run(federation, tmp_path, num_clients=2, strategy=strategy, **{"num-tasks": 1})
+    assert len(results["accuracy_matrix"]) == 1 and len(results["tasks"][0]) == 10
+    assert results["average_forgetting"] is None  # nothing to forget with one task

@@ -16,7 +16,14 @@ import numpy as np
 
 from lorm_flwr.config import ConfigError
 
-__all__ = ["Scenario", "ScenarioError", "build_scenario", "class_order", "split_classes"]
+__all__ = [
+    "Scenario",
+    "ScenarioError",
+    "build_scenario",
+    "class_order",
+    "split_classes",
+    "split_like",
+]
 
 
 class ScenarioError(ConfigError):
@@ -81,12 +88,37 @@ def dirichlet_split(
             ) from exc
 
 
+def split_like(
+    train_labels: np.ndarray, train_parts: list[np.ndarray], test_labels: np.ndarray, seed: int
+) -> list[np.ndarray]:
+    """Split test samples over clients with each class's training proportions.
+
+    For every class, client k receives the share of that class's test samples that
+    it holds of its training samples: the same Dirichlet draw, applied to the test
+    set. Indices are into ``test_labels``.
+    """
+    rng = np.random.default_rng(seed)
+    parts: list[list[np.ndarray]] = [[] for _ in train_parts]
+    for c in np.unique(train_labels):
+        counts = np.array([np.sum(train_labels[p] == c) for p in train_parts], dtype=float)
+        idx = rng.permutation(np.flatnonzero(test_labels == c))
+        if counts.sum() == 0 or len(idx) == 0:
+            continue
+        cuts = np.round(np.cumsum(counts / counts.sum()) * len(idx)).astype(int)[:-1]
+        for k, piece in enumerate(np.split(idx, cuts)):
+            parts[k].append(piece)
+    return [np.sort(np.concatenate(p)) if p else np.zeros(0, dtype=np.int64) for p in parts]
+
+
 @dataclass(frozen=True)
 class Scenario:
-    """Tasks and shards. ``shards[t][k]`` indexes the training set for client k, task t."""
+    """Tasks and shards. ``shards[t][k]`` indexes the training set for client k, task t;
+    ``test_shards[t][k]`` the test set (same per-class proportions), for personalised
+    evaluation."""
 
     tasks: tuple[tuple[int, ...], ...]
     shards: tuple[tuple[np.ndarray, ...], ...]
+    test_shards: tuple[tuple[np.ndarray, ...], ...] = ()
 
     @property
     def num_tasks(self) -> int:
@@ -108,6 +140,7 @@ def build_scenario(
     train_labels: np.ndarray,
     num_classes: int,
     *,
+    test_labels: np.ndarray | None = None,
     num_tasks: int,
     num_clients: int,
     beta: float,
@@ -122,9 +155,15 @@ def build_scenario(
     if num_clients < 1:
         raise ScenarioError(f"the federation has {num_clients} clients; need at least 1")
     tasks = split_classes(class_order(num_classes, order, seed), num_tasks)
-    shards = []
+    shards, test_shards = [], []
     for t, classes in enumerate(tasks):
         in_task = np.flatnonzero(np.isin(train_labels, classes))  # (n_t,)
         parts = dirichlet_split(train_labels[in_task], num_clients, beta, min_samples, seed + t)
         shards.append(tuple(np.sort(in_task[p]) for p in parts))
-    return Scenario(tuple(tuple(c) for c in tasks), tuple(shards))
+        if test_labels is not None:
+            test_in = np.flatnonzero(np.isin(test_labels, classes))
+            test_parts = split_like(
+                train_labels, list(shards[-1]), test_labels[test_in], seed + 10_007 * (t + 1)
+            )
+            test_shards.append(tuple(test_in[p] for p in test_parts))
+    return Scenario(tuple(tuple(c) for c in tasks), tuple(shards), tuple(test_shards))

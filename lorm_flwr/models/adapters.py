@@ -26,7 +26,9 @@ __all__ = [
     "get_tensors",
     "set_tensors",
     "set_trainable",
+    "ADAPTER_KINDS",
     "fresh_factors",
+    "group_of",
     "head_keys",
     "reset_lora",
 ]
@@ -53,6 +55,24 @@ class AdaptedLayer:
     is_conv: bool
 
 
+ADAPTER_KINDS = ("lora", "rslora", "vera")
+
+
+def group_of(key: str) -> str:
+    """Which part of the model a tensor key belongs to: ``A``, ``B`` or ``head``.
+
+    VeRA's trainable vectors map onto the same roles: ``vera_lambda_d`` (rank side,
+    shared like A) and ``vera_lambda_b`` (output side, kept local like B).
+    """
+    if key.startswith(HEAD + "."):
+        return "head"
+    if ".lora_A." in key or ".vera_lambda_d" in key:
+        return "A"
+    if ".lora_B." in key or ".vera_lambda_b" in key:
+        return "B"
+    raise KeyError(f"tensor {key!r} is neither a LoRA/VeRA factor nor the head")
+
+
 def attach_lora(
     model: Classifier,
     *,
@@ -60,22 +80,48 @@ def attach_lora(
     alpha: float,
     targets: list[str],
     use_rslora: bool = False,
+    kind: str = "lora",
+    seed: int = 0,
 ) -> PeftModel:
-    """Wrap ``model`` with peft LoRA on ``targets``; the head is trained in full.
+    """Wrap ``model`` with a peft adapter on ``targets``; the head is trained in full.
 
-    The backbone stays frozen; the LoRA factors and the head (peft
-    ``modules_to_save``) are trainable. Raises ``ValueError`` with the available
-    module names when no target matches.
+    ``kind``: ``lora``, ``rslora`` (LoRA with scaling alpha / sqrt(r)) or ``vera``
+    (frozen random projections drawn from ``seed``, identical on every client, and
+    trainable vectors; peft's VeRA adapts Linear layers only). The backbone stays
+    frozen; the adapter and the head (peft ``modules_to_save``) are trainable.
+    Raises ``ValueError`` with the available module names when no target matches.
     """
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        target_modules=targets,
-        modules_to_save=[HEAD],
-        use_rslora=use_rslora,
-        lora_dropout=0.0,
-        bias="none",
-    )
+    if kind not in ADAPTER_KINDS:
+        raise ValueError(f"adapter kind {kind!r} unknown; allowed: {ADAPTER_KINDS}")
+    if kind == "vera":
+        from peft import VeraConfig
+
+        if not any(
+            isinstance(m, nn.Linear) and any(n == t or n.endswith("." + t) for t in targets)
+            for n, m in model.named_modules()
+        ):
+            raise ValueError(
+                f"VeRA adapts Linear layers only, and lora-targets={','.join(targets)!r} "
+                "names none in this backbone; use a ViT or text backbone"
+            )
+        config = VeraConfig(
+            r=rank,
+            target_modules=targets,
+            modules_to_save=[HEAD],
+            projection_prng_key=seed,
+            save_projection=True,
+            vera_dropout=0.0,
+        )
+    else:
+        config = LoraConfig(
+            r=rank,
+            lora_alpha=alpha,
+            target_modules=targets,
+            modules_to_save=[HEAD],
+            use_rslora=use_rslora or kind == "rslora",
+            lora_dropout=0.0,
+            bias="none",
+        )
     try:
         peft_model = get_peft_model(model, config)
     except ValueError as exc:
@@ -94,10 +140,19 @@ def _key(peft_key: str) -> str:
     return peft_key.removeprefix("base_model.model.")
 
 
+def _is_frozen_projection(peft_key: str) -> bool:
+    # VeRA's shared random projections: drawn from a seed on every node, never sent.
+    return peft_key.endswith("vera_A") or peft_key.endswith("vera_B")
+
+
 def get_tensors(model: PeftModel) -> dict[str, torch.Tensor]:
-    """All adapter tensors (LoRA factors and head), detached CPU copies, by short key."""
+    """All trainable adapter tensors (factors and head), detached CPU copies, by short key."""
     state = get_peft_model_state_dict(model, adapter_name=ADAPTER)
-    return {_key(k): v.detach().to("cpu", copy=True) for k, v in state.items()}
+    return {
+        _key(k): v.detach().to("cpu", copy=True)
+        for k, v in state.items()
+        if not _is_frozen_projection(k)
+    }
 
 
 def set_tensors(model: PeftModel, tensors: dict[str, torch.Tensor], strict: bool = True) -> None:
@@ -111,6 +166,8 @@ def set_tensors(model: PeftModel, tensors: dict[str, torch.Tensor], strict: bool
     if set(tensors) != expected:
         tensors = {**get_tensors(model), **tensors}  # peft loads whole adapters only
     full = {"base_model.model." + k: v for k, v in tensors.items()}
+    state = get_peft_model_state_dict(model, adapter_name=ADAPTER)
+    full.update({k: v for k, v in state.items() if _is_frozen_projection(k)})
     result = set_peft_model_state_dict(model, full, adapter_name=ADAPTER)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
@@ -118,7 +175,11 @@ def set_tensors(model: PeftModel, tensors: dict[str, torch.Tensor], strict: bool
 
 
 def get_tensors_keys(model: PeftModel) -> set[str]:
-    return {_key(k) for k in get_peft_model_state_dict(model, adapter_name=ADAPTER)}
+    return {
+        _key(k)
+        for k in get_peft_model_state_dict(model, adapter_name=ADAPTER)
+        if not _is_frozen_projection(k)
+    }
 
 
 def adapter_layout(model: PeftModel) -> list[AdaptedLayer]:
@@ -165,9 +226,9 @@ def head_keys(model: PeftModel) -> tuple[str, str]:
 def set_trainable(model: PeftModel, *, train_a: bool, train_b: bool, train_head: bool = True) -> None:
     """Choose which of A, B and the head receive gradients; the backbone never does."""
     for name, p in model.named_parameters():
-        if ".lora_A." in name:
+        if ".lora_A." in name or ".vera_lambda_d." in name:
             p.requires_grad_(train_a)
-        elif ".lora_B." in name:
+        elif ".lora_B." in name or ".vera_lambda_b." in name:
             p.requires_grad_(train_b)
         elif f"{HEAD}.modules_to_save." in name:
             p.requires_grad_(train_head)

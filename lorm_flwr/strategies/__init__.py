@@ -12,7 +12,25 @@ import importlib
 STRATEGIES: dict[str, str] = {
     "fedit": "lorm_flwr.strategies.fedit:FedIT",
     "lorm": "lorm_flwr.strategies.lorm:LoRM",
+    "fedsa": "lorm_flwr.strategies.fedsa:FedSA",
+    "fedsa-rslora": "lorm_flwr.strategies.fedsa:FedSA",
+    "fedsa-vera": "lorm_flwr.strategies.fedsa:FedSA",
+    "ffa": "lorm_flwr.strategies.ffa:FFA",
+    "regmean": "lorm_flwr.strategies.regmean:RegMean",
+    # Not federated: run by lorm_flwr.joint in the ServerApp process. FedIT's
+    # layout-only use of the class keeps the registry uniform.
+    "joint": "lorm_flwr.strategies.fedit:FedIT",
+    "joint-incremental": "lorm_flwr.strategies.fedit:FedIT",
 }
+
+
+# Strategies that need another peft adapter than plain LoRA.
+ADAPTER_OF: dict[str, str] = {"fedsa-rslora": "rslora", "fedsa-vera": "vera"}
+
+
+def adapter_kind(name: str) -> str:
+    """The peft adapter a strategy trains: ``lora``, ``rslora`` or ``vera``."""
+    return ADAPTER_OF.get(name, "lora")
 
 
 def strategy_class(name: str) -> type:

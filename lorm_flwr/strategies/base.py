@@ -19,7 +19,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from lorm_flwr import protocol as P
 from lorm_flwr.config import RunConfig
-from lorm_flwr.models.adapters import AdaptedLayer
+from lorm_flwr.models.adapters import AdaptedLayer, group_of
 
 log = logging.getLogger("flwr.lorm")
 
@@ -79,18 +79,28 @@ class RoundLog:
     num_examples: int = 0
     merge_seconds: float = 0.0
     extra: dict[str, float] = field(default_factory=dict)
+    personal: dict[str, object] = field(default_factory=dict)
 
 
 class LoraStrategy(FedAvg):
-    """FedAvg's sampling and loop, with tasks, validation and byte accounting."""
+    """FedAvg's sampling and loop, with tasks, validation and byte accounting.
+
+    ``local_groups`` names the parts (``"A"``, ``"B"``, ``"head"``) that clients
+    keep to themselves: they are never sent nor received, and a strategy with local
+    parts has no global model, so it is evaluated on the clients (personalised).
+    """
 
     name = "base"
+    local_groups: frozenset[str] = frozenset()
 
     def __init__(self, cfg: RunConfig, layout: ModelLayout) -> None:
         super().__init__(
             fraction_train=1.0,
-            fraction_evaluate=0.0,  # evaluation is centralised, on the server
+            # Personalised evaluation runs on the clients; otherwise evaluation is
+            # centralised on the server.
+            fraction_evaluate=1.0 if self.local_groups else 0.0,
             min_train_nodes=cfg.min_clients,
+            min_evaluate_nodes=cfg.min_clients,
             min_available_nodes=cfg.min_clients,
             weighted_by_key=P.MET_NUM_EXAMPLES,
             arrayrecord_key=P.ARRAYS,
@@ -101,6 +111,18 @@ class LoraStrategy(FedAvg):
         self.task = 0
         self.rounds: list[RoundLog] = []
         self._sent: dict[str, torch.Tensor] = {}
+
+    @property
+    def has_global_model(self) -> bool:
+        return not self.local_groups
+
+    def _without_local(self, arrays: ArrayRecord) -> ArrayRecord:
+        if not self.local_groups:
+            return arrays
+        tensors = P.arrays_to_tensors(arrays)
+        return P.tensors_to_arrays(
+            {k: v for k, v in tensors.items() if group_of(k) not in self.local_groups}
+        )
 
     # ---------------------------------------------------------------- tasks
     def begin_task(self, task: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -129,8 +151,11 @@ class LoraStrategy(FedAvg):
         config[P.CFG_TRAIN_HEAD] = plan.train_head
         config[P.CFG_STATS] = plan.stats
         config[P.CFG_SEED] = self.cfg.seed * 100_003 + self.task * 1_009 + round_in_task
+        if self.local_groups:  # (Flower cannot count the bytes of an empty string)
+            config[P.CFG_LOCAL] = ",".join(sorted(self.local_groups))
         self._sent = P.arrays_to_tensors(arrays)
-        messages = list(super().configure_train(server_round, arrays, config, grid))
+        outgoing = self._without_local(arrays)
+        messages = list(super().configure_train(server_round, outgoing, config, grid))
         entry = RoundLog(task=self.task, round_in_task=round_in_task)
         entry.bytes_down = sum(P.record_bytes(m.content) for m in messages)
         self.rounds.append(entry)
@@ -195,10 +220,58 @@ class LoraStrategy(FedAvg):
             ]
             entry.extra[name] = max(diffs, default=0.0)
 
+    # -------------------------------------------------- personalised evaluation
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if not self.local_groups:
+            return []
+        config = ConfigRecord(dict(config))
+        config[P.CFG_TASK] = self.task
+        messages = list(
+            super().configure_evaluate(server_round, self._without_local(arrays), config, grid)
+        )
+        self.rounds[-1].bytes_down += sum(P.record_bytes(m.content) for m in messages)
+        return messages
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Sum per-task counts over clients: sample-weighted and unweighted means."""
+        entry = self.rounds[-1]
+        seen = self.task + 1
+        correct, total, per_client = [0] * seen, [0] * seen, []
+        for msg in replies:
+            if msg.has_error():
+                entry.failures.append(f"evaluate, node {msg.metadata.src_node_id}: {msg.error.reason}")
+                continue
+            entry.bytes_up += P.record_bytes(msg.content)
+            m = msg.content[P.METRICS]
+            c = [int(m.get(P.MET_CORRECT.format(k), 0)) for k in range(seen)]
+            t = [int(m.get(P.MET_TOTAL.format(k), 0)) for k in range(seen)]
+            correct = [a + b for a, b in zip(correct, c)]
+            total = [a + b for a, b in zip(total, t)]
+            if sum(t):
+                per_client.append(sum(c) / sum(t))
+        if not per_client:
+            return None
+        weighted = sum(correct) / max(sum(total), 1)
+        unweighted = sum(per_client) / len(per_client)
+        entry.personal = {
+            "accuracy_weighted": weighted,
+            "accuracy_unweighted": unweighted,
+            "per_task_weighted": [c / t if t else float("nan") for c, t in zip(correct, total)],
+            "per_client": per_client,
+            "correct": sum(correct),
+            "total": sum(total),
+        }
+        return MetricRecord({"personalised-accuracy": weighted})
+
     # ------------------------------------------------------------- to override
     def expected_reply(self, plan: RoundPlan) -> dict[str, tuple[int, ...]]:
-        """Keys and shapes of a reply's ``arrays`` record under ``plan``."""
-        return dict(self.layout.shapes)
+        """Keys and shapes of a reply's ``arrays`` record under ``plan``: what trained,
+        less what stays on the clients."""
+        trained = {g for g, on in (("A", plan.train_a), ("B", plan.train_b), ("head", plan.train_head)) if on}
+        sent = trained - self.local_groups
+        return {k: s for k, s in self.layout.shapes.items() if group_of(k) in sent}
 
     def check_reply(self, msg: Message) -> None:
         node = msg.metadata.src_node_id

@@ -23,6 +23,7 @@ class FedIT(LoraStrategy):
         weights: list[int],
         current: dict[str, torch.Tensor],
     ) -> dict[str, torch.Tensor]:
-        # Flower's own weighted average (by the ``num-examples`` metric).
+        # Flower's own weighted average (by the ``num-examples`` metric) of what was sent;
+        # the rest (frozen or client-local parts) keeps its current value.
         merged = aggregate_arrayrecords([m.content for m in replies], P.MET_NUM_EXAMPLES)
-        return P.arrays_to_tensors(merged)
+        return {**current, **P.arrays_to_tensors(merged)}
