@@ -182,7 +182,8 @@ def main(grid: Grid, context: Context) -> None:
         _main_joint(cfg)
         return
     nodes = _wait_for_nodes(grid, cfg.min_clients)
-    num_clients = len(_partitions(grid, nodes))
+    partitions = _partitions(grid, nodes)
+    num_clients = len(partitions)
     scenario = scenario_of(cfg, num_clients)  # impossible splits stop here
     log.info(
         "lorm-flwr: %s on %s, %d clients, %d tasks %s, shard sizes %s",
@@ -192,6 +193,7 @@ def main(grid: Grid, context: Context) -> None:
 
     model = model_of(cfg)
     strategy = strategy_class(cfg.strategy)(cfg, layout_of(model))
+    strategy.partition_of = partitions
     folder = run_folder(cfg)
     recorder = RunRecorder(
         cfg, folder, [list(t) for t in scenario.tasks], scenario.shard_sizes()

@@ -110,6 +110,9 @@ class LoraStrategy(FedAvg):
         self.layout = layout
         self.task = 0
         self.rounds: list[RoundLog] = []
+        # node id -> partition id, set by the ServerApp. Replies are merged in
+        # partition order, so float sums do not depend on arrival order.
+        self.partition_of: dict[int, int] = {}
         self._sent: dict[str, torch.Tensor] = {}
 
     @property
@@ -182,6 +185,7 @@ class LoraStrategy(FedAvg):
                 log.warning("round %d: rejected reply: %s", server_round, exc)
                 continue
             good.append(msg)
+        good.sort(key=lambda m: self.partition_of.get(m.metadata.src_node_id, m.metadata.src_node_id))
         entry.replies = len(good)
         if len(good) < self.cfg.min_clients:
             raise AggregationFailed(

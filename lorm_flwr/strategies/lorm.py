@@ -140,7 +140,10 @@ class LoRM(LoraStrategy):
         messages = [
             Message(content, dst_node_id=n, message_type=P.QUERY_TASK_STATS) for n in nodes
         ]
-        replies = list(grid.send_and_receive(messages, timeout=3600))
+        replies = sorted(
+            grid.send_and_receive(messages, timeout=3600),
+            key=lambda m: self.partition_of.get(m.metadata.src_node_id, m.metadata.src_node_id),
+        )  # partition order: sums independent of arrival order
         expected = self._expected_stats(P.STATS_GRAMS)
         grams: list[dict[str, torch.Tensor]] = []
         failures = []
