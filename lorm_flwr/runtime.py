@@ -60,7 +60,9 @@ def _cached_model(
 ) -> PeftModel:  # fmt: skip
     base = build_classifier(backbone, image_size, num_classes, seed, checkpoint)
     model = attach_lora(base, rank=rank, alpha=alpha, targets=list(targets), kind=kind, seed=seed)
-    return model.to(device)
+    # NHWC is 2-4x faster for EfficientNet's depthwise and 1x1 convolutions on CPU
+    # (and the norm on GPUs); InputSpec hands over NHWC batches to match.
+    return model.to(device=device, memory_format=torch.channels_last)
 
 
 @functools.lru_cache(maxsize=2)

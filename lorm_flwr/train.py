@@ -34,7 +34,8 @@ class InputSpec:
     std: tuple[float, float, float]
 
     def __call__(self, images: np.ndarray, device: torch.device) -> torch.Tensor:
-        """uint8 ``(B, H, W)`` or ``(B, H, W, 3)`` -> float ``(B, 3, S, S)`` on ``device``."""
+        """uint8 ``(B, H, W)`` or ``(B, H, W, 3)`` -> float ``(B, 3, S, S)`` on ``device``,
+        in channels-last memory layout (the models are channels-last too)."""
         x = torch.from_numpy(np.ascontiguousarray(images)).to(device)
         x = x.unsqueeze(1).expand(-1, 3, -1, -1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
         x = x.float().div_(255.0)  # (B, 3, H, W)
@@ -44,7 +45,7 @@ class InputSpec:
             )
         mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
-        return (x - mean) / std
+        return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
 @dataclass(frozen=True)
