@@ -28,7 +28,7 @@ def _key(name: str) -> str:
 class RunConfig:
     """Every experiment knob. Field ``foo_bar`` is run-config key ``foo-bar``."""
 
-    strategy: str = "fedit"
+    strategy: str = "lorm"
     dataset: str = "mnist"
     backbone: str = "efficientnet-lite0"
     num_tasks: int = 5
