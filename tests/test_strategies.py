@@ -7,7 +7,7 @@ contexts, so the local state goes through ``context.state`` as in a run.
 from __future__ import annotations
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, RecordDict
 
 import client_app
 from lorm_flwr import protocol as P

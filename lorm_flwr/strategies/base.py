@@ -19,7 +19,9 @@ from flwr.serverapp.strategy import FedAvg
 
 from lorm_flwr import protocol as P
 from lorm_flwr.config import RunConfig
-from lorm_flwr.models.adapters import AdaptedLayer, group_of
+from lorm_flwr.lorm import expected_stats
+from lorm_flwr.merge import gram_sum, merge_lora_a_from_sums, weighted_mean
+from lorm_flwr.models.adapters import HEAD, AdaptedLayer, group_of
 
 log = logging.getLogger("flwr.lorm")
 
@@ -292,3 +294,42 @@ class LoraStrategy(FedAvg):
         current: dict[str, torch.Tensor],
     ) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    # --------------------------------------- helpers of the Gram-based merges
+    def expected_stats(self, kind: str) -> dict[str, tuple[int, ...]]:
+        """Keys and shapes of a valid ``stats`` record of kind ``kind``."""
+        return expected_stats(
+            kind, list(self.layout.layers), HEAD, self.layout.shapes[self.layout.head_weight],
+            self.cfg.gram_alpha, self.cfg.head_gram_alpha,
+        )  # fmt: skip
+
+    def check_stats(self, msg: Message, kind: str) -> None:
+        """A reply's statistics: exact keys and shapes, finite, and Grams that can be X X^T."""
+        node = msg.metadata.src_node_id
+        if P.STATS not in msg.content:
+            raise P.PayloadError(f"node {node}: reply has no '{P.STATS}' record")
+        for key, t in P.check_tensors(node, msg.content[P.STATS], self.expected_stats(kind)).items():
+            if key.endswith("|" + P.STAT_G) or key.endswith("|" + P.STAT_AGA):
+                P.check_gram(node, key, t)
+
+    def merge_head(
+        self,
+        replies: list[Message],
+        weights: list[int],
+        current: dict[str, torch.Tensor],
+        anchor: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """RegMean of the head from ``W_i G_i`` and ``G_i``; sample-weighted mean of its bias."""
+        stats = [P.arrays_to_tensors(m.content[P.STATS]) for m in replies]
+        w = current[self.layout.head_weight]
+        weight = merge_lora_a_from_sums(
+            gram_sum([s[P.stat_key(HEAD, P.STAT_WG)] for s in stats]),
+            gram_sum([s[P.stat_key(HEAD, P.STAT_G)] for s in stats]),
+            self.cfg.merge_ridge,
+            w if anchor else None,
+        )
+        biases = [P.arrays_to_tensors(m.content[P.ARRAYS])[self.layout.head_bias] for m in replies]
+        return {
+            self.layout.head_weight: weight.to(w.dtype),
+            self.layout.head_bias: weighted_mean(biases, weights),
+        }

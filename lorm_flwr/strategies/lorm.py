@@ -19,15 +19,14 @@ from flwr.serverapp import Grid
 
 from lorm_flwr import protocol as P
 from lorm_flwr.continual import factor_of_round
-from lorm_flwr.lorm import expected_stats, matrix
+from lorm_flwr.lorm import matrix
 from lorm_flwr.merge import (
     cross_task_factors,
     gram_sum,
     merge_lora_a_from_sums,
     merge_lora_b_from_sums,
-    weighted_mean,
 )
-from lorm_flwr.models.adapters import HEAD, fresh_factors
+from lorm_flwr.models.adapters import fresh_factors
 from lorm_flwr.strategies.base import AggregationFailed, LoraStrategy, RoundPlan, TaskModel
 
 __all__ = ["LoRM"]
@@ -68,23 +67,9 @@ class LoRM(LoraStrategy):
     def expected_reply(self, plan: RoundPlan) -> dict[str, tuple[int, ...]]:
         return {self.layout.head_bias: self.layout.shapes[self.layout.head_bias]}
 
-    def _expected_stats(self, kind: str) -> dict[str, tuple[int, ...]]:
-        head_shape = self.layout.shapes[self.layout.head_weight]
-        return expected_stats(
-            kind, list(self.layout.layers), HEAD, head_shape,
-            self.cfg.gram_alpha, self.cfg.head_gram_alpha,
-        )  # fmt: skip
-
     def check_reply(self, msg: Message) -> None:
         super().check_reply(msg)
-        node = msg.metadata.src_node_id
-        if P.STATS not in msg.content:
-            raise P.PayloadError(f"node {node}: reply has no '{P.STATS}' record")
-        kind = self.round_plan(self.rounds[-1].round_in_task).stats
-        stats = P.check_tensors(node, msg.content[P.STATS], self._expected_stats(kind))
-        for key, t in stats.items():
-            if key.endswith("|" + P.STAT_G) or key.endswith("|" + P.STAT_AGA):
-                P.check_gram(node, key, t)
+        self.check_stats(msg, self.round_plan(self.rounds[-1].round_in_task).stats)
 
     # --------------------------------------------------------------- merge
     def merge(
@@ -122,13 +107,7 @@ class LoRM(LoraStrategy):
                     anchor(cur),
                 )
             out[key] = new.reshape(cur.shape).to(cur.dtype)
-        # Head: RegMean on its input Gram; bias: sample-weighted mean.
-        w = current[self.layout.head_weight]
-        out[self.layout.head_weight] = merge_lora_a_from_sums(
-            total(P.stat_key(HEAD, P.STAT_WG)), total(P.stat_key(HEAD, P.STAT_G)), ridge, anchor(w)
-        ).to(w.dtype)
-        biases = [P.arrays_to_tensors(m.content[P.ARRAYS])[self.layout.head_bias] for m in replies]
-        out[self.layout.head_bias] = weighted_mean(biases, weights)
+        out.update(self.merge_head(replies, weights, current, self.cfg.merge_anchor == "global"))
         return out
 
     # ------------------------------------------------------------ task end
@@ -144,7 +123,7 @@ class LoRM(LoraStrategy):
             grid.send_and_receive(messages, timeout=3600),
             key=lambda m: self.partition_of.get(m.metadata.src_node_id, m.metadata.src_node_id),
         )  # partition order: sums independent of arrival order
-        expected = self._expected_stats(P.STATS_GRAMS)
+        expected = self.expected_stats(P.STATS_GRAMS)
         grams: list[dict[str, torch.Tensor]] = []
         failures = []
         for r in replies:

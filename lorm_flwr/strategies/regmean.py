@@ -12,9 +12,7 @@ import torch
 from flwr.app import Message
 
 from lorm_flwr import protocol as P
-from lorm_flwr.lorm import expected_stats
-from lorm_flwr.merge import gram_sum, merge_lora_a_from_sums, weighted_mean
-from lorm_flwr.models.adapters import HEAD
+from lorm_flwr.merge import gram_sum, merge_lora_a_from_sums
 from lorm_flwr.strategies.base import LoraStrategy, RoundPlan
 
 __all__ = ["RegMean", "truncate"]
@@ -45,17 +43,7 @@ class RegMean(LoraStrategy):
 
     def check_reply(self, msg: Message) -> None:
         super().check_reply(msg)
-        node = msg.metadata.src_node_id
-        if P.STATS not in msg.content:
-            raise P.PayloadError(f"node {node}: reply has no '{P.STATS}' record")
-        expected = expected_stats(
-            P.STATS_REGMEAN, list(self.layout.layers), HEAD,
-            self.layout.shapes[self.layout.head_weight], self.cfg.gram_alpha,
-            self.cfg.head_gram_alpha,
-        )  # fmt: skip
-        for key, t in P.check_tensors(node, msg.content[P.STATS], expected).items():
-            if key.endswith("|" + P.STAT_G):
-                P.check_gram(node, key, t)
+        self.check_stats(msg, P.STATS_REGMEAN)
 
     def merge(
         self,
@@ -80,12 +68,7 @@ class RegMean(LoraStrategy):
             errors.append(err)
             out[layer.a_key] = a.reshape(current[layer.a_key].shape).to(current[layer.a_key].dtype)
             out[layer.b_key] = b.reshape(current[layer.b_key].shape).to(current[layer.b_key].dtype)
-        w = current[self.layout.head_weight]
-        out[self.layout.head_weight] = merge_lora_a_from_sums(
-            total(P.stat_key(HEAD, P.STAT_WG)), total(P.stat_key(HEAD, P.STAT_G)), self.cfg.merge_ridge
-        ).to(w.dtype)
-        biases = [P.arrays_to_tensors(m.content[P.ARRAYS])[self.layout.head_bias] for m in replies]
-        out[self.layout.head_bias] = weighted_mean(biases, weights)
+        out.update(self.merge_head(replies, weights, current))
         self.rounds[-1].extra["truncation_error_max"] = max(errors, default=0.0)
         self.rounds[-1].extra["truncation_error_mean"] = sum(errors) / max(len(errors), 1)
         return out
