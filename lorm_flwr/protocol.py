@@ -14,9 +14,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
-import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 __all__ = [
     "ARRAYS",
@@ -71,7 +70,6 @@ def stat_key(layer: str, kind: str) -> str:
 # MetricRecord keys (client -> server).
 MET_NUM_EXAMPLES = "num-examples"
 MET_TRAIN_LOSS = "train-loss"
-MET_NUM_TOKENS = "num-tokens"
 MET_TRAIN_SECONDS = "train-seconds"  # local training time of this reply
 MET_STATS_SECONDS = "stats-seconds"  # Gram pass and products after training
 
@@ -170,11 +168,3 @@ def check_num_examples(node: int, msg: Message) -> int:
     if not isinstance(n, int | float) or not math.isfinite(n) or n <= 0 or n != int(n):
         raise PayloadError(f"node {node}: {MET_NUM_EXAMPLES}={n!r} must be a positive integer")
     return int(n)
-
-
-def config_record(**values: int | float | str | bool) -> ConfigRecord:
-    return ConfigRecord(dict(values))
-
-
-def as_numpy(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().numpy()

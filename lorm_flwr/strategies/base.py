@@ -9,6 +9,7 @@ through :meth:`begin_task` and :meth:`end_task`.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -169,8 +170,6 @@ class LoraStrategy(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        import time
-
         entry = self.rounds[-1]
         good: list[Message] = []
         for msg in replies:
