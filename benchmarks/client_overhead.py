@@ -1,12 +1,17 @@
-"""Client overhead of LoRM: the Gram pass (and products) relative to local training.
+"""Client overhead of LoRM: the statistics passes relative to local training.
 
-In one process, alternately: local training (``local-epochs`` epochs) on one
-client's shard of task 0, then LoRM's statistics pass over the same shard (a
-no-grad forward with Gram hooks on every adapted layer and the head, plus the
-A-round products). Median of each and of the pairwise ratios.
+Runs the client's real code path (:func:`lorm_flwr.client.train_round`, which
+times its training and its statistics pass separately) on one client's shard of
+task 0, alternating a B-round and an A-round, plus the end-of-task Gram pass
+(:func:`lorm_flwr.client.task_grams`). Medians over ``--repeats``.
 
-    python benchmarks/client_overhead.py --repeats 5 --threads 1
-    python benchmarks/client_overhead.py --set gram-alpha=0
+- B-round pass: a no-grad forward recording ``A G A^T`` (r x r) per layer and the
+  head's Gram, plus the products.
+- A-round pass: the same forward recording every adapted layer's full Gram.
+- End-of-task pass: once per task, full Grams on the merged model.
+
+    python -m benchmarks.client_overhead --repeats 5 --threads 1
+    python -m benchmarks.client_overhead --set gram-alpha=0
 """
 
 from __future__ import annotations
@@ -19,12 +24,9 @@ import torch
 
 from benchmarks.compare import _parse_sets
 from lorm_flwr import protocol as P
-from lorm_flwr.client import _grams
+from lorm_flwr.client import Instructions, task_grams, train_round
 from lorm_flwr.config import RunConfig
-from lorm_flwr.lorm import lorm_products
-from lorm_flwr.models.adapters import HEAD, adapter_layout, get_tensors, head_keys, set_trainable
-from lorm_flwr.runtime import data_of, input_spec, model_of, scenario_of
-from lorm_flwr.train import pick_device, train_local
+from lorm_flwr.runtime import initial_tensors, scenario_of
 
 
 def main() -> None:
@@ -35,35 +37,39 @@ def main() -> None:
     p.add_argument("--client", type=int, default=0)
     p.add_argument("--set", nargs="*", default=[])
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    cfg = RunConfig.from_mapping({**_parse_sets(args.set), "strategy": "lorm"})
-    data = data_of(cfg)
+    cfg = RunConfig.from_mapping({**_parse_sets(args.set), "strategy": "lorm", "client-threads": args.threads})
     shard = scenario_of(cfg, args.clients).shards[0][args.client]
-    model = model_of(cfg)
-    layers = adapter_layout(model)
-    weight_key, _ = head_keys(model)
-    train_t, stats_t, ratios = [], [], []
-    for i in range(args.repeats):
-        set_trainable(model, train_a=True, train_b=False)
+    start = initial_tensors(cfg)
+    times: dict[str, list[float]] = {k: [] for k in ("train B", "stats B", "train A", "stats A", "end")}
+    for i in range(args.repeats + 1):  # the first repeat warms caches and is dropped
+        row = {}
+        for factor in ("B", "A"):
+            plan = Instructions(
+                task=0, round_in_task=0 if factor == "B" else 1, train_a=factor == "A",
+                train_b=factor == "B", train_head=True,
+                stats=P.STATS_LORM_B if factor == "B" else P.STATS_LORM_A, seed=i,
+            )  # fmt: skip
+            result = train_round(cfg, args.client, args.clients, start, plan)
+            row[f"train {factor}"] = result.train_seconds
+            row[f"stats {factor}"] = result.stats_seconds
         t0 = time.perf_counter()
-        train_local(
-            model, data.train_x[shard], data.train_y[shard], task_classes=[0, 1],
-            inputs=input_spec(cfg), epochs=cfg.local_epochs, batch_size=cfg.batch_size,
-            lr=cfg.lr, weight_decay=0.0, device=pick_device(cfg.device), seed=i,
-        )  # fmt: skip
-        t1 = time.perf_counter()
-        grams = _grams(cfg, model, data.train_x[shard], with_head=True)
-        lorm_products(P.STATS_LORM_A, get_tensors(model), grams, layers, HEAD, weight_key)
-        t2 = time.perf_counter()
-        train_t.append(t1 - t0)
-        stats_t.append(t2 - t1)
-        ratios.append((t2 - t1) / (t1 - t0))
+        task_grams(cfg, args.client, args.clients, start, task=0, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
+        row["end"] = time.perf_counter() - t0
+        if i:
+            for k, v in row.items():
+                times[k].append(v)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    train = med["train B"] + med["train A"]
     print(
         f"shard of {len(shard)} samples, {cfg.local_epochs} epochs, gram-alpha={cfg.gram_alpha}, "
-        f"{args.threads} thread(s): training median {statistics.median(train_t):.2f} s, "
-        f"statistics pass median {statistics.median(stats_t):.2f} s, "
-        f"overhead median {100 * statistics.median(ratios):.1f}% "
-        f"(per repeat: {', '.join(f'{100 * r:.1f}%' for r in ratios)})"
+        f"{args.threads} thread(s), torch {torch.__version__}, medians of {args.repeats}:\n"
+        f"  B-round: training {med['train B']:.3f} s, statistics {med['stats B']:.3f} s "
+        f"({100 * med['stats B'] / med['train B']:.1f}%)\n"
+        f"  A-round: training {med['train A']:.3f} s, statistics {med['stats A']:.3f} s "
+        f"({100 * med['stats A'] / med['train A']:.1f}%)\n"
+        f"  per round (B and A alternate): {100 * (med['stats B'] + med['stats A']) / train:.1f}%\n"
+        f"  end-of-task pass {med['end']:.3f} s; a task of {cfg.rounds_per_task} rounds in all: "
+        f"{100 * (med['stats B'] + med['stats A'] + 2 * med['end'] / cfg.rounds_per_task) / train:.1f}%"
     )
 
 

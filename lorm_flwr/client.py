@@ -11,13 +11,14 @@ import torch
 from lorm_flwr import protocol as P
 from lorm_flwr.config import RunConfig
 from lorm_flwr.gram import layer_grams
-from lorm_flwr.lorm import lorm_products, regmean_products
+from lorm_flwr.lorm import lorm_products, matrix, regmean_products
 from lorm_flwr.models.adapters import (
     HEAD,
     adapter_layout,
     get_tensors,
     group_of,
     head_keys,
+    merged_for_inference,
     set_tensors,
     set_trainable,
 )
@@ -115,9 +116,12 @@ def train_round(
     if plan.stats in (P.STATS_LORM_A, P.STATS_LORM_B):
         start = time.perf_counter()
         layers = adapter_layout(model)
-        grams = _grams(cfg, model, data.train_x[shard], with_head=True)
+        # A B-round needs only A G A^T (r x r) per layer: record the codes' Gram.
+        codes = plan.stats == P.STATS_LORM_B
+        projections = {ly.name: matrix(tensors[ly.a_key]) for ly in layers} if codes else None
+        grams = _grams(cfg, model, data.train_x[shard], with_head=True, projections=projections)
         weight_key, bias_key = head_keys(model)
-        products = lorm_products(plan.stats, tensors, grams, layers, HEAD, weight_key)
+        products = lorm_products(plan.stats, tensors, grams, layers, HEAD, weight_key, codes=codes)
         # The closed-form steps need only the products; the bias is averaged.
         return ClientResult(
             {bias_key: tensors[bias_key]}, products, stats.num_examples, stats.loss,
@@ -173,8 +177,19 @@ def evaluate_personal(
     return correct, total
 
 
-def _grams(cfg: RunConfig, model, images, *, with_head: bool) -> dict[str, torch.Tensor]:
-    """Smoothed input Grams of every adapted layer (and the head) over ``images``."""
+def _grams(
+    cfg: RunConfig,
+    model,
+    images,
+    *,
+    with_head: bool,
+    projections: dict[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Smoothed input Grams of every adapted layer (and the head) over ``images``.
+
+    The pass runs with the adapters merged into the base weights (one op per
+    layer instead of three); ``projections`` as in :func:`layer_grams`.
+    """
     targets = {
         layer.name: (model.get_submodule(PEFT_PREFIX + layer.name), layer.is_conv)
         for layer in adapter_layout(model)
@@ -183,15 +198,17 @@ def _grams(cfg: RunConfig, model, images, *, with_head: bool) -> dict[str, torch
     if with_head:
         targets[HEAD] = (model.get_submodule(PEFT_PREFIX + HEAD), False)
         alphas[HEAD] = cfg.head_gram_alpha
-    grams, _ = layer_grams(
-        model,
-        targets,
-        images,
-        inputs=input_spec(cfg),
-        batch_size=cfg.eval_batch_size,
-        device=pick_device(cfg.device),
-        alphas=alphas,
-    )
+    with merged_for_inference(model):
+        grams, _ = layer_grams(
+            model,
+            targets,
+            images,
+            inputs=input_spec(cfg),
+            batch_size=cfg.eval_batch_size,
+            device=pick_device(cfg.device),
+            alphas=alphas,
+            projections=projections,
+        )
     return grams
 
 

@@ -2,9 +2,10 @@
 
 For a layer with inputs ``X: (k, n)`` (one column per token: every row of a
 Linear input, every pixel of a 1x1-conv input) the recorder accumulates
-``G = X X^T: (k, k)``, or only ``diag(G): (k,)``, plus the token count ``n``.
-Per-batch products run in the activations' dtype promoted to at least fp32; the
-running sums are fp64, so long passes lose nothing to round-off.
+``G = X X^T: (k, k)``, or only ``diag(G): (k,)``, or, given a projection
+``A: (r, k)``, only the code Gram ``A G A^T = (A X)(A X)^T: (r, r)``, plus the
+token count ``n``. Per-batch products run in the activations' dtype promoted to
+at least fp32; the running sums are fp64, so long passes lose nothing to round-off.
 """
 
 from __future__ import annotations
@@ -16,7 +17,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["GramRecorder", "GramStats", "tokens_of"]
+__all__ = ["GramRecorder", "GramStats", "gram_of", "layer_grams", "tokens_of"]
+
+# Above twice this width a Gram is computed as upper block rows and mirrored:
+# about 30% less time than one GEMM on CPU.
+_SYMMETRIC_BLOCK = 128
 
 
 def tokens_of(x: torch.Tensor, is_conv: bool) -> torch.Tensor:
@@ -29,11 +34,30 @@ def tokens_of(x: torch.Tensor, is_conv: bool) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+def gram_of(t: torch.Tensor) -> torch.Tensor:
+    """``t^T t: (k, k)`` for tokens ``t: (n, k)``, computing only the upper block rows."""
+    k = t.shape[1]
+    if k <= 2 * _SYMMETRIC_BLOCK:
+        return t.T @ t
+    out = torch.empty(k, k, dtype=t.dtype, device=t.device)
+    for i in range(0, k, _SYMMETRIC_BLOCK):
+        j = min(i + _SYMMETRIC_BLOCK, k)
+        row = t[:, i:j].T @ t[:, i:]  # (b, k - i): the diagonal block and everything right of it
+        out[i:j, i:] = row
+        out[j:, i:j] = row[:, j - i :].T
+    return out
+
+
 @dataclass
 class GramStats:
-    """Running sums for one layer: ``gram`` (k, k) or (k,), fp64; ``tokens`` counted."""
+    """Running sums for one layer (fp64) and the token count.
+
+    ``gram`` is ``(k, k)``; or ``(k,)`` when ``diagonal``; or ``(r, r)`` when a
+    ``projection`` ``A: (r, k)`` is set (the Gram of the codes ``A x``).
+    """
 
     diagonal: bool
+    projection: torch.Tensor | None = None
     gram: torch.Tensor | None = None
     tokens: int = 0
 
@@ -41,7 +65,9 @@ class GramStats:
         t = tokens.detach()
         if t.dtype not in (torch.float32, torch.float64):
             t = t.float()  # never accumulate in fp16/bf16
-        part = (t * t).sum(dim=0) if self.diagonal else t.T @ t  # (k,) or (k, k)
+        if self.projection is not None:
+            t = t @ self.projection.to(device=t.device, dtype=t.dtype).T  # (n, r) codes
+        part = (t * t).sum(dim=0) if self.diagonal else gram_of(t)  # (k,) or (k, k)
         part = part.to(torch.float64)
         self.gram = part if self.gram is None else self.gram.add_(part)
         self.tokens += int(t.shape[0])
@@ -53,19 +79,21 @@ class GramRecorder:
 
     ``modules`` maps a name to ``(module, is_conv)``. ``token_mask``, when set,
     returns a boolean ``(n,)`` mask of the tokens to keep for the current batch
-    (e.g. to drop padding tokens of text inputs).
+    (e.g. to drop padding tokens of text inputs). ``projections`` maps some names
+    to ``A: (r, k)``: those record ``A G A^T`` instead of ``G``.
     """
 
     modules: dict[str, tuple[nn.Module, bool]]
     diagonal: bool = False
     token_mask: Callable[[], torch.Tensor | None] | None = None
+    projections: dict[str, torch.Tensor] = field(default_factory=dict)
     stats: dict[str, GramStats] = field(default_factory=dict)
 
     @contextmanager
     def recording(self) -> Iterable[GramRecorder]:
         handles = []
         for name, (module, is_conv) in self.modules.items():
-            self.stats.setdefault(name, GramStats(self.diagonal))
+            self.stats.setdefault(name, GramStats(self.diagonal, self.projections.get(name)))
             handles.append(module.register_forward_hook(self._hook(name, is_conv)))
         try:
             yield self
@@ -85,7 +113,7 @@ class GramRecorder:
         return hook
 
     def grams(self) -> dict[str, torch.Tensor]:
-        """Summed Grams by name (fp64, CPU); zeros for a module that saw no token."""
+        """Summed Grams by name (fp64, CPU)."""
         out = {}
         for name, s in self.stats.items():
             if s.gram is None:
@@ -103,21 +131,45 @@ def layer_grams(
     batch_size: int,
     device: torch.device,
     alphas: dict[str, float],
+    projections: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], int]:
     """One no-grad pass over ``images``; smoothed Grams ``G~`` per target, and the token count.
 
     ``alphas[name]`` is the RegMean smoothing of that target: 0 records only the
-    diagonal (and returns ``(k,)``), otherwise the full Gram is smoothed.
+    diagonal (and returns ``(k,)``), otherwise the full Gram is smoothed. For a
+    target in ``projections`` (``A: (r, k)``) the result is ``A G~ A^T: (r, r)``,
+    recorded as the codes' Gram ``(A X)(A X)^T`` (plus ``diag(G)`` when alpha < 1),
+    so the ``(k, k)`` Gram is never formed: a LoRM B-round needs only that.
     """
-    from lorm_flwr.merge import smooth_gram
+    from lorm_flwr.merge import project_gram, smooth_gram
     from lorm_flwr.train import batches
 
-    diag_names = {n for n in targets if alphas[n] == 0.0}
-    full = GramRecorder({n: t for n, t in targets.items() if n not in diag_names}, diagonal=False)
-    diag = GramRecorder({n: t for n, t in targets.items() if n in diag_names}, diagonal=True)
+    projections = projections or {}
+    need_diag = {n for n in targets if alphas[n] < 1.0 and (alphas[n] == 0.0 or n in projections)}
+    need_codes = {n for n in projections if alphas[n] > 0.0}
+    need_full = {n for n in targets if alphas[n] > 0.0 and n not in projections}
+    full = GramRecorder({n: targets[n] for n in need_full})
+    diag = GramRecorder({n: targets[n] for n in need_diag}, diagonal=True)
+    codes = GramRecorder(
+        {n: targets[n] for n in need_codes},
+        projections={n: projections[n].detach().to(device=device, dtype=torch.float32) for n in need_codes},
+    )
     model.eval()
-    with torch.no_grad(), full.recording(), diag.recording():
+    with torch.no_grad(), full.recording(), diag.recording(), codes.recording():
         for idx in batches(len(images), batch_size, shuffle=False):
             model(inputs(images[idx], device))
-    grams = {**diag.grams(), **{n: smooth_gram(g, alphas[n]) for n, g in full.grams().items()}}
+    full_g, diag_g, codes_g = full.grams(), diag.grams(), codes.grams()
+    grams: dict[str, torch.Tensor] = {}
+    for n in targets:
+        a = alphas[n]
+        if n in projections:
+            A = projections[n].to(torch.float64)
+            g = a * codes_g[n] if a > 0.0 else 0.0
+            if a < 1.0:
+                g = g + (1.0 - a) * project_gram(A, diag_g[n])
+            grams[n] = g
+        elif a == 0.0:
+            grams[n] = diag_g[n]
+        else:
+            grams[n] = smooth_gram(full_g[n], a)
     return grams, len(images)

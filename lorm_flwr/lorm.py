@@ -28,8 +28,17 @@ def lorm_products(
     layers: list[AdaptedLayer],
     head_name: str,
     head_weight_key: str,
+    *,
+    codes: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """The ``stats`` record of a LoRM reply (fp32 on the wire; the server solves in fp64)."""
+    """The ``stats`` record of a LoRM reply (fp32 on the wire; the server solves in fp64).
+
+    ``grams[name]`` is the layer's input Gram ``G~`` (k, k) or (k,); with
+    ``codes=True`` (B-rounds only) it is already ``A G~ A^T: (r, r)``, recorded
+    without forming ``G~`` (:func:`lorm_flwr.gram.layer_grams` ``projections``).
+    """
+    if codes and kind != P.STATS_LORM_B:
+        raise ValueError("code Grams (A G A^T) only serve a B-round")
     out: dict[str, torch.Tensor] = {}
     for layer in layers:
         g = grams[layer.name]
@@ -39,7 +48,7 @@ def lorm_products(
             out[P.stat_key(layer.name, P.STAT_G)] = g
         elif kind == P.STATS_LORM_B:
             b = matrix(tensors[layer.b_key]).double()
-            aga = project_gram(a, g)  # (r, r)
+            aga = g.double() if codes else project_gram(a, g)  # (r, r)
             out[P.stat_key(layer.name, P.STAT_BAGA)] = b @ aga
             out[P.stat_key(layer.name, P.STAT_AGA)] = aga
         else:

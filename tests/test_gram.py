@@ -5,10 +5,12 @@ Per-batch products are fp32 (summed in fp64), hence the 1e-5 tolerances.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
-from lorm_flwr.gram import GramRecorder, tokens_of
+from lorm_flwr.gram import GramRecorder, gram_of, layer_grams, tokens_of
+from lorm_flwr.merge import project_gram, smooth_gram
 
 
 def test_linear_gram_is_sum_of_outer_products_over_batches():
@@ -61,3 +63,42 @@ def test_low_precision_activations_accumulate_in_fp64():
         lin(x)
     assert rec.grams()["lin"].dtype == torch.float64
     torch.testing.assert_close(rec.grams()["lin"], x.double().T @ x.double())
+
+
+def test_wide_gram_from_upper_blocks_equals_one_gemm_and_is_symmetric():
+    t = torch.randn(50, 300, dtype=torch.float64)  # 300 > 2 blocks: the blocked path
+    g = gram_of(t)
+    torch.testing.assert_close(g, t.T @ t)
+    assert torch.equal(g[:128, 128:], g[128:, :128].T)  # mirrored, not recomputed
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+def test_projected_gram_is_a_g_at_without_forming_g(alpha):
+    """A B-round records (A X)(A X)^T; with smoothing, plus A diag(G) A^T."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 5, kernel_size=1)
+    lin = nn.Linear(5, 2)
+    model = nn.Sequential(conv, nn.Flatten(2), _Transpose(), lin)
+    x = torch.randn(7, 6, 3, 3)
+    A = torch.randn(2, 6)
+    targets = {"c": (conv, True), "l": (lin, False)}
+
+    def inputs(batch, device):
+        return torch.from_numpy(batch)
+
+    kw = dict(inputs=inputs, batch_size=3, device=torch.device("cpu"), alphas={"c": alpha, "l": alpha})
+    plain, n = layer_grams(model, targets, x.numpy(), **kw)
+    projected, _ = layer_grams(model, targets, x.numpy(), projections={"c": A}, **kw)
+    assert n == 7
+    assert projected["c"].shape == (2, 2)
+    torch.testing.assert_close(projected["c"], project_gram(A, plain["c"]), rtol=1e-5, atol=1e-5)
+    X = x.permute(0, 2, 3, 1).reshape(-1, 6).double()
+    G = X.T @ X
+    expected = smooth_gram(G, alpha) if alpha > 0 else torch.diagonal(G)
+    torch.testing.assert_close(plain["c"], expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(projected["l"], plain["l"])  # not projected: unchanged
+
+
+class _Transpose(nn.Module):
+    def forward(self, x):
+        return x.transpose(1, 2)  # (N, C, HW) -> (N, HW, C)

@@ -185,3 +185,34 @@ def test_diagonal_grams_upload_only_diagonals():
     stats = lorm_products(P.STATS_LORM_A, t, grams, layers, HEAD, f"{HEAD}.weight")
     for layer in layers:
         assert stats[P.stat_key(layer.name, P.STAT_G)].shape == (layer.d_in,)
+
+
+def test_b_round_code_grams_give_the_products_of_full_grams():
+    """A B-round client records A G~ A^T directly (merged forward, codes' Gram); the
+    products it sends equal those computed from the full Grams of an unmerged pass."""
+    from lorm_flwr.client import _grams
+
+    cfg = RunConfig.from_mapping(
+        {"strategy": "lorm", "backbone": "vit-tiny", "image-size": 16, "gram-alpha": 0.7,
+         "eval-batch-size": 5}
+    )  # fmt: skip
+    model = _model(seed=3)
+    tensors = _client_tensors(model, 1, "B")
+    tensors = _client_tensors(model, 2, "A") | {
+        k: v for k, v in tensors.items() if ".lora_B." in k or k.startswith(HEAD)
+    }
+    layers = adapter_layout(model)
+    images = np.random.default_rng(0).integers(0, 256, size=(12, 16, 16, 3), dtype=np.uint8)
+    set_tensors(model, tensors)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    codes = _grams(cfg, model, images, with_head=True,
+                   projections={ly.name: matrix(tensors[ly.a_key]) for ly in layers})  # fmt: skip
+    full = _grams(cfg, model, images, with_head=True)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # merge undone bit for bit
+    weight_key = f"{HEAD}.weight"
+    got = lorm_products(P.STATS_LORM_B, tensors, codes, layers, HEAD, weight_key, codes=True)
+    want = lorm_products(P.STATS_LORM_B, tensors, full, layers, HEAD, weight_key)
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-4 * want[k].abs().max().item())
