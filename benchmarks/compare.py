@@ -76,6 +76,8 @@ def run_one(fed, cfg: dict, clients: int) -> dict:
     return {
         "folder": str(folder),
         "final_average_accuracy": res["final_average_accuracy"],
+        # "global" (one merged model) or "personalised, ..." (each client's own parts)
+        "accuracy_kind": res.get("accuracy_kind", "global"),
         "average_forgetting": res["average_forgetting"],
         "accuracy_matrix": res["accuracy_matrix"],
         "bytes_up_per_round": res["bytes_up_total"] / len(rounds),
@@ -99,6 +101,10 @@ def main() -> None:
         "--also-single-task", action="store_true",
         help="also run every entry with num-tasks=1 (plain federated learning)",
     )
+    p.add_argument(
+        "--resume", action="store_true",
+        help="keep the runs already in OUT.json (same entries and seeds) and do only the missing ones",
+    )
     args = p.parse_args()
     extra = _parse_sets(args.set)
     if args.also_single_task:
@@ -108,9 +114,18 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     runs: dict[str, list[dict]] = {s: [] for s in args.strategies}
+    if args.resume and out.with_suffix(".json").exists():
+        old = json.loads(out.with_suffix(".json").read_text())
+        if old["config"] != extra:
+            raise SystemExit(f"--resume: {out}.json was made with --set {old['config']}, not {extra}")
+        for strategy, rs in old["runs"].items():
+            if strategy in runs:
+                runs[strategy] = [r for r in rs if r["seed"] in args.seeds]
     with simulation_superlink(Path(tempfile.mkdtemp(prefix="lfr-fed-"))) as fed:
         for seed in args.seeds:  # seeds outermost: strategies alternate in time
             for strategy in args.strategies:
+                if any(r["seed"] == seed for r in runs[strategy]):
+                    continue  # done in an earlier invocation (--resume)
                 name, _, overrides = strategy.partition(":")
                 own = _parse_sets([o for o in overrides.split(",") if o])
                 cfg = {**extra, **own, "strategy": name, "seed": seed}
@@ -130,13 +145,20 @@ def main() -> None:
         + (f" --set {' '.join(args.set)}" if args.set else "") + "`",
         f"Date: {time.strftime('%Y-%m-%d')}; machine: 2-core CPU, no GPU.",
         "",
-        "| strategy | final avg accuracy | forgetting | bytes up / round | bytes down / round "
+        "Final average accuracy is of the global model where the strategy has one, else the",
+        "sample-weighted mean over clients of each client's own model on its own test split",
+        "(personalised).",
+        "",
+        "| strategy | final avg accuracy, global | final avg accuracy, personalised | forgetting "
+        "| bytes up / round | bytes down / round "
         "| wall s | outside local training | peak memory MB | per-seed accuracy |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for strategy, rs in runs.items():
+        acc = _fmt([r["final_average_accuracy"] for r in rs])
+        personal = any(r.get("accuracy_kind", "global") != "global" for r in rs)
         lines.append(
-            f"| {strategy} | {_fmt([r['final_average_accuracy'] for r in rs])} "
+            f"| {strategy} | {'n/a' if personal else acc} | {acc if personal else 'n/a'} "
             f"| {_fmt([r['average_forgetting'] for r in rs])} "
             f"| {statistics.mean(r['bytes_up_per_round'] for r in rs):,.0f} "
             f"| {statistics.mean(r['bytes_down_per_round'] for r in rs):,.0f} "
