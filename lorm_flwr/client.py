@@ -208,6 +208,7 @@ def _grams(
             device=pick_device(cfg.device),
             alphas=alphas,
             projections=projections,
+            unmasked=frozenset({HEAD}),
         )
     return grams
 

@@ -45,7 +45,9 @@ class RunConfig:
     min_samples_per_client: int = 6
     class_order: str = "natural"
     test_fraction: float = 0.2
+    max_samples_per_class: int = 0
     image_size: int = 32
+    max_length: int = 128
     seed: int = 0
     device: str = "auto"
     output_dir: str = "~/lorm-flwr-runs"
@@ -103,9 +105,17 @@ class RunConfig:
         _one_of("class-order", self.class_order, ("natural", "shuffle"))
         _one_of("merge-anchor", self.merge_anchor, ("zero", "global"))
         _one_of("fedsa-head", self.fedsa_head, ("local", "shared"))
-        if self.backbone_checkpoint and not Path(self.backbone_checkpoint).expanduser().is_file():
+        if self.backbone_checkpoint and not Path(self.backbone_checkpoint).expanduser().exists():
             raise ConfigError(
-                f"backbone-checkpoint={self.backbone_checkpoint!r} is not a readable file"
+                f"backbone-checkpoint={self.backbone_checkpoint!r} does not exist: give a weights "
+                "file (timm) or a model folder (transformers)"
+            )
+        data_kind, model_kind = DATASETS[self.dataset].modality, BACKBONES[self.backbone].modality
+        if data_kind != model_kind:
+            fitting = sorted(n for n, b in BACKBONES.items() if b.modality == data_kind)
+            raise ConfigError(
+                f"dataset '{self.dataset}' is {data_kind} but backbone '{self.backbone}' is a "
+                f"{model_kind} model; backbones for {data_kind}: {', '.join(fitting)}"
             )
         _one_of("device", self.device, ("auto", "cpu", "cuda"), prefix_ok=("cuda:",))
         for name in (
@@ -117,6 +127,7 @@ class RunConfig:
             "lora_rank",
             "min_clients",
             "image_size",
+            "max_length",
         ):
             _positive(name, getattr(self, name))
         _positive("lr", self.lr)
@@ -124,6 +135,7 @@ class RunConfig:
         _positive("dirichlet_beta", self.dirichlet_beta)
         _non_negative("weight_decay", self.weight_decay)
         _non_negative("min_samples_per_client", self.min_samples_per_client)
+        _non_negative("max_samples_per_class", self.max_samples_per_class)
         _non_negative("merge_ridge", self.merge_ridge)
         _non_negative("client_threads", self.client_threads)
         _non_negative("seed", self.seed)

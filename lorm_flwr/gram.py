@@ -79,14 +79,17 @@ class GramRecorder:
 
     ``modules`` maps a name to ``(module, is_conv)``. ``token_mask``, when set,
     returns a boolean ``(n,)`` mask of the tokens to keep for the current batch
-    (e.g. to drop padding tokens of text inputs). ``projections`` maps some names
-    to ``A: (r, k)``: those record ``A G A^T`` instead of ``G``.
+    (e.g. to drop padding tokens of text inputs); it applies to the modules in
+    ``masked`` (all when None), not to e.g. a head that sees one pooled vector per
+    sample. ``projections`` maps some names to ``A: (r, k)``: those record
+    ``A G A^T`` instead of ``G``.
     """
 
     modules: dict[str, tuple[nn.Module, bool]]
     diagonal: bool = False
     token_mask: Callable[[], torch.Tensor | None] | None = None
     projections: dict[str, torch.Tensor] = field(default_factory=dict)
+    masked: frozenset[str] | None = None
     stats: dict[str, GramStats] = field(default_factory=dict)
 
     @contextmanager
@@ -104,7 +107,7 @@ class GramRecorder:
     def _hook(self, name: str, is_conv: bool):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             tokens = tokens_of(args[0], is_conv)  # (n, k)
-            if self.token_mask is not None:
+            if self.token_mask is not None and (self.masked is None or name in self.masked):
                 mask = self.token_mask()
                 if mask is not None:
                     tokens = tokens[mask.reshape(-1).to(tokens.device)]
@@ -132,6 +135,7 @@ def layer_grams(
     device: torch.device,
     alphas: dict[str, float],
     projections: dict[str, torch.Tensor] | None = None,
+    unmasked: frozenset[str] = frozenset(),
 ) -> tuple[dict[str, torch.Tensor], int]:
     """One no-grad pass over ``images``; smoothed Grams ``G~`` per target, and the token count.
 
@@ -140,24 +144,33 @@ def layer_grams(
     target in ``projections`` (``A: (r, k)``) the result is ``A G~ A^T: (r, r)``,
     recorded as the codes' Gram ``(A X)(A X)^T`` (plus ``diag(G)`` when alpha < 1),
     so the ``(k, k)`` Gram is never formed: a LoRM B-round needs only that.
+
+    For encoded text, padding positions never enter a Gram, except for targets
+    in ``unmasked`` (the head: one pooled vector per sample, no padding).
     """
     from lorm_flwr.merge import project_gram, smooth_gram
-    from lorm_flwr.train import batches
+    from lorm_flwr.train import batches, padding_mask
 
     projections = projections or {}
     need_diag = {n for n in targets if alphas[n] < 1.0 and (alphas[n] == 0.0 or n in projections)}
     need_codes = {n for n in projections if alphas[n] > 0.0}
     need_full = {n for n in targets if alphas[n] > 0.0 and n not in projections}
-    full = GramRecorder({n: targets[n] for n in need_full})
-    diag = GramRecorder({n: targets[n] for n in need_diag}, diagonal=True)
+    batch_mask: list[torch.Tensor | None] = [None]
+    masked = frozenset(targets) - unmasked
+    common = {"token_mask": lambda: batch_mask[0], "masked": masked}
+    full = GramRecorder({n: targets[n] for n in need_full}, **common)
+    diag = GramRecorder({n: targets[n] for n in need_diag}, diagonal=True, **common)
     codes = GramRecorder(
         {n: targets[n] for n in need_codes},
         projections={n: projections[n].detach().to(device=device, dtype=torch.float32) for n in need_codes},
+        **common,
     )
     model.eval()
     with torch.no_grad(), full.recording(), diag.recording(), codes.recording():
         for idx in batches(len(images), batch_size, shuffle=False):
-            model(inputs(images[idx], device))
+            x = inputs(images[idx], device)
+            batch_mask[0] = padding_mask(x)
+            model(x)
     full_g, diag_g, codes_g = full.grams(), diag.grams(), codes.grams()
     grams: dict[str, torch.Tensor] = {}
     for n in targets:

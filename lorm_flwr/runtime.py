@@ -13,19 +13,36 @@ import torch
 from peft import PeftModel
 
 from lorm_flwr.config import RunConfig
-from lorm_flwr.data.datasets import ImageData, load_dataset
+from lorm_flwr.data.datasets import LabelledData, cap_per_class, load_dataset
 from lorm_flwr.data.scenario import Scenario, build_scenario
 from lorm_flwr.models.adapters import adapter_layout, attach_lora, head_keys
 from lorm_flwr.models.backbones import BACKBONES, build_classifier
 from lorm_flwr.strategies import adapter_kind
 from lorm_flwr.strategies.base import ModelLayout
-from lorm_flwr.train import InputSpec, pick_device
+from lorm_flwr.train import InputSpec, TokenInputs, pick_device
 
 __all__ = ["data_of", "input_spec", "layout_of", "model_of", "scenario_of"]
 
 
-def data_of(cfg: RunConfig) -> ImageData:
-    return load_dataset(cfg.dataset, cfg.test_fraction, cfg.seed)
+def data_of(cfg: RunConfig) -> LabelledData:
+    """The run's data set; text comes tokenised for the backbone (once per process)."""
+    return _data(cfg.dataset, cfg.test_fraction, cfg.seed, cfg.max_samples_per_class,
+                 cfg.backbone, cfg.max_length, cfg.backbone_checkpoint)  # fmt: skip
+
+
+@functools.lru_cache(maxsize=2)
+def _data(
+    dataset: str, test_fraction: float, seed: int, cap: int, backbone: str, max_length: int,
+    checkpoint: str,
+) -> LabelledData:  # fmt: skip
+    data = cap_per_class(load_dataset(dataset, test_fraction, seed), cap, seed)
+    if BACKBONES[backbone].modality != "text":
+        return data
+    from lorm_flwr.data.text import encode
+    from lorm_flwr.models.backbones import load_tokenizer
+
+    tokenizer = load_tokenizer(checkpoint or BACKBONES[backbone].weights())
+    return encode(data, tokenizer, max_length)
 
 
 @functools.lru_cache(maxsize=4)
@@ -44,8 +61,11 @@ def scenario_of(cfg: RunConfig, num_clients: int) -> Scenario:
     )
 
 
-def input_spec(cfg: RunConfig) -> InputSpec:
+def input_spec(cfg: RunConfig) -> InputSpec | TokenInputs:
+    """How a batch of stored samples becomes the model's input."""
     spec = BACKBONES[cfg.backbone]
+    if spec.modality == "text":
+        return TokenInputs()
     return InputSpec(cfg.image_size, spec.mean, spec.std)
 
 

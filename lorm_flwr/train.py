@@ -16,9 +16,11 @@ from torch import nn
 
 __all__ = [
     "InputSpec",
+    "TokenInputs",
     "TrainStats",
     "batches",
     "evaluate_accuracy",
+    "padding_mask",
     "pick_device",
     "predict",
     "train_local",
@@ -46,6 +48,25 @@ class InputSpec:
         mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
         return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
+@dataclass(frozen=True)
+class TokenInputs:
+    """Encoded text (int32 ids ``(B, L)``, -1 = padding) -> int64 ids on ``device``.
+
+    Columns past the batch's longest sequence are dropped (tokenizers pad on the
+    right), so a batch of short texts does not pay for ``max-length``.
+    """
+
+    def __call__(self, ids: np.ndarray, device: torch.device) -> torch.Tensor:
+        real = (ids >= 0).any(axis=0)
+        length = int(np.flatnonzero(real)[-1]) + 1 if real.any() else 1
+        return torch.from_numpy(np.ascontiguousarray(ids[:, :length])).long().to(device)
+
+
+def padding_mask(x: torch.Tensor) -> torch.Tensor | None:
+    """``(B, L)`` mask of the real tokens of encoded text; None for images."""
+    return None if x.is_floating_point() else x >= 0
 
 
 @dataclass(frozen=True)

