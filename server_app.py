@@ -175,9 +175,21 @@ def _main_joint(cfg: RunConfig) -> None:
     _finish(recorder, start)
 
 
+def _dry_run(grid: Grid, cfg: RunConfig) -> None:
+    """Print the plan (tasks, shards, message sizes) and stop; nothing is trained."""
+    from lorm_flwr.plan import make_plan
+
+    num_clients = 1 if cfg.strategy in JOINT_STRATEGIES else len(_wait_for_nodes(grid, cfg.min_clients))
+    for line in make_plan(cfg, num_clients).lines():
+        log.info("lorm-flwr: %s", line)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_mapping(context.run_config)  # bad values stop here
+    if cfg.dry_run:
+        _dry_run(grid, cfg)
+        return
     if cfg.strategy in JOINT_STRATEGIES:
         _main_joint(cfg)
         return

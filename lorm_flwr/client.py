@@ -107,7 +107,7 @@ def train_round(
         epochs=cfg.local_epochs,
         batch_size=cfg.batch_size,
         lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
+        weight_decay=cfg.weight_decay, optimizer=cfg.optimizer,
         device=pick_device(cfg.device),
         seed=plan.seed * 1_000 + partition_id,
     )

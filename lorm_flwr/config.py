@@ -38,6 +38,7 @@ class RunConfig:
     eval_batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 0.0
+    optimizer: str = "adamw"
     lora_rank: int = 4
     lora_alpha: float = 4.0
     lora_targets: str = "auto"
@@ -61,6 +62,7 @@ class RunConfig:
     fedsa_head: str = "local"
     fedsa_weighted: bool = True
     backbone_checkpoint: str = ""
+    dry_run: bool = False
 
     # ----------------------------------------------------------------- parsing
     @classmethod
@@ -103,6 +105,7 @@ class RunConfig:
         _one_of("dataset", self.dataset, DATASETS)
         _one_of("backbone", self.backbone, BACKBONES)
         _one_of("class-order", self.class_order, ("natural", "shuffle"))
+        _one_of("optimizer", self.optimizer, ("adamw", "sgd"))
         _one_of("merge-anchor", self.merge_anchor, ("zero", "global"))
         _one_of("fedsa-head", self.fedsa_head, ("local", "shared"))
         if self.backbone_checkpoint and not Path(self.backbone_checkpoint).expanduser().exists():

@@ -69,6 +69,10 @@ def padding_mask(x: torch.Tensor) -> torch.Tensor | None:
     return None if x.is_floating_point() else x >= 0
 
 
+# By run-config name. A fresh one is built every round, so no state crosses rounds.
+OPTIMIZERS = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+
+
 @dataclass(frozen=True)
 class TrainStats:
     loss: float
@@ -107,8 +111,10 @@ def train_local(
     weight_decay: float,
     device: torch.device,
     seed: int,
+    optimizer: str = "adamw",
 ) -> TrainStats:
-    """AdamW on the trainable parameters; cross-entropy over the current task's logits only.
+    """AdamW (or plain SGD) on the trainable parameters; cross-entropy over the current
+    task's logits only.
 
     Old classes' head rows get no gradient, as in the LoRM reference. The model
     stays in eval mode: the backbone is frozen, so its BatchNorm statistics must
@@ -119,7 +125,9 @@ def train_local(
         raise ValueError("nothing to train: every parameter is frozen")
     if len(labels) == 0:
         return TrainStats(loss=0.0, num_examples=0, steps=0)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; known: {', '.join(OPTIMIZERS)}")
+    opt = OPTIMIZERS[optimizer](params, lr=lr, weight_decay=weight_decay)
     classes = torch.tensor(list(task_classes), device=device)
     # Map a global label to its column among the task's logits.
     remap = torch.full((int(max(task_classes)) + 1,), -1, dtype=torch.long, device=device)
@@ -133,9 +141,9 @@ def train_local(
             y = remap[torch.from_numpy(labels[idx]).to(device)]
             logits = model(x)[:, classes]  # (B, |task|)
             loss = F.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
+            opt.step()
             total += float(loss.detach())
             steps += 1
     return TrainStats(loss=total / max(steps, 1), num_examples=int(len(labels)), steps=steps)

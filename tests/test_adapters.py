@@ -73,3 +73,27 @@ def test_set_trainable_and_reset():
     for layer in adapter_layout(m):
         assert torch.count_nonzero(first[layer.b_key]) == 0
         torch.testing.assert_close(first[layer.a_key], second[layer.a_key])
+
+
+def test_vit_loads_a_local_checkpoint_without_the_network(tmp_path, monkeypatch):
+    """backbone-checkpoint: timm reads the weights from a file; no socket is ever opened."""
+    import socket
+
+    from lorm_flwr.models.backbones import build_classifier
+
+    source = build_classifier("vit-tiny", 16, 10, seed=0).backbone
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(torch.randn_like(p))  # unlike any seeded initialisation
+    path = tmp_path / "vit.pth"
+    torch.save(source.state_dict(), path)
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the network was touched")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loaded = build_classifier("vit-tiny", 16, 10, seed=7, checkpoint=str(path)).backbone
+    want, got = source.state_dict(), loaded.state_dict()
+    assert want.keys() == got.keys()
+    assert all(torch.equal(want[k], got[k]) for k in want)

@@ -191,3 +191,13 @@ def test_text_backbone_runs_class_incremental(federation, tmp_path, strategy):
         assert results["task_end"][-1]["adapter_rank"] == 2 * 2  # (t+1) r after two tasks
         config = (folder / "adapter" / "adapter_config.json").read_text()
         assert "query" in config and "value" in config
+
+
+def test_dry_run_prints_the_plan_and_trains_nothing(federation, tmp_path):
+    out = tmp_path / "runs"
+    proc = federation.run({**TINY, "dry-run": True, "output-dir": str(out)}, num_supernodes=2)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert "dry run: strategy lorm" in log and "nothing is trained" in log
+    assert "samples per client" in log and "round 0 of each task, per client" in log
+    assert not out.exists()  # no run folder: nothing was trained or written

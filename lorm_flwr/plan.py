@@ -1,0 +1,177 @@
+"""Dry run: what a run would do, computed without training anything (no Flower).
+
+``dry-run=true`` makes the ServerApp print this plan and stop. It builds what it
+can: the data split (tasks, samples per client) and the model's layout (adapted
+layers, parameters, the tensors of every message). Whatever it cannot reach
+offline (hub data, hub weights) is named, and the rest is still reported; for a
+timm backbone the architecture alone gives every shape.
+
+    python -m lorm_flwr.plan --clients 10 --run-config configs/lorm-cifar100.toml
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+from lorm_flwr.config import RunConfig
+
+__all__ = ["Plan", "make_plan"]
+
+BYTES_PER_FLOAT = 4  # tensors travel as fp32
+
+
+@dataclass
+class Plan:
+    cfg: RunConfig
+    num_clients: int
+    tasks: list[list[int]] | None = None
+    shard_sizes: list[list[int]] | None = None  # [task][client]
+    adapted_layers: int | None = None
+    adapter_parameters: int | None = None
+    head_parameters: int | None = None
+    # round in task -> (floats down per client, floats up per client)
+    messages: dict[int, tuple[int, int]] = field(default_factory=dict)
+    end_of_task_up: int | None = None  # LoRM's statistics exchange, floats per client
+    unreachable: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        c = self.cfg
+        out = [
+            f"dry run: strategy {c.strategy}, dataset {c.dataset}, backbone {c.backbone}, "
+            f"{self.num_clients} clients, {c.num_tasks} tasks x {c.rounds_per_task} rounds "
+            f"x {c.local_epochs} local epochs; nothing is trained",
+        ]
+        if self.tasks is not None:
+            out.append(f"tasks (classes): {self.tasks}")
+            for t, sizes in enumerate(self.shard_sizes or []):
+                out.append(f"  task {t}: samples per client {sizes} (total {sum(sizes)})")
+        if self.adapter_parameters is not None:
+            out.append(
+                f"adapter: {self.adapted_layers} adapted layers, rank {c.lora_rank}, "
+                f"{self.adapter_parameters:,} trainable adapter parameters; head "
+                f"{self.head_parameters:,} parameters"
+            )
+        for r, (down, up) in sorted(self.messages.items()):
+            out.append(
+                f"round {r} of each task, per client: down {down:,} floats ({_mb(down)}), "
+                f"up {up:,} floats ({_mb(up)}); all clients: {_mb((down + up) * self.num_clients)}"
+            )
+        if self.end_of_task_up is not None:
+            out.append(f"end-of-task statistics, per client: up {self.end_of_task_up:,} floats "
+                       f"({_mb(self.end_of_task_up)})")  # fmt: skip
+        if self.messages:
+            period = len(self.messages)  # rounds alternate with this period
+            per_task = sum(sum(self.messages[r % period]) for r in range(c.rounds_per_task))
+            per_task += self.end_of_task_up or 0
+            out.append(f"whole run, all clients: about {_mb(per_task * c.num_tasks * self.num_clients)}")
+        for what in self.unreachable:
+            out.append(f"could not reach {what}")
+        if self.unreachable:
+            out.append("the run itself would fail until these are reachable (internet or a local copy)")
+        return out
+
+
+def _mb(floats: int) -> str:
+    return f"{floats * BYTES_PER_FLOAT / 2**20:.2f} MiB"
+
+
+def make_plan(cfg: RunConfig, num_clients: int) -> Plan:
+    """Everything knowable about the run of ``cfg`` on ``num_clients`` clients."""
+    from lorm_flwr.data.datasets import DataUnavailableError
+    from lorm_flwr.models.backbones import BackboneUnavailableError
+    from lorm_flwr.runtime import scenario_of
+
+    plan = Plan(cfg, num_clients)
+    try:
+        scenario = scenario_of(cfg, num_clients)
+        plan.tasks = [list(t) for t in scenario.tasks]
+        plan.shard_sizes = scenario.shard_sizes()
+    except (DataUnavailableError, BackboneUnavailableError) as exc:
+        plan.unreachable.append(f"the data '{cfg.dataset}': {_short(exc)}")
+    layout = _layout(cfg, plan)
+    if layout is not None:
+        _messages(cfg, layout, plan)
+    return plan
+
+
+def _short(exc: BaseException) -> str:
+    return str(exc).splitlines()[0][:300]
+
+
+def _layout(cfg: RunConfig, plan: Plan):
+    from lorm_flwr.data.datasets import DATASETS
+    from lorm_flwr.models.adapters import attach_lora
+    from lorm_flwr.models.backbones import BackboneUnavailableError, build_classifier
+    from lorm_flwr.runtime import layout_of, lora_targets
+    from lorm_flwr.strategies import adapter_kind
+
+    num_classes = DATASETS[cfg.dataset].num_classes
+    base = None
+    try:
+        base = build_classifier(cfg.backbone, cfg.image_size, num_classes, cfg.seed, cfg.backbone_checkpoint)
+    except BackboneUnavailableError as exc:
+        plan.unreachable.append(f"the weights of '{cfg.backbone}': {_short(exc)}")
+        try:  # the architecture alone still gives every shape
+            base = build_classifier(cfg.backbone, cfg.image_size, num_classes, cfg.seed, with_weights=False)
+        except (BackboneUnavailableError, OSError) as exc2:
+            plan.unreachable.append(f"the architecture of '{cfg.backbone}': {_short(exc2)}")
+            return None
+    model = attach_lora(
+        base, rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=lora_targets(cfg),
+        kind=adapter_kind(cfg.strategy), seed=cfg.seed,
+    )  # fmt: skip
+    return layout_of(model)
+
+
+def _messages(cfg: RunConfig, layout, plan: Plan) -> None:
+    from lorm_flwr import protocol as P
+    from lorm_flwr.models.adapters import group_of
+    from lorm_flwr.joint import JOINT_STRATEGIES
+    from lorm_flwr.strategies import strategy_class
+
+    def size(shapes) -> int:
+        return sum(math.prod(s) for s in shapes)
+
+    plan.adapted_layers = len(layout.layers)
+    plan.head_parameters = size(s for k, s in layout.shapes.items() if group_of(k) == "head")
+    plan.adapter_parameters = size(s for k, s in layout.shapes.items() if group_of(k) != "head")
+    if cfg.strategy in JOINT_STRATEGIES:
+        return  # no federation, no messages
+    strategy = strategy_class(cfg.strategy)(cfg, layout)
+    down = size(s for k, s in layout.shapes.items() if group_of(k) not in strategy.local_groups)
+    for r in range(min(cfg.rounds_per_task, 2)):  # rounds alternate with period <= 2
+        rp = strategy.round_plan(r)
+        up = size(strategy.expected_reply(rp).values())
+        if rp.stats != P.STATS_NONE:
+            up += size(strategy.expected_stats(rp.stats).values())
+        plan.messages[r] = (down, up)
+    if cfg.strategy == "lorm":
+        plan.end_of_task_up = size(strategy.expected_stats(P.STATS_GRAMS).values())
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Print the plan of a run without training.")
+    p.add_argument("--clients", type=int, default=3)
+    p.add_argument("--run-config", default="", help="a TOML file of run-config keys (a preset)")
+    p.add_argument("overrides", nargs="*", help="key=value run-config overrides")
+    args = p.parse_args(argv)
+    values: dict[str, Any] = {}
+    if args.run_config:
+        with open(args.run_config, "rb") as f:
+            values.update(tomllib.load(f))
+    for item in args.overrides:
+        key, _, raw = item.partition("=")
+        try:
+            values[key] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            values[key] = raw  # a bare string
+    for line in make_plan(RunConfig.from_mapping(values), args.clients).lines():
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Presets under configs/: they parse and validate; dry runs plan without training."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from lorm_flwr.config import RunConfig
+from lorm_flwr.plan import main as plan_main
+from lorm_flwr.plan import make_plan
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = sorted((ROOT / "configs").glob("*.toml"))
+APP_KEYS = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
+
+
+def _load(path: Path) -> dict:
+    with path.open("rb") as f:
+        return tomllib.load(f)
+
+
+def test_the_expected_presets_exist():
+    names = {p.stem for p in PRESETS}
+    assert {"lorm-cifar100", "lorm-eurosat", "fedsa-rte", "offline-mnist", "offline-bbc-news"} <= names
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
+def test_preset_parses_validates_and_uses_only_app_keys(path):
+    values = _load(path)
+    assert set(values) <= APP_KEYS  # flwr --run-config only overrides keys the app declares
+    RunConfig.from_mapping(values)
+
+
+def test_offline_default_preset_equals_the_app_defaults():
+    assert RunConfig.from_mapping(_load(ROOT / "configs" / "offline-mnist.toml")) == RunConfig()
+
+
+def test_dry_run_of_the_offline_default_plans_everything():
+    plan = make_plan(RunConfig(), num_clients=3)
+    assert plan.unreachable == []
+    assert plan.tasks == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
+    assert [sum(s) for s in plan.shard_sizes] == [800] * 5
+    assert plan.adapted_layers == 32 and plan.adapter_parameters > 0
+    down, up_b = plan.messages[0]
+    _, up_a = plan.messages[1]
+    assert up_a > up_b > 0 < down  # the A-round carries the full Grams
+    assert plan.end_of_task_up > 0
+    text = "\n".join(plan.lines())
+    assert "nothing is trained" in text and "could not reach" not in text
+
+
+def test_dry_run_of_a_hub_preset_offline_names_what_it_could_not_reach(capsys):
+    plan_main(["--clients", "10", "--run-config", str(ROOT / "configs" / "lorm-cifar100.toml")])
+    out = capsys.readouterr().out
+    assert "could not reach the data 'cifar100'" in out
+    assert "could not reach the weights of 'vit-base-in21k'" in out
+    # the architecture alone still gives the layout: 48 layers of rank 1
+    assert "48 adapted layers, rank 1" in out
+
+
+def test_dry_run_of_a_text_hub_preset_offline():
+    plan = make_plan(RunConfig.from_mapping(_load(ROOT / "configs" / "fedsa-rte.toml")), 3)
+    reasons = "\n".join(plan.unreachable)
+    assert "glue-rte" in reasons and "roberta-large" in reasons
+    assert plan.tasks is None
