@@ -30,7 +30,7 @@ from lorm_flwr.runtime import (
     scenario_of,
     set_threads,
 )
-from lorm_flwr.train import pick_device, predict, train_local
+from lorm_flwr.train import autocast, pick_device, predict, train_local
 
 __all__ = ["ClientResult", "Instructions", "evaluate_personal", "task_grams", "train_round"]
 
@@ -107,7 +107,7 @@ def train_round(
         epochs=cfg.local_epochs,
         batch_size=cfg.batch_size,
         lr=cfg.lr,
-        weight_decay=cfg.weight_decay, optimizer=cfg.optimizer,
+        weight_decay=cfg.weight_decay, optimizer=cfg.optimizer, precision=cfg.precision,
         device=pick_device(cfg.device),
         seed=plan.seed * 1_000 + partition_id,
     )
@@ -166,7 +166,7 @@ def evaluate_personal(
     _load(cfg, model, global_tensors, local_tensors)
     preds = predict(
         model, data.test_x[idx], seen_classes=seen, inputs=input_spec(cfg),
-        batch_size=cfg.eval_batch_size, device=pick_device(cfg.device),
+        batch_size=cfg.eval_batch_size, device=pick_device(cfg.device), precision=cfg.precision,
     )  # fmt: skip
     labels = data.test_y[idx]
     correct, total = [], []
@@ -198,14 +198,15 @@ def _grams(
     if with_head:
         targets[HEAD] = (model.get_submodule(PEFT_PREFIX + HEAD), False)
         alphas[HEAD] = cfg.head_gram_alpha
-    with merged_for_inference(model):
+    device = pick_device(cfg.device)
+    with merged_for_inference(model), autocast(device, cfg.precision):
         grams, _ = layer_grams(
             model,
             targets,
             images,
             inputs=input_spec(cfg),
             batch_size=cfg.eval_batch_size,
-            device=pick_device(cfg.device),
+            device=device,
             alphas=alphas,
             projections=projections,
             unmasked=frozenset({HEAD}),

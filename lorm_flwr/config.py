@@ -51,6 +51,7 @@ class RunConfig:
     max_length: int = 128
     seed: int = 0
     device: str = "auto"
+    precision: str = "fp32"
     output_dir: str = "~/lorm-flwr-runs"
     min_clients: int = 2
     gram_alpha: float = 1.0
@@ -106,6 +107,7 @@ class RunConfig:
         _one_of("backbone", self.backbone, BACKBONES)
         _one_of("class-order", self.class_order, ("natural", "shuffle"))
         _one_of("optimizer", self.optimizer, ("adamw", "sgd"))
+        _one_of("precision", self.precision, ("fp32", "bf16", "fp16"))
         _one_of("merge-anchor", self.merge_anchor, ("zero", "global"))
         _one_of("fedsa-head", self.fedsa_head, ("local", "shared"))
         if self.backbone_checkpoint and not Path(self.backbone_checkpoint).expanduser().exists():

@@ -47,6 +47,7 @@ def evaluate_global(
         inputs=input_spec(cfg),
         batch_size=cfg.eval_batch_size,
         device=pick_device(cfg.device),
+        precision=cfg.precision,
     )
     overall, per_task = evaluate_accuracy(preds, labels, scenario.tasks[: task + 1])
     correct = int((preds == labels).sum())

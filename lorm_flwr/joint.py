@@ -52,7 +52,8 @@ def run_joint(
         stats = train_local(
             model, data.train_x[idx], data.train_y[idx], task_classes=classes,
             inputs=input_spec(cfg), epochs=cfg.rounds_per_task * cfg.local_epochs,
-            batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay, optimizer=cfg.optimizer,
+            batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
+            optimizer=cfg.optimizer, precision=cfg.precision,
             device=pick_device(cfg.device), seed=cfg.seed * 1_009 + phase,
         )  # fmt: skip
         train_seconds = time.perf_counter() - t0

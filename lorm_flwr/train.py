@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import contextlib
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,8 @@ from torch import nn
 __all__ = [
     "InputSpec",
     "TokenInputs",
+    "autocast",
+    "to_device",
     "TrainStats",
     "batches",
     "evaluate_accuracy",
@@ -38,7 +42,7 @@ class InputSpec:
     def __call__(self, images: np.ndarray, device: torch.device) -> torch.Tensor:
         """uint8 ``(B, H, W)`` or ``(B, H, W, 3)`` -> float ``(B, 3, S, S)`` on ``device``,
         in channels-last memory layout (the models are channels-last too)."""
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(device)
+        x = to_device(torch.from_numpy(np.ascontiguousarray(images)), device)
         x = x.unsqueeze(1).expand(-1, 3, -1, -1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
         x = x.float().div_(255.0)  # (B, 3, H, W)
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
@@ -61,12 +65,35 @@ class TokenInputs:
     def __call__(self, ids: np.ndarray, device: torch.device) -> torch.Tensor:
         real = (ids >= 0).any(axis=0)
         length = int(np.flatnonzero(real)[-1]) + 1 if real.any() else 1
-        return torch.from_numpy(np.ascontiguousarray(ids[:, :length])).long().to(device)
+        return to_device(torch.from_numpy(np.ascontiguousarray(ids[:, :length])).long(), device)
 
 
 def padding_mask(x: torch.Tensor) -> torch.Tensor | None:
     """``(B, L)`` mask of the real tokens of encoded text; None for images."""
     return None if x.is_floating_point() else x >= 0
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host batch -> ``device``; to CUDA through pinned memory, without blocking the host."""
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Mixed precision for forward passes: CUDA autocast to bf16/fp16; fp32 (a no-op) on CPU.
+
+    Only the forward runs in low precision: the trainable factors stay fp32, and the
+    Gram hooks promote activations to fp32 before they sum.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
+    if PRECISIONS[precision] is None or device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type="cuda", dtype=PRECISIONS[precision])
 
 
 # By run-config name. A fresh one is built every round, so no state crosses rounds.
@@ -112,13 +139,15 @@ def train_local(
     device: torch.device,
     seed: int,
     optimizer: str = "adamw",
+    precision: str = "fp32",
 ) -> TrainStats:
     """AdamW (or plain SGD) on the trainable parameters; cross-entropy over the current
     task's logits only.
 
     Old classes' head rows get no gradient, as in the LoRM reference. The model
     stays in eval mode: the backbone is frozen, so its BatchNorm statistics must
-    not drift away from the server's copy.
+    not drift away from the server's copy. ``precision`` bf16/fp16 autocasts the
+    forward on CUDA; fp16 also scales the loss so small gradients do not underflow.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -132,6 +161,7 @@ def train_local(
     # Map a global label to its column among the task's logits.
     remap = torch.full((int(max(task_classes)) + 1,), -1, dtype=torch.long, device=device)
     remap[classes] = torch.arange(len(classes), device=device)
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16" and device.type == "cuda")
     model.eval()
     rng = np.random.default_rng(seed)
     total, steps = 0.0, 0
@@ -139,11 +169,13 @@ def train_local(
         for idx in batches(len(labels), batch_size, shuffle=True, generator=rng):
             x = inputs(images[idx], device)
             y = remap[torch.from_numpy(labels[idx]).to(device)]
-            logits = model(x)[:, classes]  # (B, |task|)
-            loss = F.cross_entropy(logits, y)
+            with autocast(device, precision):
+                logits = model(x)[:, classes]  # (B, |task|)
+            loss = F.cross_entropy(logits.float(), y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             total += float(loss.detach())
             steps += 1
     return TrainStats(loss=total / max(steps, 1), num_examples=int(len(labels)), steps=steps)
@@ -158,13 +190,15 @@ def predict(
     inputs: InputSpec,
     batch_size: int,
     device: torch.device,
+    precision: str = "fp32",
 ) -> np.ndarray:
     """Class-incremental prediction: argmax over the logits of ``seen_classes`` (no task id)."""
     model.eval()
     seen = torch.tensor(list(seen_classes), device=device)
     out = []
     for idx in batches(len(images), batch_size, shuffle=False):
-        logits = model(inputs(images[idx], device))[:, seen]
+        with autocast(device, precision):
+            logits = model(inputs(images[idx], device))[:, seen]
         out.append(seen[logits.argmax(dim=1)].cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
