@@ -15,6 +15,7 @@ A strategy entry ``name:key=value,key=value`` is a variant with its own override
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import tempfile
@@ -105,7 +106,13 @@ def main() -> None:
         "--resume", action="store_true",
         help="keep the runs already in OUT.json (same entries and seeds) and do only the missing ones",
     )
+    p.add_argument(
+        "--report-only", action="store_true",
+        help="run nothing: write the Markdown and PNG from the runs already in OUT.json",
+    )
     args = p.parse_args()
+    if args.report_only:
+        args.resume = True
     extra = _parse_sets(args.set)
     if args.also_single_task:
         args.strategies = args.strategies + [
@@ -121,10 +128,17 @@ def main() -> None:
         for strategy, rs in old["runs"].items():
             if strategy in runs:
                 runs[strategy] = [r for r in rs if r["seed"] in args.seeds]
-    with simulation_superlink(Path(tempfile.mkdtemp(prefix="lfr-fed-"))) as fed:
+    todo = [(seed, st) for seed in args.seeds for st in args.strategies
+            if not any(r["seed"] == seed for r in runs[st])]  # fmt: skip
+    if args.report_only:
+        runs = {st: rs for st, rs in runs.items() if rs}
+        if todo:
+            print(f"--report-only: {len(todo)} runs missing, reported as they are")
+        todo = []
+    with simulation_superlink(Path(tempfile.mkdtemp(prefix="lfr-fed-"))) if todo else _nothing() as fed:
         for seed in args.seeds:  # seeds outermost: strategies alternate in time
             for strategy in args.strategies:
-                if any(r["seed"] == seed for r in runs[strategy]):
+                if (seed, strategy) not in todo:
                     continue  # done in an earlier invocation (--resume)
                 name, _, overrides = strategy.partition(":")
                 own = _parse_sets([o for o in overrides.split(",") if o])
@@ -171,6 +185,11 @@ def main() -> None:
     out.with_suffix(".md").write_text(table + "\n")
     _plot(runs, out.with_suffix(".png"))
     print(table)
+
+
+@contextlib.contextmanager
+def _nothing():
+    yield None
 
 
 def _plot(runs: dict[str, list[dict]], path: Path) -> None:
