@@ -68,7 +68,9 @@ class Federation:
         num_supernodes: int,
         timeout: float = 900,
         cpus_per_client: float = 1,
+        run_config_files: tuple[str, ...] = (),
     ) -> subprocess.CompletedProcess:
+        """``flwr run`` of this app with ``run_config`` (after any preset ``run_config_files``)."""
         items = " ".join(
             f"{k}='{v}'" if isinstance(v, str) else f"{k}={str(v).lower() if isinstance(v, bool) else v}"
             for k, v in run_config.items()
@@ -76,7 +78,9 @@ class Federation:
         cmd = [
             str(BIN / "flwr"), "run", str(ROOT), self.connection, "--stream",
             "--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}",
-            "--run-config", items,
+            # Flower takes either TOML files or key=value pairs, not both.
+            *[arg for f in run_config_files for arg in ("--run-config", f)],
+            *(["--run-config", items] if items else []),
         ]  # fmt: skip
         return subprocess.run(
             cmd, env=self.env, capture_output=True, text=True, timeout=timeout, cwd=self.home

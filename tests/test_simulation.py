@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -201,3 +202,16 @@ def test_dry_run_prints_the_plan_and_trains_nothing(federation, tmp_path):
     assert "dry run: strategy lorm" in log and "nothing is trained" in log
     assert "samples per client" in log and "round 0 of each task, per client" in log
     assert not out.exists()  # no run folder: nothing was trained or written
+
+
+def test_a_preset_file_reaches_the_app_through_flwr_run(federation, tmp_path):
+    """`flwr run . --run-config FILE` with a copy of a preset that adds `dry-run = true`
+    (Flower takes a TOML file or key=value pairs, not both)."""
+    preset = Path(__file__).resolve().parents[1] / "configs" / "offline-bbc-news.toml"
+    copy = tmp_path / "dry.toml"
+    copy.write_text(preset.read_text() + f'dry-run = true\noutput-dir = "{tmp_path / "runs"}"\n')
+    proc = federation.run({}, num_supernodes=2, run_config_files=(str(copy),))
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert "dry run: strategy lorm, dataset bbc-news, backbone minilm" in log, log[-3000:]
+    assert "12 adapted layers, rank 4" in log
