@@ -41,7 +41,8 @@ def _parse_sets(items: list[str]) -> dict:
     return out
 
 
-def _fmt(values: list[float], digits: int = 3) -> str:
+def _fmt(values: list[float | None], digits: int = 3) -> str:
+    values = [v for v in values if v is not None]  # e.g. no forgetting with one task
     if not values:
         return "n/a"
     if len(values) == 1:
@@ -148,8 +149,8 @@ def main() -> None:
                 r["seed"] = seed
                 runs[strategy].append(r)
                 print(
-                    f"  final average accuracy {r['final_average_accuracy']:.3f}, "
-                    f"forgetting {r['average_forgetting']:.3f}, wall {r['wall_seconds']:.0f} s",
+                    f"  final average accuracy {_fmt([r['final_average_accuracy']])}, "
+                    f"forgetting {_fmt([r['average_forgetting']])}, wall {r['wall_seconds']:.0f} s",
                     flush=True,
                 )
                 out.with_suffix(".json").write_text(json.dumps({"config": extra, "runs": runs}, indent=2))
