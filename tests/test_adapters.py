@@ -97,3 +97,27 @@ def test_vit_loads_a_local_checkpoint_without_the_network(tmp_path, monkeypatch)
     want, got = source.state_dict(), loaded.state_dict()
     assert want.keys() == got.keys()
     assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_initial_adapter_is_the_same_in_every_process():
+    """The server and each client build the adapter in their own processes: A must not
+    depend on the global RNG state (peft draws from it)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import hashlib, torch\n"
+        "from lorm_flwr.models.adapters import attach_lora, get_tensors\n"
+        "from lorm_flwr.models.backbones import build_classifier\n"
+        "torch.manual_seed(int(__import__('sys').argv[1]))\n"
+        "m = attach_lora(build_classifier('vit-tiny', 16, 10, 3), rank=2, alpha=2.0,"
+        " targets=['qkv'], seed=3)\n"
+        "t = get_tensors(m)\n"
+        "print(hashlib.sha256(b''.join(t[k].numpy().tobytes() for k in sorted(t))).hexdigest())\n"
+    )
+    digests = {
+        subprocess.run([sys.executable, "-c", code, str(s)], capture_output=True, text=True,
+                       check=True).stdout.strip()  # fmt: skip
+        for s in (1, 2)
+    }
+    assert len(digests) == 1

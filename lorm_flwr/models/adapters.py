@@ -89,6 +89,9 @@ def attach_lora(
 ) -> PeftModel:
     """Wrap ``model`` with a peft adapter on ``targets``; the head is trained in full.
 
+    LoRA's A is drawn from ``seed`` (peft's Kaiming-uniform scheme) and B is zero,
+    so the adapter is a pure function of its arguments in any process.
+
     ``kind``: ``lora``, ``rslora`` (LoRA with scaling alpha / sqrt(r)) or ``vera``
     (frozen random projections drawn from ``seed``, identical on every client, and
     trainable vectors; peft's VeRA adapts Linear layers only). The backbone stays
@@ -136,6 +139,10 @@ def attach_lora(
             f"lora-targets={','.join(targets)!r} matched no supported layer ({exc}); "
             f"layer names in this backbone: {', '.join(leaf)}"
         ) from exc
+    if kind != "vera":
+        # peft draws A from the global RNG, which differs between processes: the
+        # server and every client must start from the same A, and runs must repeat.
+        reset_lora(peft_model, seed)
     return peft_model.eval()
 
 

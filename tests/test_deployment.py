@@ -1,0 +1,101 @@
+"""Deployment mode on loopback: scripts/deploy_local.sh starts one SuperLink and SuperNodes on
+127.0.0.1, `flwr run . local-deploy` runs the app there, and the results equal a simulation's.
+
+Why equal, not close: every client computes on one torch thread with seeds derived from the
+run seed and its partition id, and the server merges replies in partition order, so the same
+arithmetic happens in the same order under both engines. The tolerance (1e-9 on accuracies,
+which are ratios of integer counts) only absorbs float formatting; any real difference in
+what was trained shows up as a changed count.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from lorm_flwr.local_federation import BIN, ROOT, load_results, simulation_superlink
+
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "dataset": "digits",
+    "backbone": "vit-tiny",
+    "num-tasks": 2,
+    "rounds-per-task": 1,
+    "local-epochs": 1,
+    "image-size": 16,
+    "lora-rank": 2,
+    "lora-alpha": 2.0,
+    "seed": 1,
+}
+SCRIPTS = ROOT / "scripts"
+
+
+def _items(cfg: dict) -> str:
+    return " ".join(f"{k}='{v}'" if isinstance(v, str) else f"{k}={v}" for k, v in cfg.items())
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", FLWR_TELEMETRY_ENABLED="0",
+               FLWR_DISABLE_UPDATE_CHECK="1", PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")  # fmt: skip
+    return env
+
+
+def _deployed_run(tmp_path: Path, cfg: dict, tls: bool) -> dict:
+    state = tmp_path / "deploy"
+    certs = tmp_path / "certs"
+    env = _env()
+    if tls:
+        subprocess.run([str(SCRIPTS / "make_certs.sh"), str(certs)], check=True, env=env)
+    start = [str(SCRIPTS / "deploy_local.sh"), "start", "2", str(state)] + ([str(certs)] if tls else [])
+    try:
+        subprocess.run(start, check=True, env=env, timeout=120)
+        config = (state / "flwr-home" / "config.toml").read_text()
+        assert "127.0.0.1" in config and (("root-certificates" in config) == tls)
+        out = tmp_path / "runs"
+        proc = subprocess.run(
+            [str(BIN / "flwr"), "run", str(ROOT), "local-deploy", "--stream",
+             "--run-config", _items({**cfg, "output-dir": str(out)})],
+            env={**env, "FLWR_HOME": str(state / "flwr-home")}, capture_output=True, text=True,
+            timeout=900, cwd=tmp_path,
+        )  # fmt: skip
+        log = proc.stdout + proc.stderr
+        assert proc.returncode == 0, log[-3000:]
+        _, results = load_results(out)
+        assert results["status"] == "completed", log[-3000:]
+        return results
+    finally:
+        subprocess.run([str(SCRIPTS / "deploy_local.sh"), "stop", str(state)], env=env, timeout=120)
+        pids = state / "pids"
+        assert not pids.exists(), "the deployment was not stopped"
+
+
+def _simulated_run(tmp_path: Path, cfg: dict) -> dict:
+    with simulation_superlink(tmp_path / "sim") as fed:
+        out = tmp_path / "sim-runs"
+        proc = fed.run({**cfg, "output-dir": str(out)}, num_supernodes=2)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        return load_results(out)[1]
+
+
+def _same(a: dict, b: dict) -> None:
+    assert a["tasks"] == b["tasks"] and a["shard_sizes"] == b["shard_sizes"]
+    for row_a, row_b in zip(a["accuracy_matrix"], b["accuracy_matrix"], strict=True):
+        for x, y in zip(row_a, row_b, strict=True):
+            assert (x is None and y is None) or abs(x - y) <= 1e-9
+    for ra, rb in zip(a["rounds"], b["rounds"], strict=True):
+        assert ra["replies"] == rb["replies"] == 2
+        assert abs(ra["train_loss"] - rb["train_loss"]) <= 1e-6 * max(1.0, abs(rb["train_loss"]))
+    assert a["final_average_accuracy"] == pytest.approx(b["final_average_accuracy"], abs=1e-9)
+
+
+@pytest.mark.parametrize(("strategy", "tls"), [("lorm", False), ("fedsa", True)])
+def test_deployment_matches_simulation(tmp_path, strategy, tls):
+    cfg = {**TINY, "strategy": strategy}
+    deployed = _deployed_run(tmp_path, cfg, tls)
+    assert deployed["clients"] == 2
+    _same(deployed, _simulated_run(tmp_path, cfg))
