@@ -61,3 +61,50 @@ def test_too_few_replies_raise():
     s, shapes = _strategy(min_clients=2)
     with pytest.raises(AggregationFailed, match="min-clients=2"):
         s.aggregate_train(1, [reply(1, _tensors(shapes, 1), 5), error_reply(2, "down")])
+
+
+def _corrupt(kind, shapes):
+    t = _tensors(shapes, 2)
+    if kind == "extra key":
+        t["l.lora_C.weight"] = torch.zeros(2, 2)
+    elif kind == "missing key":
+        del t["l.lora_B.weight"]
+    elif kind == "integer dtype":
+        t["l.lora_A.weight"] = t["l.lora_A.weight"].to(torch.int64)
+    elif kind == "Inf":
+        t["linear_head.weight"][1, 1] = float("inf")
+    return t
+
+
+@pytest.mark.parametrize(
+    ("kind", "count", "reason"),
+    [
+        ("extra key", 10, "wrong keys"),
+        ("missing key", 10, "wrong keys"),
+        ("integer dtype", 10, "expected float"),
+        ("Inf", 10, "NaN or Inf"),
+        ("negative count", -3, "must be a positive integer"),
+    ],
+)
+def test_each_kind_of_bad_payload_is_rejected_with_node_and_reason(kind, count, reason):
+    s, shapes = _strategy()
+    good = [reply(1, _tensors(shapes, 1), 10), reply(2, _tensors(shapes, 3), 10)]
+    arrays, _ = s.aggregate_train(1, good + [reply(7, _corrupt(kind, shapes), count)])
+    merged = P.arrays_to_tensors(arrays)
+    expected = (_tensors(shapes, 1)["l.lora_A.weight"] + _tensors(shapes, 3)["l.lora_A.weight"]) / 2
+    torch.testing.assert_close(merged["l.lora_A.weight"], expected)  # the bad reply is not merged
+    (rejected,) = s.rounds[-1].rejected
+    assert "node 7" in rejected and reason in rejected
+
+
+def test_gram_checks_reject_what_cannot_be_x_xt():
+    x = torch.randn(5, 3, dtype=torch.float64)
+    P.check_gram(1, "g", x.T @ x)  # a real Gram passes
+    for bad, why in [
+        (torch.tensor([[1.0, 2.0], [0.0, 1.0]]), "not symmetric"),
+        (torch.tensor([[1.0, 3.0], [3.0, 1.0]]), "not positive semi-definite"),
+        (torch.tensor([[-1.0, 0.0], [0.0, 1.0]]), "negative diagonal"),
+        (torch.tensor([4.0, -2.0]), "negative diagonal"),
+    ]:
+        with pytest.raises(P.PayloadError, match=why):
+            P.check_gram(1, "g", bad)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from lorm_flwr import protocol as P
@@ -216,3 +217,23 @@ def test_b_round_code_grams_give_the_products_of_full_grams():
     assert got.keys() == want.keys()
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-4 * want[k].abs().max().item())
+
+
+@pytest.mark.parametrize("round_in_task", [0, 1])  # a B-round and an A-round
+def test_degenerate_clients_never_put_nan_or_inf_in_the_global_model(round_in_task):
+    """One-sample clients, an all-zero-feature client and duplicate clients: the Grams are
+    singular in every way, the merge still writes only finite values."""
+    which = "B" if round_in_task == 0 else "A"
+    model = _model()
+    glob = get_tensors(model)
+    t = _client_tensors(model, seed=10, which=which)
+    one_sample = _grams_on(model, t, torch.randn(1, 3, 16, 16), {HEAD: 0.5})
+    zeros = {name: torch.zeros_like(g) for name, g in one_sample.items()}
+    clients = [(t, one_sample, 1), (t, one_sample, 1), (t, zeros, 3)]  # duplicates + zero features
+    strategy = _strategy(model)
+    merged = _run_round(strategy, glob, clients, round_in_task=round_in_task)
+    assert not strategy.rounds[-1].rejected  # all valid payloads
+    assert all(torch.isfinite(v).all() for v in merged.values())
+    strategy_all_zero = _strategy(model)
+    merged = _run_round(strategy_all_zero, glob, [(t, zeros, 2), (t, zeros, 2)], round_in_task)
+    assert all(torch.isfinite(v).all() for v in merged.values())
