@@ -20,7 +20,7 @@ from torch import nn
 __all__ = ["GramRecorder", "GramStats", "gram_of", "layer_grams", "tokens_of"]
 
 # Above twice this width a Gram is computed as upper block rows and mirrored:
-# about 30% less time than one GEMM on CPU.
+# 10-25% less time than one GEMM on CPU (measured on k = 672-1280, 213-852 tokens).
 _SYMMETRIC_BLOCK = 128
 
 

@@ -275,7 +275,8 @@ def merged_for_inference(model: PeftModel) -> Iterator[PeftModel]:
     """Fold every adapter into its base weight for the duration of a no-grad pass.
 
     A merged layer is one convolution or matmul instead of three, so a forward
-    pass over a shard is about 20% faster on CPU. Its outputs equal the
+    forward is ~15% faster on CPU (~7% net of merging and restoring, measured on
+    EfficientNet-Lite0 at 32 px). Its outputs equal the
     unmerged layer's up to float rounding. On exit the base weights are restored
     bit for bit (unmerging alone would leave ``W + sBA - sBA`` round-off that
     builds up over rounds).
