@@ -274,7 +274,7 @@ def reset_lora(model: PeftModel, seed: int) -> None:
 def merged_for_inference(model: PeftModel) -> Iterator[PeftModel]:
     """Fold every adapter into its base weight for the duration of a no-grad pass.
 
-    A merged layer is one convolution or matmul instead of three, so a forward
+    A merged layer is one convolution or matmul instead of three, so the
     forward is ~15% faster on CPU (~7% net of merging and restoring, measured on
     EfficientNet-Lite0 at 32 px). Its outputs equal the
     unmerged layer's up to float rounding. On exit the base weights are restored
