@@ -8,6 +8,7 @@ from flwr.clientapp import ClientApp
 from lorm_flwr import protocol as P
 from lorm_flwr.client import Instructions, evaluate_personal, task_grams, train_round
 from lorm_flwr.config import RunConfig
+from lorm_flwr.limits import check_reply_size
 
 app = ClientApp()
 
@@ -66,6 +67,11 @@ def train(msg: Message, context: Context) -> Message:
     )
     if result.stats:
         content[P.STATS] = P.tensors_to_arrays(result.stats)
+    check_reply_size(
+        {**{f"{P.ARRAYS}/{k}": t for k, t in result.tensors.items()},
+         **{f"{P.STATS}/{k}": t for k, t in (result.stats or {}).items()}},
+        cfg,
+    )  # fmt: skip
     return Message(content, reply_to=msg)
 
 

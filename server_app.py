@@ -8,18 +8,30 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import asdict
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from lorm_flwr import protocol as P
-from lorm_flwr.config import RunConfig
+from lorm_flwr.checkpoint import (
+    Checkpoint,
+    capture_rng,
+    checkpoint_path,
+    config_changes,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from lorm_flwr.config import ConfigError, RunConfig
 from lorm_flwr.continual import average_forgetting, final_average_accuracy, reference_forgetting
 from lorm_flwr.evaluation import evaluate_global
 from lorm_flwr.joint import JOINT_STRATEGIES, run_joint
+from lorm_flwr.limits import check_message_sizes
 from lorm_flwr.results import RunRecorder, export_adapter, run_folder
 from lorm_flwr.runtime import initial_tensors, layout_of, model_of, scenario_of
 from lorm_flwr.strategies import strategy_class
+from lorm_flwr.strategies.base import AggregationFailed, RoundFailed
 
 log = logging.getLogger("flwr.lorm")
 app = ServerApp()
@@ -184,6 +196,34 @@ def _dry_run(grid: Grid, cfg: RunConfig) -> None:
         log.info("lorm-flwr: %s", line)
 
 
+def _resume_point(cfg: RunConfig) -> Checkpoint | None:
+    """The checkpoint to continue from, checked against this run's config before any work."""
+    if not cfg.resume_from:
+        return None
+    try:
+        checkpoint = load_checkpoint(cfg.resume_from)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(f"resume-from={cfg.resume_from!r}: {exc}") from None
+    changes = config_changes(checkpoint.config, cfg.to_dict())
+    if changes:
+        raise ConfigError(
+            f"resume-from={cfg.resume_from!r}: the run config differs from the checkpoint's in "
+            f"keys a resumed run must keep: {'; '.join(changes)}"
+        )
+    return checkpoint
+
+
+def _end_task_with_retries(cfg, scenario, task, grid, strategy, recorder, tensors) -> None:
+    for attempt in range(1, cfg.round_retries + 2):
+        try:
+            _end_task(cfg, scenario, task, grid, strategy, recorder, tensors)
+            return
+        except AggregationFailed as exc:
+            if attempt > cfg.round_retries:
+                raise RoundFailed(f"{exc}; gave up after {attempt} attempts") from exc
+            log.warning("%s; retrying (attempt %d of %d)", exc, attempt + 1, cfg.round_retries + 1)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_mapping(context.run_config)  # bad values stop here
@@ -193,6 +233,7 @@ def main(grid: Grid, context: Context) -> None:
     if cfg.strategy in JOINT_STRATEGIES:
         _main_joint(cfg)
         return
+    checkpoint = _resume_point(cfg)
     nodes = _wait_for_nodes(grid, cfg.min_clients)
     partitions = _partitions(grid, nodes)
     num_clients = len(partitions)
@@ -206,33 +247,85 @@ def main(grid: Grid, context: Context) -> None:
     model = model_of(cfg)
     strategy = strategy_class(cfg.strategy)(cfg, layout_of(model))
     strategy.partition_of = partitions
-    folder = run_folder(cfg)
-    recorder = RunRecorder(
-        cfg, folder, [list(t) for t in scenario.tasks], scenario.shard_sizes()
-    )
-    log.info("lorm-flwr: writing results to %s", folder)
-    tensors = dict(initial_tensors(cfg))  # the same seeded start as every client's
-    start = time.perf_counter()
-
-    recorder.accuracy_kind = (
-        "global" if strategy.has_global_model else "personalised, sample-weighted over clients"
-    )
-    try:
-        for task in range(scenario.num_tasks):
-            tensors = strategy.begin_task(task, tensors)
-            evaluate_round = _round_evaluator(cfg, scenario, task, strategy, recorder, start)
-            result = strategy.start(
-                grid=grid,
-                initial_arrays=P.tensors_to_arrays(tensors),
-                num_rounds=cfg.rounds_per_task,
-                train_config=ConfigRecord(),
-                evaluate_fn=evaluate_round,
+    message_bytes = check_message_sizes(strategy, cfg.max_message_bytes)  # too big stops here
+    tasks = [list(t) for t in scenario.tasks]
+    if checkpoint is None:
+        folder = run_folder(cfg)
+        recorder = RunRecorder(cfg, folder, tasks, scenario.shard_sizes())
+        recorder.message_bytes = message_bytes
+        recorder.accuracy_kind = (
+            "global" if strategy.has_global_model else "personalised, sample-weighted over clients"
+        )
+        tensors = dict(initial_tensors(cfg))  # the same seeded start as every client's
+        first_task, first_round, elapsed = 0, 0, 0.0
+    else:
+        folder = checkpoint_path(cfg.resume_from).parent
+        recorder = RunRecorder(cfg, folder, tasks, scenario.shard_sizes())
+        recorder.load_state(checkpoint.recorder)
+        if checkpoint.recorder.get("shard_sizes", recorder.shard_sizes) != recorder.shard_sizes:
+            raise ConfigError(
+                f"resume-from: the checkpoint was made with shards {checkpoint.recorder['shard_sizes']}, "
+                f"this federation gives {recorder.shard_sizes}: start the same number of clients"
             )
-            tensors = P.arrays_to_tensors(result.arrays)
-            _end_task(cfg, scenario, task, grid, strategy, recorder, tensors)
-    except BaseException:
+        strategy.load_state_dict(checkpoint.strategy)
+        restore_rng(checkpoint.rng)
+        tensors = dict(checkpoint.tensors)
+        first_task, first_round, elapsed = checkpoint.task, checkpoint.round_in_task, checkpoint.elapsed_seconds
+        recorder.resumed.append({"task": first_task, "round_in_task": first_round,
+                                 "at": time.strftime("%Y-%m-%d %H:%M:%S")})  # fmt: skip
+        log.info("lorm-flwr: resuming task %d round %d from %s", first_task, first_round,
+                 checkpoint_path(cfg.resume_from))  # fmt: skip
+    log.info("lorm-flwr: writing results to %s", folder)
+    start = time.perf_counter() - elapsed
+
+    def save(task: int, round_in_task: int, current: dict) -> None:
+        save_checkpoint(folder, Checkpoint(
+            config=cfg.to_dict(), task=task, round_in_task=round_in_task, tensors=current,
+            strategy=strategy.state_dict(),
+            recorder={**recorder.state(), "shard_sizes": recorder.shard_sizes},
+            rng=capture_rng(), elapsed_seconds=time.perf_counter() - start,
+        ))  # fmt: skip
+
+    try:
+        for task in range(first_task, scenario.num_tasks):
+            round0 = first_round if task == first_task else 0
+            if round0 == 0:
+                tensors = strategy.begin_task(task, tensors)
+            else:
+                strategy.task = task  # mid-task: the factors are the checkpoint's
+            if round0 < cfg.rounds_per_task:
+                evaluate_round = _round_evaluator(cfg, scenario, task, strategy, recorder, start)
+                result = strategy.start(
+                    grid=grid,
+                    initial_arrays=P.tensors_to_arrays(tensors),
+                    num_rounds=cfg.rounds_per_task,
+                    timeout=cfg.round_timeout,
+                    train_config=ConfigRecord(),
+                    evaluate_fn=evaluate_round,
+                    first_round=round0 + 1,
+                    on_round_end=lambda rnd, arrays, t=task: save(t, rnd, P.arrays_to_tensors(arrays)),
+                )
+                tensors = P.arrays_to_tensors(result.arrays)
+            _end_task_with_retries(cfg, scenario, task, grid, strategy, recorder, tensors)
+            save(task + 1, 0, tensors)
+    except BaseException as exc:
         recorder.status = "failed"
+        recorder.error = f"{type(exc).__name__}: {exc}"
+        if strategy.rounds and (not recorder.rounds or _unrecorded(strategy, recorder)):
+            recorder.failed_round = asdict(strategy.rounds[-1])
         recorder.write()
+        log.error(
+            "lorm-flwr: run stopped: %s. Results so far are in %s; continue with "
+            "--run-config \"resume-from='%s'\" (same other keys)",
+            exc, folder, folder,
+        )  # fmt: skip
         raise
 
     _finish(recorder, start)
+
+
+def _unrecorded(strategy, recorder) -> bool:
+    """Whether the strategy's last round failed before the recorder saw it."""
+    last = strategy.rounds[-1]
+    seen = recorder.rounds[-1]
+    return (last.task, last.round_in_task) != (seen["task"], seen["round_in_task"])

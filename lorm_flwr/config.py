@@ -64,6 +64,10 @@ class RunConfig:
     fedsa_weighted: bool = True
     backbone_checkpoint: str = ""
     dry_run: bool = False
+    round_retries: int = 2
+    round_timeout: float = 3600.0
+    max_message_mb: float = 0.0
+    resume_from: str = ""
 
     # ----------------------------------------------------------------- parsing
     @classmethod
@@ -144,6 +148,10 @@ class RunConfig:
         _non_negative("merge_ridge", self.merge_ridge)
         _non_negative("client_threads", self.client_threads)
         _non_negative("seed", self.seed)
+        _non_negative("round_retries", self.round_retries)
+        _positive("round_timeout", self.round_timeout)
+        _non_negative("max_message_mb", self.max_message_mb)
+        # resume-from is checked by the ServerApp: clients (other machines) lack the file.
         for name in ("gram_alpha", "head_gram_alpha"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -170,6 +178,15 @@ class RunConfig:
         if self.lora_targets.strip() in ("", "auto"):
             return None
         return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+
+    @property
+    def max_message_bytes(self) -> int:
+        """The largest message allowed: ``max-message-mb``, or Flower's gRPC limit when 0."""
+        from flwr.common import GRPC_MAX_MESSAGE_LENGTH
+
+        if self.max_message_mb <= 0:
+            return int(GRPC_MAX_MESSAGE_LENGTH)
+        return min(int(self.max_message_mb * 2**20), int(GRPC_MAX_MESSAGE_LENGTH))
 
     @property
     def output_root(self) -> Path:

@@ -21,7 +21,7 @@ from lorm_flwr.config import RunConfig
 
 __all__ = ["Plan", "make_plan"]
 
-BYTES_PER_FLOAT = 4  # tensors travel as fp32
+from lorm_flwr.limits import BYTES_PER_FLOAT
 
 
 @dataclass
@@ -128,9 +128,9 @@ def _layout(cfg: RunConfig, plan: Plan):
 
 
 def _messages(cfg: RunConfig, layout, plan: Plan) -> None:
-    from lorm_flwr import protocol as P
-    from lorm_flwr.models.adapters import group_of
     from lorm_flwr.joint import JOINT_STRATEGIES
+    from lorm_flwr.limits import message_shapes
+    from lorm_flwr.models.adapters import group_of
     from lorm_flwr.strategies import strategy_class
 
     def size(shapes) -> int:
@@ -141,16 +141,11 @@ def _messages(cfg: RunConfig, layout, plan: Plan) -> None:
     plan.adapter_parameters = size(s for k, s in layout.shapes.items() if group_of(k) != "head")
     if cfg.strategy in JOINT_STRATEGIES:
         return  # no federation, no messages
-    strategy = strategy_class(cfg.strategy)(cfg, layout)
-    down = size(s for k, s in layout.shapes.items() if group_of(k) not in strategy.local_groups)
+    shapes = message_shapes(strategy_class(cfg.strategy)(cfg, layout))
+    floats = {name: sum(math.prod(t) for t in s.values()) for name, s in shapes.items()}
     for r in range(min(cfg.rounds_per_task, 2)):  # rounds alternate with period <= 2
-        rp = strategy.round_plan(r)
-        up = size(strategy.expected_reply(rp).values())
-        if rp.stats != P.STATS_NONE:
-            up += size(strategy.expected_stats(rp.stats).values())
-        plan.messages[r] = (down, up)
-    if cfg.strategy == "lorm":
-        plan.end_of_task_up = size(strategy.expected_stats(P.STATS_GRAMS).values())
+        plan.messages[r] = (floats[f"round {r} down"], floats[f"round {r} up"])
+    plan.end_of_task_up = floats.get("end-of-task up")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -68,6 +68,20 @@ class RunRecorder:
     final: dict[str, Any] = field(default_factory=dict)
     status: str = "running"
     accuracy_kind: str = "global"
+    error: str = ""
+    failed_round: dict[str, Any] = field(default_factory=dict)  # the round that stopped the run
+    message_bytes: dict[str, int] = field(default_factory=dict)  # per client, by message
+    resumed: list[dict[str, Any]] = field(default_factory=list)  # one entry per resume
+
+    _STATE = ("rounds", "accuracy_matrix", "task_end", "accuracy_kind", "message_bytes", "resumed")
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the results so far."""
+        return {k: getattr(self, k) for k in self._STATE}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        for k in self._STATE:
+            setattr(self, k, state[k])
 
     def add_round(self, entry: dict[str, Any]) -> None:
         self.rounds.append(entry)
@@ -92,6 +106,10 @@ class RunRecorder:
             "accuracy_kind": self.accuracy_kind,
             "accuracy_matrix": self.accuracy_matrix,
             "task_end": self.task_end,
+            "message_bytes_per_client": self.message_bytes,
+            "resumed": self.resumed,
+            **({"error": self.error} if self.error else {}),
+            **({"failed_round": self.failed_round} if self.failed_round else {}),
             **self.final,
         }
 

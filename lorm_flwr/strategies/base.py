@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Result
 
 from lorm_flwr import protocol as P
 from lorm_flwr.config import RunConfig
@@ -28,6 +29,7 @@ log = logging.getLogger("flwr.lorm")
 
 __all__ = [
     "AggregationFailed",
+    "RoundFailed",
     "LoraStrategy",
     "ModelLayout",
     "RoundLog",
@@ -38,6 +40,10 @@ __all__ = [
 
 class AggregationFailed(RuntimeError):
     """Too few valid replies to merge a round."""
+
+
+class RoundFailed(RuntimeError):
+    """A round still had too few valid replies after every retry; the run stops."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,8 @@ class RoundLog:
     replies: int = 0
     failures: list[str] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
+    timeouts: list[int] = field(default_factory=list)  # nodes that did not reply in time
+    attempts: int = 1
     train_loss: float = float("nan")
     num_examples: int = 0
     merge_seconds: float = 0.0
@@ -139,6 +147,97 @@ class LoraStrategy(FedAvg):
     def end_task(self, task: int, grid: Grid, tensors: dict[str, torch.Tensor]) -> TaskModel:
         """Called after the task's last round; returns the model to evaluate and export."""
         return TaskModel(tensors, self.cfg.lora_rank, self.cfg.lora_alpha)
+
+    # ----------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of this strategy (tensors, lists, numbers only)."""
+        return {"task": self.task, "rounds": [asdict(r) for r in self.rounds]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.task = int(state["task"])
+        self.rounds = [RoundLog(**r) for r in state["rounds"]]
+
+    # -------------------------------------------------------------- the loop
+    def start(  # type: ignore[override]
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        first_round: int = 1,
+        on_round_end: Callable[[int, ArrayRecord], None] | None = None,
+    ) -> Result:
+        """Flower's round loop (train, client evaluation, server evaluation), plus:
+
+        - ``first_round``: continue a task from a checkpoint;
+        - retries: a round with fewer than ``min-clients`` valid replies is sent
+          again, up to ``round-retries`` times, then :class:`RoundFailed` stops the run;
+        - ``on_round_end(server_round, arrays)`` after each round (the checkpoint).
+        """
+        train_config = ConfigRecord() if train_config is None else train_config
+        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
+        result, arrays = Result(), initial_arrays
+        result.arrays = arrays
+        for server_round in range(first_round, num_rounds + 1):
+            arrays, metrics = self._train_with_retries(grid, server_round, arrays, train_config, timeout)
+            result.arrays = arrays
+            result.train_metrics_clientapp[server_round] = metrics
+            evaluate_messages = list(self.configure_evaluate(server_round, arrays, evaluate_config, grid))
+            if evaluate_messages:
+                replies = list(grid.send_and_receive(evaluate_messages, timeout=timeout))
+                self._count_timeouts(evaluate_messages, replies, "evaluate")
+                personal = self.aggregate_evaluate(server_round, replies)
+                if personal is not None:
+                    result.evaluate_metrics_clientapp[server_round] = personal
+            if evaluate_fn is not None:
+                res = evaluate_fn(server_round, arrays)
+                if res is not None:
+                    result.evaluate_metrics_serverapp[server_round] = res
+            if on_round_end is not None:
+                on_round_end(server_round, arrays)
+        return result
+
+    def _train_with_retries(
+        self, grid: Grid, server_round: int, arrays: ArrayRecord, config: ConfigRecord, timeout: float
+    ) -> tuple[ArrayRecord, MetricRecord]:
+        earlier: list[RoundLog] = []
+        for attempt in range(1, self.cfg.round_retries + 2):
+            messages = list(self.configure_train(server_round, arrays, config, grid))
+            replies = list(grid.send_and_receive(messages, timeout=timeout))
+            self._count_timeouts(messages, replies, "train")
+            entry = self.rounds[-1]
+            entry.attempts = attempt
+            for old in earlier:  # what the failed attempts cost and why they failed
+                entry.bytes_down += old.bytes_down
+                entry.bytes_up += old.bytes_up
+                entry.failures[:0] = [f"attempt {old.attempts}: {f}" for f in old.failures]
+                entry.rejected[:0] = [f"attempt {old.attempts}: {r}" for r in old.rejected]
+            try:
+                merged, metrics = self.aggregate_train(server_round, replies)
+                return merged, metrics
+            except AggregationFailed as exc:
+                if attempt > self.cfg.round_retries:
+                    raise RoundFailed(
+                        f"{exc}; gave up after {attempt} attempts (round-retries="
+                        f"{self.cfg.round_retries})"
+                    ) from exc
+                log.warning("%s; retrying (attempt %d of %d)", exc, attempt + 1, self.cfg.round_retries + 1)
+                earlier = [self.rounds.pop()]  # the next attempt's entry absorbs it
+        raise AssertionError("unreachable")
+
+    def _count_timeouts(self, sent: list[Message], replies: list[Message], phase: str) -> None:
+        """Nodes sent a message that did not answer within the timeout."""
+        answered = {r.metadata.src_node_id for r in replies}
+        missing = sorted({m.metadata.dst_node_id for m in sent} - answered)
+        if missing:
+            entry = self.rounds[-1]
+            entry.timeouts.extend(missing)
+            entry.failures.extend(f"{phase}, node {n}: no reply (timeout)" for n in missing)
+            log.warning("task %d round %d: no %s reply from nodes %s (timeout)",
+                        self.task, entry.round_in_task, phase, missing)  # fmt: skip
 
     # ------------------------------------------------------------ per round
     def round_plan(self, round_in_task: int) -> RoundPlan:

@@ -11,7 +11,8 @@ on the task's merged model and folds them into the cross-task merge
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from flwr.app import ConfigRecord, Message, RecordDict
@@ -48,6 +49,13 @@ class LoRM(LoraStrategy):
     def __init__(self, cfg, layout) -> None:
         super().__init__(cfg, layout)
         self.history: dict[str, _TaskFactors] = {l.name: _TaskFactors() for l in layout.layers}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "history": {k: asdict(h) for k, h in self.history.items()}}
+
+    def load_state_dict(self, state) -> None:
+        super().load_state_dict(state)
+        self.history = {k: _TaskFactors(**h) for k, h in state["history"].items()}
 
     # --------------------------------------------------------------- tasks
     def begin_task(self, task: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -120,7 +128,7 @@ class LoRM(LoraStrategy):
             Message(content, dst_node_id=n, message_type=P.QUERY_TASK_STATS) for n in nodes
         ]
         replies = sorted(
-            grid.send_and_receive(messages, timeout=3600),
+            grid.send_and_receive(messages, timeout=self.cfg.round_timeout),
             key=lambda m: self.partition_of.get(m.metadata.src_node_id, m.metadata.src_node_id),
         )  # partition order: sums independent of arrival order
         expected = self.expected_stats(P.STATS_GRAMS)

@@ -1,0 +1,141 @@
+"""Server checkpoints: all a stopped run needs to continue, saved after every round.
+
+A checkpoint holds the global tensors after the last finished round, the task and
+the next round to run, the strategy's own state (LoRM's cross-task sums), the
+results so far and the RNG states. It is written atomically (a temporary file,
+fsync, then rename), so a kill at any moment leaves the previous checkpoint or
+the new one, never a torn file. It loads with ``torch.load(weights_only=True)``:
+opening a checkpoint never runs code from it.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "CHECKPOINT_FILE",
+    "Checkpoint",
+    "capture_rng",
+    "checkpoint_path",
+    "config_changes",
+    "load_checkpoint",
+    "restore_rng",
+    "save_checkpoint",
+]
+
+CHECKPOINT_FILE = "checkpoint.pt"
+FORMAT_VERSION = 1
+
+# Run-config keys a resumed run may change: they decide where and how patiently a
+# run goes, not what it computes. Any other difference is refused.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "resume-from",
+        "output-dir",
+        "device",
+        "client-threads",
+        "round-retries",
+        "round-timeout",
+        "min-clients",
+        "max-message-mb",
+        "dry-run",
+    }
+)
+
+
+@dataclass
+class Checkpoint:
+    """The server's state between two rounds.
+
+    ``task``/``round_in_task`` name the next round to run; ``round_in_task ==
+    rounds-per-task`` means the task's rounds are done and only its end (LoRM's
+    statistics exchange, evaluation, export) is left.
+    """
+
+    config: dict[str, Any]
+    task: int
+    round_in_task: int
+    tensors: dict[str, torch.Tensor]
+    strategy: dict[str, Any]
+    recorder: dict[str, Any]
+    rng: dict[str, Any]
+    elapsed_seconds: float
+    version: int = FORMAT_VERSION
+
+
+def checkpoint_path(path: str | Path) -> Path:
+    """The checkpoint file of ``path``: the file itself, or a run folder holding one."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / CHECKPOINT_FILE
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"no checkpoint at {p}; give a run folder that holds {CHECKPOINT_FILE}, or the file"
+        )
+    return p.resolve()
+
+
+def save_checkpoint(folder: Path, checkpoint: Checkpoint) -> Path:
+    """Write ``folder/checkpoint.pt`` atomically."""
+    path = folder / CHECKPOINT_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(asdict(checkpoint), f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    file = checkpoint_path(path)
+    state = torch.load(file, map_location="cpu", weights_only=True)
+    if state.get("version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{file} has checkpoint format {state.get('version')!r}; this version reads "
+            f"{FORMAT_VERSION}"
+        )
+    return Checkpoint(**state)
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Run-config keys whose value differs and may not differ on resume, as ``key: old -> new``."""
+    keys = (set(saved) | set(current)) - RESUMABLE_CHANGES
+    return [
+        f"{k}: {saved.get(k)!r} -> {current.get(k)!r}"
+        for k in sorted(keys)
+        if saved.get(k) != current.get(k)
+    ]
+
+
+def capture_rng() -> dict[str, Any]:
+    """Python, NumPy and torch RNG states, in types ``weights_only`` loading accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": list(random.getstate()[1]) + [random.getstate()[0], random.getstate()[2]],
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+        "torch": torch.get_rng_state(),
+    }
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[-2], tuple(py[:-2]), py[-1]))
+    n = state["numpy"]
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    )
+    torch.set_rng_state(state["torch"])

@@ -1,0 +1,122 @@
+"""Message sizes, known from the model's shapes before anything is sent.
+
+Every message of a run has fixed tensor shapes (they depend on the strategy, the
+round kind and the adapter layout, never on data), so the ServerApp computes
+them all before the first round, records them in ``results.json`` and refuses
+to start a run whose messages would exceed the limit: Flower's gRPC limit by
+default, or ``max-message-mb``. The error names the largest tensor and the
+run-config key that shrinks it, instead of a gRPC failure mid-run.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Mapping
+
+import numpy as np
+
+from lorm_flwr import protocol as P
+from lorm_flwr.models.adapters import group_of
+
+__all__ = [
+    "BYTES_PER_FLOAT",
+    "MessageTooLarge",
+    "check_message_sizes",
+    "check_reply_size",
+    "message_shapes",
+    "nbytes",
+]
+
+BYTES_PER_FLOAT = 4  # tensors travel as fp32
+
+Shapes = Mapping[str, tuple[int, ...]]
+
+
+class MessageTooLarge(ValueError):
+    """A message would exceed the size limit; says which tensor and how to shrink it."""
+
+
+def _npy_header_bytes(shape: tuple[int, ...]) -> int:
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buffer, {"descr": "<f4", "fortran_order": False, "shape": tuple(shape)}
+    )
+    return len(buffer.getvalue())
+
+
+def nbytes(shapes: Shapes) -> int:
+    """Bytes of an ArrayRecord of fp32 tensors of these shapes, exactly as Flower counts
+    them (``ArrayRecord.count_bytes``: each key, plus each array's ``.npy`` bytes)."""
+    return sum(
+        len(key.split("/", 1)[-1]) + _npy_header_bytes(s) + BYTES_PER_FLOAT * math.prod(s)
+        for key, s in shapes.items()
+    )
+
+
+def message_shapes(strategy) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Tensor shapes of every message one client sends or receives, by message name.
+
+    ``round R down``/``round R up`` for each round kind (rounds alternate with a
+    period of at most 2), and ``end-of-task up`` for LoRM's statistics exchange.
+    """
+    layout = strategy.layout
+    down = {k: tuple(s) for k, s in layout.shapes.items() if group_of(k) not in strategy.local_groups}
+    out: dict[str, dict[str, tuple[int, ...]]] = {}
+    for r in range(min(strategy.cfg.rounds_per_task, 2)):
+        plan = strategy.round_plan(r)
+        up = {k: tuple(s) for k, s in strategy.expected_reply(plan).items()}
+        if plan.stats != P.STATS_NONE:
+            up.update({f"{P.STATS}/{k}": tuple(s) for k, s in strategy.expected_stats(plan.stats).items()})
+        out[f"round {r} down"] = down
+        out[f"round {r} up"] = up
+    if strategy.name == "lorm":
+        out["end-of-task down"] = down
+        out["end-of-task up"] = {
+            f"{P.STATS}/{k}": tuple(s) for k, s in strategy.expected_stats(P.STATS_GRAMS).items()
+        }
+    return out
+
+
+def _remedy(key: str, cfg) -> str:
+    if key.endswith("|" + P.STAT_G) and key.split("/")[-1].startswith("head|"):
+        return "set head-gram-alpha=0 to send the head Gram's diagonal only"
+    if key.endswith("|" + P.STAT_G) or key.endswith("|" + P.STAT_AG):
+        return (
+            f"set gram-alpha=0 (now {cfg.gram_alpha}) so clients send Gram diagonals (d_in floats "
+            "instead of d_in x d_in), or adapt fewer layers with lora-targets"
+        )
+    if key.endswith("|" + P.STAT_DG):
+        return "regmean sends a dense d_out x d_in product per layer: adapt fewer layers with lora-targets, or use lorm"
+    return f"use a lower lora-rank (now {cfg.lora_rank}) or fewer layers with lora-targets"
+
+
+def check_message_sizes(strategy, limit_bytes: int) -> dict[str, int]:
+    """Bytes of every message (see :func:`message_shapes`); raise if one exceeds ``limit_bytes``."""
+    shapes = message_shapes(strategy)
+    sizes = {name: nbytes(s) for name, s in shapes.items()}
+    for name, size in sizes.items():
+        if size <= limit_bytes:
+            continue
+        key, shape = max(shapes[name].items(), key=lambda kv: math.prod(kv[1]))
+        raise MessageTooLarge(
+            f"each client's '{name}' message would be {size / 2**20:.1f} MiB, over the "
+            f"{limit_bytes / 2**20:.1f} MiB limit (max-message-mb, or Flower's gRPC limit when 0). "
+            f"Its largest tensor is {key} {tuple(shape)} "
+            f"({BYTES_PER_FLOAT * math.prod(shape) / 2**20:.1f} MiB): {_remedy(key, strategy.cfg)}"
+        )
+    return sizes
+
+
+def check_reply_size(tensors: Mapping[str, object], cfg) -> None:
+    """A client's last check before replying (the server checked the shapes already):
+    ``tensors`` maps ``record/key`` to tensors; raise if their total exceeds the limit."""
+    limit = cfg.max_message_bytes
+    sizes = {k: t.numel() * BYTES_PER_FLOAT for k, t in tensors.items()}  # type: ignore[attr-defined]
+    if sum(sizes.values()) <= limit:
+        return
+    key = max(sizes, key=sizes.__getitem__)
+    raise MessageTooLarge(
+        f"this reply would be {sum(sizes.values()) / 2**20:.1f} MiB, over the {limit / 2**20:.1f} "
+        f"MiB limit; its largest tensor is {key} ({sizes[key] / 2**20:.1f} MiB): {_remedy(key, cfg)}"
+    )

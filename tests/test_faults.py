@@ -1,0 +1,178 @@
+"""Server reliability without a federation: round retries, timeouts, checkpoints, size limits."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Error, Message, RecordDict
+
+from lorm_flwr import protocol as P
+from lorm_flwr.checkpoint import (
+    CHECKPOINT_FILE,
+    Checkpoint,
+    capture_rng,
+    config_changes,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from lorm_flwr.config import RunConfig
+from lorm_flwr.limits import MessageTooLarge, check_message_sizes, check_reply_size, message_shapes, nbytes
+from lorm_flwr.models.adapters import group_of
+from lorm_flwr.runtime import initial_tensors, layout_of, model_of
+from lorm_flwr.strategies.base import ModelLayout, RoundFailed
+from lorm_flwr.strategies.fedit import FedIT
+from lorm_flwr.strategies.lorm import LoRM
+import tests.messages  # noqa: F401 - sets Flower's task identity for building messages
+
+SHAPES = {"l.lora_A.weight": (2, 3), "l.lora_B.weight": (4, 2), "linear_head.weight": (5, 4),
+          "linear_head.bias": (5,)}  # fmt: skip
+
+
+class ScriptedGrid:
+    """A Grid whose nodes answer as scripted: per attempt, node -> "ok" | "error" | "silent"."""
+
+    def __init__(self, nodes, script):
+        self.nodes, self.script, self.calls = nodes, list(script), 0
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, timeout=None):
+        behaviour = self.script[min(self.calls, len(self.script) - 1)]
+        self.calls += 1
+        replies = []
+        for m in messages:
+            node = m.metadata.dst_node_id
+            kind = behaviour.get(node, "ok")
+            if kind == "ok":
+                tensors = {k: torch.full(v, float(node)) for k, v in SHAPES.items()}
+                content = RecordDict({P.ARRAYS: P.tensors_to_arrays(tensors),
+                                      P.METRICS: P.reply_metrics(10, **{P.MET_TRAIN_LOSS: 0.1})})  # fmt: skip
+                replies.append(Message(content, reply_to=m))
+            elif kind == "error":
+                replies.append(Message(Error(code=0, reason=f"node {node} crashed"), reply_to=m))
+        return replies
+
+
+def _fedit(**cfg):
+    layout = ModelLayout((), "linear_head.weight", "linear_head.bias", SHAPES)
+    return FedIT(RunConfig(**cfg), layout)
+
+
+def _start(strategy, grid, rounds=1):
+    initial = P.tensors_to_arrays({k: torch.zeros(v) for k, v in SHAPES.items()})
+    saved = []
+    result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=rounds,
+                            on_round_end=lambda r, a: saved.append(r))  # fmt: skip
+    return result, saved
+
+
+def test_a_round_with_too_few_replies_is_sent_again_and_then_merged():
+    strategy = _fedit(min_clients=2, round_retries=2)
+    grid = ScriptedGrid([1, 2, 3], [{1: "error", 2: "silent"}, {}])
+    result, saved = _start(strategy, grid)
+    assert grid.calls == 2 and saved == [1]
+    (entry,) = strategy.rounds
+    assert entry.attempts == 2 and entry.replies == 3
+    assert any("attempt 1: node 1" in f and "crashed" in f for f in entry.failures)
+    assert any("attempt 1" in f and "node 2" in f and "timeout" in f for f in entry.failures)
+    merged = P.arrays_to_tensors(result.arrays)["l.lora_A.weight"]
+    torch.testing.assert_close(merged, torch.full((2, 3), 2.0))  # mean of nodes 1, 2, 3
+
+
+def test_the_round_gives_up_after_the_retries_with_a_clear_error():
+    strategy = _fedit(min_clients=2, round_retries=1)
+    grid = ScriptedGrid([1, 2], [{2: "error"}])
+    with pytest.raises(RoundFailed, match=r"only 1 valid replies, min-clients=2.*after 2 attempts"):
+        _start(strategy, grid)
+    assert grid.calls == 2
+
+
+def test_silent_nodes_are_counted_as_timeouts_and_the_rest_is_merged():
+    strategy = _fedit(min_clients=2, round_retries=0)
+    grid = ScriptedGrid([1, 2, 3], [{3: "silent"}])
+    _start(strategy, grid)
+    (entry,) = strategy.rounds
+    assert entry.timeouts == [3] and entry.replies == 2 and entry.attempts == 1
+
+
+# ------------------------------------------------------------------ checkpoints
+def test_checkpoint_round_trip_is_exact_and_atomic(tmp_path):
+    random.seed(3), np.random.seed(3), torch.manual_seed(3)
+    rng = capture_rng()
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    tensors = {"a": torch.randn(3, 4), "b": torch.randn(2, dtype=torch.float64)}
+    ckpt = Checkpoint(
+        config=RunConfig().to_dict(), task=1, round_in_task=1, tensors=tensors,
+        strategy={"task": 1, "rounds": [{"failures": [], "train_loss": float("nan")}]},
+        recorder={"accuracy_matrix": [[0.9, None]], "rounds": []}, rng=rng, elapsed_seconds=12.5,
+    )  # fmt: skip
+    path = save_checkpoint(tmp_path, ckpt)
+    assert path.name == CHECKPOINT_FILE and not list(tmp_path.glob("*.tmp"))
+    back = load_checkpoint(tmp_path)  # the run folder is enough
+    assert (back.task, back.round_in_task, back.elapsed_seconds) == (1, 1, 12.5)
+    assert back.recorder["accuracy_matrix"] == [[0.9, None]]
+    for k in tensors:
+        assert torch.equal(back.tensors[k], tensors[k]) and back.tensors[k].dtype == tensors[k].dtype
+    random.seed(99), np.random.seed(99), torch.manual_seed(99)
+    restore_rng(back.rng)
+    assert (random.random(), np.random.rand(), torch.rand(1)) == expected
+
+
+def test_a_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_checkpoint(tmp_path)
+
+
+def test_resume_refuses_changed_keys_that_change_results():
+    saved = RunConfig().to_dict()
+    assert config_changes(saved, RunConfig(output_dir="/elsewhere", round_retries=5).to_dict()) == []
+    changes = config_changes(saved, RunConfig(lr=0.01, seed=4).to_dict())
+    assert changes == ["lr: 0.001 -> 0.01", "seed: 0 -> 4"]
+
+
+def test_lorm_state_survives_a_checkpoint(tmp_path):
+    cfg = RunConfig(dataset="digits", backbone="vit-tiny", image_size=16, lora_rank=2)
+    layout = layout_of(model_of(cfg))
+    strategy = LoRM(cfg, layout)
+    for h in strategy.history.values():
+        h.scaled_bs.append(torch.randn(4, 2, dtype=torch.float64))
+        h.gram_total = torch.randn(3, 3, dtype=torch.float64)
+    ckpt = Checkpoint(config={}, task=0, round_in_task=0, tensors={}, strategy=strategy.state_dict(),
+                      recorder={}, rng=capture_rng(), elapsed_seconds=0.0)  # fmt: skip
+    save_checkpoint(tmp_path, ckpt)
+    again = LoRM(cfg, layout)
+    again.load_state_dict(load_checkpoint(tmp_path).strategy)
+    for name, h in strategy.history.items():
+        assert torch.equal(again.history[name].scaled_bs[0], h.scaled_bs[0])
+        assert torch.equal(again.history[name].gram_total, h.gram_total)
+
+
+# --------------------------------------------------------------------- limits
+def _tiny(**overrides):
+    cfg = RunConfig(dataset="digits", backbone="vit-tiny", image_size=16, lora_rank=2, **overrides)
+    return cfg, LoRM(cfg, layout_of(model_of(cfg)))
+
+
+def test_message_sizes_are_known_before_sending():
+    cfg, strategy = _tiny()
+    shapes = message_shapes(strategy)
+    sent = {k: v for k, v in initial_tensors(cfg).items() if group_of(k) not in strategy.local_groups}
+    record = RecordDict({P.ARRAYS: P.tensors_to_arrays(sent)})
+    assert nbytes(shapes["round 0 down"]) == P.record_bytes(record)
+    sizes = check_message_sizes(strategy, cfg.max_message_bytes)
+    assert sizes["round 1 up"] > sizes["round 0 up"]  # A-rounds send full Grams
+
+
+def test_a_message_over_the_limit_names_the_tensor_and_the_remedy():
+    cfg, strategy = _tiny(max_message_mb=0.05)
+    with pytest.raises(MessageTooLarge, match=r"'round 1 up'.*largest tensor is stats/.*\|G.*gram-alpha=0"):
+        check_message_sizes(strategy, cfg.max_message_bytes)
+    cfg, strategy = _tiny(max_message_mb=0.05, gram_alpha=0.0, head_gram_alpha=0.0)
+    check_message_sizes(strategy, cfg.max_message_bytes)  # diagonals fit
+    with pytest.raises(MessageTooLarge, match="lower lora-rank"):
+        check_reply_size({"arrays/x.lora_A.weight": torch.zeros(1000, 100)}, cfg)
