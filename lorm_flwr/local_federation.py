@@ -62,15 +62,15 @@ class Federation:
     home: Path
     session: int
 
-    def run(
+    def command(
         self,
         run_config: dict,
         num_supernodes: int,
-        timeout: float = 900,
         cpus_per_client: float = 1,
         run_config_files: tuple[str, ...] = (),
-    ) -> subprocess.CompletedProcess:
-        """``flwr run`` of this app with ``run_config`` (after any preset ``run_config_files``)."""
+    ) -> list[str]:
+        """The ``flwr run`` command line of this app with ``run_config`` (after any
+        preset ``run_config_files``)."""
         items = " ".join(
             f"{k}='{v}'" if isinstance(v, str) else f"{k}={str(v).lower() if isinstance(v, bool) else v}"
             for k, v in run_config.items()
@@ -82,38 +82,81 @@ class Federation:
             *[arg for f in run_config_files for arg in ("--run-config", f)],
             *(["--run-config", items] if items else []),
         ]  # fmt: skip
+        return cmd
+
+    def run(
+        self,
+        run_config: dict,
+        num_supernodes: int,
+        timeout: float = 900,
+        cpus_per_client: float = 1,
+        run_config_files: tuple[str, ...] = (),
+    ) -> subprocess.CompletedProcess:
+        """``flwr run`` to the end (see :meth:`command`)."""
+        cmd = self.command(run_config, num_supernodes, cpus_per_client, run_config_files)
         return subprocess.run(
             cmd, env=self.env, capture_output=True, text=True, timeout=timeout, cwd=self.home
         )
 
+    def run_status(self) -> list[dict]:
+        """``flwr ls`` of this SuperLink: every run with its status (e.g. ``finished:failed``)."""
+        out = subprocess.run(
+            [str(BIN / "flwr"), "ls", self.connection, "--format", "json"],
+            env=self.env, capture_output=True, text=True, timeout=120, cwd=self.home,
+        )  # fmt: skip
+        return list(json.loads(out.stdout).get("runs", []))
+
+    def kill(self) -> int:
+        """SIGKILL the SuperLink and every process under it (ServerApp, Ray, client
+        actors), as a crash would: nothing gets to clean up. Returns how many died."""
+        killed = 0
+        # The SuperLink dies last: its orphans would no longer be found by parent links.
+        for last in (False, False, True):  # processes may fork while we kill
+            pids = [p for p in self._descendants() if p != os.getpid() and (last or p != self.session)]
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                    killed += 1
+            time.sleep(0.5)
+        return killed
+
+    def _descendants(self) -> list[int]:
+        parents = _process_parents()
+        out = []
+        for pid in parents:
+            p, hops = pid, 0
+            while p > 1 and p != self.session and hops < 64:
+                p, hops = parents.get(p, 0), hops + 1
+            if p == self.session:
+                out.append(pid)
+        return out
 
     def process_memory(self) -> int:
         """Resident memory (bytes) of the SuperLink and all its descendants: the
         ServerApp, Ray's daemons and the client actors. Ray starts some of them in
         sessions of their own, so they are found by parent links, not by session.
         """
-        parents: dict[int, int] = {}
-        rss: dict[int, int] = {}
         page = os.sysconf("SC_PAGE_SIZE")
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
+        total = 0
+        for pid in self._descendants():
             try:
-                with open(f"/proc/{entry}/stat") as f:
-                    stat = f.read()
-                with open(f"/proc/{entry}/statm") as f:
-                    rss[int(entry)] = int(f.read().split()[1]) * page
+                with open(f"/proc/{pid}/statm") as f:
+                    total += int(f.read().split()[1]) * page
             except (OSError, ValueError, IndexError):
                 continue
-            parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
-        total = 0
-        for pid, size in rss.items():
-            p, hops = pid, 0
-            while p > 1 and p != self.session and hops < 64:
-                p, hops = parents.get(p, 0), hops + 1
-            if p == self.session:
-                total += size
         return total
+
+
+def _process_parents() -> dict[int, int]:
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    return parents
 
 
 @contextlib.contextmanager

@@ -17,20 +17,10 @@ from pathlib import Path
 import pytest
 
 from lorm_flwr.local_federation import BIN, ROOT, load_results, simulation_superlink
+from tests.test_simulation import TINY
 
 pytestmark = pytest.mark.slow
 
-TINY = {
-    "dataset": "digits",
-    "backbone": "vit-tiny",
-    "num-tasks": 2,
-    "rounds-per-task": 1,
-    "local-epochs": 1,
-    "image-size": 16,
-    "lora-rank": 2,
-    "lora-alpha": 2.0,
-    "seed": 1,
-}
 SCRIPTS = ROOT / "scripts"
 
 

@@ -80,6 +80,7 @@ def test_a_round_with_too_few_replies_is_sent_again_and_then_merged():
     assert entry.attempts == 2 and entry.replies == 3
     assert any("attempt 1: node 1" in f and "crashed" in f for f in entry.failures)
     assert any("attempt 1" in f and "node 2" in f and "timeout" in f for f in entry.failures)
+    assert entry.timeouts == [2]
     merged = P.arrays_to_tensors(result.arrays)["l.lora_A.weight"]
     torch.testing.assert_close(merged, torch.full((2, 3), 2.0))  # mean of nodes 1, 2, 3
 

@@ -215,6 +215,7 @@ class LoraStrategy(FedAvg):
                 entry.bytes_up += old.bytes_up
                 entry.failures[:0] = [f"attempt {old.attempts}: {f}" for f in old.failures]
                 entry.rejected[:0] = [f"attempt {old.attempts}: {r}" for r in old.rejected]
+                entry.timeouts[:0] = old.timeouts
             try:
                 merged, metrics = self.aggregate_train(server_round, replies)
                 return merged, metrics

@@ -1,0 +1,117 @@
+"""Wall time of the first 2 rounds of the default scenario: deployment against simulation.
+
+Both engines run the app's defaults (LoRM, MNIST, EfficientNet-Lite0, 3 clients) on
+this machine. Deployment: ``scripts/deploy_local.sh`` starts a SuperLink and 3
+SuperNodes on 127.0.0.1 first (long-lived in a real deployment, so not timed), then
+``flwr run . local-deploy``. Simulation: a simulation SuperLink, then ``flwr run``
+(Ray and its actors start inside the timed span, as they do for every simulated run).
+Timed: from ``flwr run`` until ``results.json`` holds round 2 (the first task's two
+rounds), plus the server-side time of those rounds from ``results.json``. The run is
+then stopped.
+
+    python benchmarks/deployment_vs_simulation.py --out benchmarks/results/deployment_vs_simulation
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lorm_flwr.local_federation import BIN, simulation_superlink  # noqa: E402
+
+ROUNDS = 2
+CLIENTS = 3
+
+
+def _wait_rounds(out: Path, runner: subprocess.Popen, timeout: float = 1800) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for f in out.glob("*/results.json"):
+            try:
+                results = json.loads(f.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            if len(results["rounds"]) >= ROUNDS:
+                return results
+        if runner.poll() is not None:
+            raise RuntimeError(f"flwr run ended early: {runner.communicate()}")
+        time.sleep(0.2)
+    raise TimeoutError("round 2 never finished")
+
+
+def _measure(cmd: list[str], env: dict, cwd: Path, out: Path) -> dict:
+    start = time.perf_counter()
+    runner = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        results = _wait_rounds(out, runner)
+        wall = time.perf_counter() - start
+    finally:
+        runner.kill()
+        runner.wait()
+    r1, r2 = results["rounds"][0], results["rounds"][1]
+    return {
+        "wall_seconds_to_round_2": wall,
+        "server_seconds_rounds_1_2": r2["elapsed_seconds"],
+        "round_2_seconds": r2["elapsed_seconds"] - r1["elapsed_seconds"],
+        "client_training_seconds_max": [r1["client_train_seconds_max"], r2["client_train_seconds_max"]],
+    }
+
+
+def simulation(tmp: Path) -> dict:
+    with simulation_superlink(tmp / "sim") as fed:
+        out = tmp / "sim-runs"
+        cmd = fed.command({"output-dir": str(out)}, num_supernodes=CLIENTS)
+        try:
+            return _measure(cmd, fed.env, fed.home, out)
+        finally:
+            fed.kill()
+
+
+def deployment(tmp: Path) -> dict:
+    state, out = tmp / "deploy", tmp / "deploy-runs"
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", FLWR_TELEMETRY_ENABLED="0",
+               FLWR_DISABLE_UPDATE_CHECK="1", PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")  # fmt: skip
+    script = str(ROOT / "scripts" / "deploy_local.sh")
+    subprocess.run([script, "start", str(CLIENTS), str(state)], check=True, env=env, timeout=180)
+    try:
+        cmd = [str(BIN / "flwr"), "run", str(ROOT), "local-deploy", "--stream",
+               "--run-config", f"output-dir='{out}'"]  # fmt: skip
+        return _measure(cmd, {**env, "FLWR_HOME": str(state / "flwr-home")}, tmp, out)
+    finally:
+        subprocess.run([script, "stop", str(state)], env=env, timeout=180)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="")
+    args = p.parse_args()
+    rows = {}
+    with tempfile.TemporaryDirectory(prefix="lfr-dvs-") as tmp:
+        for name, fn in (("simulation", simulation), ("deployment", deployment)):
+            rows[name] = fn(Path(tmp))
+            print(name, json.dumps(rows[name]), flush=True)
+    lines = [
+        "| engine | flwr run to end of round 2 (s) | server time, rounds 1-2 (s) | round 2 alone (s) |",
+        "|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['wall_seconds_to_round_2']:.0f} | {r['server_seconds_rounds_1_2']:.0f} | "
+                     f"{r['round_2_seconds']:.0f} |")  # fmt: skip
+    print("\n".join(lines))
+    if args.out:
+        Path(args.out).with_suffix(".json").write_text(json.dumps(rows, indent=2))
+        Path(args.out).with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

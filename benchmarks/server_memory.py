@@ -1,0 +1,139 @@
+"""Server peak memory while merging one round, for 10, 50 and 100 clients.
+
+The real strategy (default ``lorm``) merges an A-round, the round with the largest
+replies (every adapted layer's full Gram), through its own round loop
+(``strategy.start``) on a stand-in Grid that returns N valid replies of the real
+shapes of a small backbone (ViT-tiny at 16 px). Each client count runs in a fresh
+process; the figure is that process's peak resident memory (``ru_maxrss``) minus
+its resident memory before the replies arrive, next to the bytes of the replies
+themselves. Flower hands the server all of a round's replies at once, so memory
+can at best grow linearly with N; the merge adds O(1) sums on top.
+
+    python benchmarks/server_memory.py --clients 10 50 100 --out benchmarks/results/server_memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _rss_now() -> int:
+    with open("/proc/self/statm") as f:
+        import os
+
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure(clients: int, strategy_name: str) -> dict:
+    sys.path.insert(0, str(ROOT))
+    import torch
+    from flwr.app import Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from lorm_flwr import protocol as P
+    from lorm_flwr.config import RunConfig
+    from lorm_flwr.runtime import initial_tensors, layout_of, model_of
+    from lorm_flwr.strategies import strategy_class
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # Messages outside a run
+    torch.set_num_threads(1)
+    cfg = RunConfig(strategy=strategy_name, dataset="digits", backbone="vit-tiny", image_size=16,
+                    lora_rank=4, min_clients=clients)  # fmt: skip
+    strategy = strategy_class(strategy_name)(cfg, layout_of(model_of(cfg)))
+    plan = strategy.round_plan(1)  # LoRM: an A-round, full Grams
+    reply_shapes = strategy.expected_reply(plan)
+    stat_shapes = strategy.expected_stats(plan.stats) if plan.stats != P.STATS_NONE else {}
+    start_tensors = initial_tensors(cfg)
+
+    def fake_reply(request: Message, seed: int) -> Message:
+        gen = torch.Generator().manual_seed(seed)
+        arrays = {k: torch.randn(s, generator=gen) for k, s in reply_shapes.items()}
+        stats = {}
+        for k, s in stat_shapes.items():
+            if k.endswith("|" + P.STAT_G) or k.endswith("|" + P.STAT_AGA):
+                if len(s) == 1:
+                    stats[k] = torch.rand(s, generator=gen) + 0.1
+                else:
+                    x = torch.randn(s[0], 2 * s[0], generator=gen)
+                    stats[k] = x @ x.T
+            else:
+                stats[k] = torch.randn(s, generator=gen)
+        content = RecordDict({P.ARRAYS: P.tensors_to_arrays(arrays), P.STATS: P.tensors_to_arrays(stats),
+                              P.METRICS: P.reply_metrics(100, **{P.MET_TRAIN_LOSS: 0.5})})  # fmt: skip
+        return Message(content, reply_to=request)
+
+    class Grid:
+        def get_node_ids(self):
+            return list(range(1, clients + 1))
+
+        def send_and_receive(self, messages, timeout=None):
+            return [fake_reply(m, m.metadata.dst_node_id) for m in messages]
+
+    strategy.begin_task(0, start_tensors)
+    before = _rss_now()
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    strategy.start(grid=Grid(), initial_arrays=P.tensors_to_arrays(start_tensors),
+                   num_rounds=2, first_round=2)  # fmt: skip - round 2 = index 1, the A-round
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    entry = strategy.rounds[-1]
+    return {
+        "clients": clients,
+        "strategy": strategy_name,
+        "replies_merged": entry.replies,
+        "reply_bytes_total": entry.bytes_up,
+        "rss_before_bytes": before,
+        "peak_rss_bytes": max(peak, peak_before),
+        "peak_increase_bytes": max(peak, peak_before) - before,
+        "merge_seconds": entry.merge_seconds,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--clients", type=int, nargs="+", default=[10, 50, 100])
+    p.add_argument("--strategy", default="lorm")
+    p.add_argument("--out", default="")
+    p.add_argument("--one", type=int, default=0, help=argparse.SUPPRESS)  # child process
+    args = p.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.one, args.strategy)))
+        return
+    rows = []
+    for n in args.clients:
+        out = subprocess.run([sys.executable, __file__, "--one", str(n), "--strategy", args.strategy],
+                             capture_output=True, text=True, check=True)  # fmt: skip
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        r = rows[-1]
+        print(f"{n:4d} clients: replies {r['reply_bytes_total'] / 2**20:8.1f} MiB, peak RSS "
+              f"{r['peak_rss_bytes'] / 2**20:8.1f} MiB (+{r['peak_increase_bytes'] / 2**20:.1f} MiB "
+              f"while merging), merge {r['merge_seconds']:.2f} s", flush=True)  # fmt: skip
+    base = rows[0]
+    lines = [
+        f"| clients | replies (MiB) | peak RSS (MiB) | increase while merging (MiB) | increase / replies | merge (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['clients']} | {r['reply_bytes_total'] / 2**20:.1f} | {r['peak_rss_bytes'] / 2**20:.0f} | "
+            f"{r['peak_increase_bytes'] / 2**20:.1f} | {r['peak_increase_bytes'] / r['reply_bytes_total']:.2f} | "
+            f"{r['merge_seconds']:.2f} |"
+        )
+    print("\n".join(lines))
+    if len(rows) > 1:
+        last = rows[-1]
+        growth = (last["peak_increase_bytes"] / base["peak_increase_bytes"]) / (last["clients"] / base["clients"])
+        print(f"increase grows {growth:.2f}x as fast as the client count from {base['clients']} to {last['clients']}")
+    if args.out:
+        Path(args.out).with_suffix(".json").write_text(json.dumps(rows, indent=2))
+        Path(args.out).with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
