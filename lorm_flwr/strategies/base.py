@@ -22,7 +22,7 @@ from flwr.serverapp.strategy import FedAvg, Result
 from lorm_flwr import protocol as P
 from lorm_flwr.config import RunConfig
 from lorm_flwr.lorm import expected_stats
-from lorm_flwr.merge import gram_sum, merge_lora_a_from_sums, weighted_mean
+from lorm_flwr.merge import merge_lora_a_from_sums, weighted_mean
 from lorm_flwr.models.adapters import HEAD, AdaptedLayer, group_of
 
 log = logging.getLogger("flwr.lorm")
@@ -91,6 +91,21 @@ class RoundLog:
     merge_seconds: float = 0.0
     extra: dict[str, float] = field(default_factory=dict)
     personal: dict[str, object] = field(default_factory=dict)
+
+
+def stat_total(replies: list[Message], key: str) -> torch.Tensor:
+    """``sum_i`` of statistic ``key`` over the replies, in float64 and in reply order.
+
+    Each reply's tensor is decoded only when it is added and dropped right after, so
+    the merge holds the replies (as Flower hands them over) plus one running sum,
+    never a second decoded copy of every reply.
+    """
+    total: torch.Tensor | None = None
+    for m in replies:
+        t = torch.from_numpy(m.content[P.STATS][key].numpy()).to(torch.float64)
+        total = t if total is None else total.add_(t)
+    assert total is not None, "no replies to sum"
+    return total
 
 
 class LoraStrategy(FedAvg):
@@ -419,11 +434,10 @@ class LoraStrategy(FedAvg):
         anchor: bool = False,
     ) -> dict[str, torch.Tensor]:
         """RegMean of the head from ``W_i G_i`` and ``G_i``; sample-weighted mean of its bias."""
-        stats = [P.arrays_to_tensors(m.content[P.STATS]) for m in replies]
         w = current[self.layout.head_weight]
         weight = merge_lora_a_from_sums(
-            gram_sum([s[P.stat_key(HEAD, P.STAT_WG)] for s in stats]),
-            gram_sum([s[P.stat_key(HEAD, P.STAT_G)] for s in stats]),
+            stat_total(replies, P.stat_key(HEAD, P.STAT_WG)),
+            stat_total(replies, P.stat_key(HEAD, P.STAT_G)),
             self.cfg.merge_ridge,
             w if anchor else None,
         )

@@ -28,7 +28,13 @@ from lorm_flwr.merge import (
     merge_lora_b_from_sums,
 )
 from lorm_flwr.models.adapters import fresh_factors
-from lorm_flwr.strategies.base import AggregationFailed, LoraStrategy, RoundPlan, TaskModel
+from lorm_flwr.strategies.base import (
+    AggregationFailed,
+    LoraStrategy,
+    RoundPlan,
+    TaskModel,
+    stat_total,
+)
 
 __all__ = ["LoRM"]
 
@@ -87,10 +93,8 @@ class LoRM(LoraStrategy):
         current: dict[str, torch.Tensor],
     ) -> dict[str, torch.Tensor]:
         kind = self.round_plan(self.rounds[-1].round_in_task).stats
-        stats = [P.arrays_to_tensors(m.content[P.STATS]) for m in replies]
-
         def total(key: str) -> torch.Tensor:
-            return gram_sum([s[key] for s in stats])  # fp64 sum over clients
+            return stat_total(replies, key)  # fp64 sum over clients
 
         def anchor(t: torch.Tensor) -> torch.Tensor | None:
             return matrix(t) if self.cfg.merge_anchor == "global" else None

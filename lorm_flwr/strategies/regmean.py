@@ -12,8 +12,8 @@ import torch
 from flwr.app import Message
 
 from lorm_flwr import protocol as P
-from lorm_flwr.merge import gram_sum, merge_lora_a_from_sums
-from lorm_flwr.strategies.base import LoraStrategy, RoundPlan
+from lorm_flwr.merge import merge_lora_a_from_sums
+from lorm_flwr.strategies.base import LoraStrategy, RoundPlan, stat_total
 
 __all__ = ["RegMean", "truncate"]
 
@@ -51,10 +51,8 @@ class RegMean(LoraStrategy):
         weights: list[int],
         current: dict[str, torch.Tensor],
     ) -> dict[str, torch.Tensor]:
-        stats = [P.arrays_to_tensors(m.content[P.STATS]) for m in replies]
-
         def total(key: str) -> torch.Tensor:
-            return gram_sum([s[key] for s in stats])
+            return stat_total(replies, key)
 
         out = dict(current)
         errors = []
