@@ -177,3 +177,19 @@ def test_a_message_over_the_limit_names_the_tensor_and_the_remedy():
     check_message_sizes(strategy, cfg.max_message_bytes)  # diagonals fit
     with pytest.raises(MessageTooLarge, match="lower lora-rank"):
         check_reply_size({"arrays/x.lora_A.weight": torch.zeros(1000, 100)}, cfg)
+
+
+def test_the_server_refuses_a_resume_it_cannot_honour_before_any_work(tmp_path):
+    from lorm_flwr.config import ConfigError
+    from server_app import _resume_point
+
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        _resume_point(RunConfig(resume_from=str(tmp_path)))
+    saved = RunConfig(lr=0.002)
+    save_checkpoint(tmp_path, Checkpoint(config=saved.to_dict(), task=0, round_in_task=1, tensors={},
+                                         strategy={}, recorder={}, rng=capture_rng(),
+                                         elapsed_seconds=0.0))  # fmt: skip
+    with pytest.raises(ConfigError, match=r"lr: 0\.002 -> 0\.001"):
+        _resume_point(RunConfig(resume_from=str(tmp_path)))
+    ok = _resume_point(RunConfig(lr=0.002, resume_from=str(tmp_path), output_dir="/other"))
+    assert ok.round_in_task == 1
