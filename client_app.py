@@ -67,11 +67,7 @@ def train(msg: Message, context: Context) -> Message:
     )
     if result.stats:
         content[P.STATS] = P.tensors_to_arrays(result.stats)
-    check_reply_size(
-        {**{f"{P.ARRAYS}/{k}": t for k, t in result.tensors.items()},
-         **{f"{P.STATS}/{k}": t for k, t in (result.stats or {}).items()}},
-        cfg,
-    )  # fmt: skip
+    check_reply_size(content, cfg)
     return Message(content, reply_to=msg)
 
 

@@ -31,7 +31,7 @@ from lorm_flwr.limits import check_message_sizes
 from lorm_flwr.results import RunRecorder, export_adapter, run_folder
 from lorm_flwr.runtime import initial_tensors, layout_of, model_of, scenario_of
 from lorm_flwr.strategies import strategy_class
-from lorm_flwr.strategies.base import AggregationFailed, RoundFailed
+from lorm_flwr.strategies.base import with_retries
 
 log = logging.getLogger("flwr.lorm")
 app = ServerApp()
@@ -213,17 +213,6 @@ def _resume_point(cfg: RunConfig) -> Checkpoint | None:
     return checkpoint
 
 
-def _end_task_with_retries(cfg, scenario, task, grid, strategy, recorder, tensors) -> None:
-    for attempt in range(1, cfg.round_retries + 2):
-        try:
-            _end_task(cfg, scenario, task, grid, strategy, recorder, tensors)
-            return
-        except AggregationFailed as exc:
-            if attempt > cfg.round_retries:
-                raise RoundFailed(f"{exc}; gave up after {attempt} attempts") from exc
-            log.warning("%s; retrying (attempt %d of %d)", exc, attempt + 1, cfg.round_retries + 1)
-
-
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_mapping(context.run_config)  # bad values stop here
@@ -306,12 +295,15 @@ def main(grid: Grid, context: Context) -> None:
                     on_round_end=lambda rnd, arrays, t=task: save(t, rnd, P.arrays_to_tensors(arrays)),
                 )
                 tensors = P.arrays_to_tensors(result.arrays)
-            _end_task_with_retries(cfg, scenario, task, grid, strategy, recorder, tensors)
+            with_retries(
+                lambda _attempt: _end_task(cfg, scenario, task, grid, strategy, recorder, tensors),
+                cfg.round_retries,
+            )
             save(task + 1, 0, tensors)
     except BaseException as exc:
         recorder.status = "failed"
         recorder.error = f"{type(exc).__name__}: {exc}"
-        if strategy.rounds and (not recorder.rounds or _unrecorded(strategy, recorder)):
+        if _unrecorded(strategy, recorder):
             recorder.failed_round = asdict(strategy.rounds[-1])
         recorder.write()
         log.error(
@@ -326,6 +318,9 @@ def main(grid: Grid, context: Context) -> None:
 
 def _unrecorded(strategy, recorder) -> bool:
     """Whether the strategy's last round failed before the recorder saw it."""
+    if not strategy.rounds:
+        return False
     last = strategy.rounds[-1]
-    seen = recorder.rounds[-1]
-    return (last.task, last.round_in_task) != (seen["task"], seen["round_in_task"])
+    return not recorder.rounds or (last.task, last.round_in_task) != (
+        recorder.rounds[-1]["task"], recorder.rounds[-1]["round_in_task"]
+    )

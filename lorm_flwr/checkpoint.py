@@ -118,8 +118,9 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
 def capture_rng() -> dict[str, Any]:
     """Python, NumPy and torch RNG states, in types ``weights_only`` loading accepts."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
     return {
-        "python": list(random.getstate()[1]) + [random.getstate()[0], random.getstate()[2]],
+        "python": list(internal) + [version, gauss_next],
         "numpy": {
             "kind": kind,
             "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),

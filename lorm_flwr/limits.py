@@ -15,6 +15,7 @@ import math
 from collections.abc import Mapping
 
 import numpy as np
+from flwr.app import ArrayRecord, RecordDict
 
 from lorm_flwr import protocol as P
 from lorm_flwr.models.adapters import group_of
@@ -58,7 +59,8 @@ def message_shapes(strategy) -> dict[str, dict[str, tuple[int, ...]]]:
     """Tensor shapes of every message one client sends or receives, by message name.
 
     ``round R down``/``round R up`` for each round kind (rounds alternate with a
-    period of at most 2), and ``end-of-task up`` for LoRM's statistics exchange.
+    period of at most 2), and ``end-of-task down/up`` for a strategy with task-end
+    statistics (LoRM).
     """
     layout = strategy.layout
     down = {k: tuple(s) for k, s in layout.shapes.items() if group_of(k) not in strategy.local_groups}
@@ -70,10 +72,10 @@ def message_shapes(strategy) -> dict[str, dict[str, tuple[int, ...]]]:
             up.update({f"{P.STATS}/{k}": tuple(s) for k, s in strategy.expected_stats(plan.stats).items()})
         out[f"round {r} down"] = down
         out[f"round {r} up"] = up
-    if strategy.name == "lorm":
+    if strategy.task_stats != P.STATS_NONE:
         out["end-of-task down"] = down
         out["end-of-task up"] = {
-            f"{P.STATS}/{k}": tuple(s) for k, s in strategy.expected_stats(P.STATS_GRAMS).items()
+            f"{P.STATS}/{k}": tuple(s) for k, s in strategy.expected_stats(strategy.task_stats).items()
         }
     return out
 
@@ -108,15 +110,20 @@ def check_message_sizes(strategy, limit_bytes: int) -> dict[str, int]:
     return sizes
 
 
-def check_reply_size(tensors: Mapping[str, object], cfg) -> None:
+def check_reply_size(content: RecordDict, cfg) -> None:
     """A client's last check before replying (the server checked the shapes already):
-    ``tensors`` maps ``record/key`` to tensors; raise if their total exceeds the limit."""
-    limit = cfg.max_message_bytes
-    sizes = {k: t.numel() * BYTES_PER_FLOAT for k, t in tensors.items()}  # type: ignore[attr-defined]
-    if sum(sizes.values()) <= limit:
+    the reply's bytes as Flower counts them against the limit; names the largest array."""
+    limit, size = cfg.max_message_bytes, P.record_bytes(content)
+    if size <= limit:
         return
-    key = max(sizes, key=sizes.__getitem__)
+    arrays = {
+        f"{name}/{key}": len(array.data)
+        for name, record in content.items()
+        if isinstance(record, ArrayRecord)
+        for key, array in record.items()
+    }
+    key = max(arrays, key=arrays.__getitem__)
     raise MessageTooLarge(
-        f"this reply would be {sum(sizes.values()) / 2**20:.1f} MiB, over the {limit / 2**20:.1f} "
-        f"MiB limit; its largest tensor is {key} ({sizes[key] / 2**20:.1f} MiB): {_remedy(key, cfg)}"
+        f"this reply would be {size / 2**20:.1f} MiB, over the {limit / 2**20:.1f} MiB limit; its "
+        f"largest tensor is {key} ({arrays[key] / 2**20:.1f} MiB): {_remedy(key, cfg)}"
     )

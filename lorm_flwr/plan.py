@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lorm_flwr.config import RunConfig
+from lorm_flwr.limits import BYTES_PER_FLOAT
 
 __all__ = ["Plan", "make_plan"]
-
-from lorm_flwr.limits import BYTES_PER_FLOAT
 
 
 @dataclass

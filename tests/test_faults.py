@@ -176,7 +176,7 @@ def test_a_message_over_the_limit_names_the_tensor_and_the_remedy():
     cfg, strategy = _tiny(max_message_mb=0.05, gram_alpha=0.0, head_gram_alpha=0.0)
     check_message_sizes(strategy, cfg.max_message_bytes)  # diagonals fit
     with pytest.raises(MessageTooLarge, match="lower lora-rank"):
-        check_reply_size({"arrays/x.lora_A.weight": torch.zeros(1000, 100)}, cfg)
+        check_reply_size(RecordDict({P.ARRAYS: P.tensors_to_arrays({"x.lora_A.weight": torch.zeros(1000, 100)})}), cfg)
 
 
 def test_the_server_refuses_a_resume_it_cannot_honour_before_any_work(tmp_path):

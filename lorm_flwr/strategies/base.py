@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -35,6 +35,8 @@ __all__ = [
     "RoundLog",
     "RoundPlan",
     "TaskModel",
+    "stat_total",
+    "with_retries",
 ]
 
 
@@ -93,6 +95,24 @@ class RoundLog:
     personal: dict[str, object] = field(default_factory=dict)
 
 
+T = TypeVar("T")
+
+
+def with_retries(action: Callable[[int], T], retries: int) -> T:
+    """``action(attempt)`` for attempt 1, 2, ... until it does not raise
+    :class:`AggregationFailed`; after ``retries`` retries, :class:`RoundFailed`."""
+    for attempt in range(1, retries + 2):
+        try:
+            return action(attempt)
+        except AggregationFailed as exc:
+            if attempt > retries:
+                raise RoundFailed(
+                    f"{exc}; gave up after {attempt} attempts (round-retries={retries})"
+                ) from exc
+            log.warning("%s; retrying (attempt %d of %d)", exc, attempt + 1, retries + 1)
+    raise AssertionError("unreachable")
+
+
 def stat_total(replies: list[Message], key: str) -> torch.Tensor:
     """``sum_i`` of statistic ``key`` over the replies, in float64 and in reply order.
 
@@ -118,6 +138,8 @@ class LoraStrategy(FedAvg):
 
     name = "base"
     local_groups: frozenset[str] = frozenset()
+    # Statistics a strategy gathers at each task end (LoRM's Grams), if any.
+    task_stats: str = P.STATS_NONE
 
     def __init__(self, cfg: RunConfig, layout: ModelLayout) -> None:
         super().__init__(
@@ -219,7 +241,8 @@ class LoraStrategy(FedAvg):
         self, grid: Grid, server_round: int, arrays: ArrayRecord, config: ConfigRecord, timeout: float
     ) -> tuple[ArrayRecord, MetricRecord]:
         earlier: list[RoundLog] = []
-        for attempt in range(1, self.cfg.round_retries + 2):
+
+        def attempt_round(attempt: int) -> tuple[ArrayRecord, MetricRecord]:
             messages = list(self.configure_train(server_round, arrays, config, grid))
             replies = list(grid.send_and_receive(messages, timeout=timeout))
             self._count_timeouts(messages, replies, "train")
@@ -232,17 +255,13 @@ class LoraStrategy(FedAvg):
                 entry.rejected[:0] = [f"attempt {old.attempts}: {r}" for r in old.rejected]
                 entry.timeouts[:0] = old.timeouts
             try:
-                merged, metrics = self.aggregate_train(server_round, replies)
-                return merged, metrics
-            except AggregationFailed as exc:
-                if attempt > self.cfg.round_retries:
-                    raise RoundFailed(
-                        f"{exc}; gave up after {attempt} attempts (round-retries="
-                        f"{self.cfg.round_retries})"
-                    ) from exc
-                log.warning("%s; retrying (attempt %d of %d)", exc, attempt + 1, self.cfg.round_retries + 1)
-                earlier = [self.rounds.pop()]  # the next attempt's entry absorbs it
-        raise AssertionError("unreachable")
+                return self.aggregate_train(server_round, replies)
+            except AggregationFailed:
+                if attempt <= self.cfg.round_retries:  # the next attempt's entry absorbs it;
+                    earlier[:] = [self.rounds.pop()]  # the last one stays on record
+                raise
+
+        return with_retries(attempt_round, self.cfg.round_retries)
 
     def _count_timeouts(self, sent: list[Message], replies: list[Message], phase: str) -> None:
         """Nodes sent a message that did not answer within the timeout."""

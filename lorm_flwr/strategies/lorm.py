@@ -51,6 +51,7 @@ class _TaskFactors:
 
 class LoRM(LoraStrategy):
     name = "lorm"
+    task_stats = P.STATS_GRAMS
 
     def __init__(self, cfg, layout) -> None:
         super().__init__(cfg, layout)
@@ -135,7 +136,7 @@ class LoRM(LoraStrategy):
             grid.send_and_receive(messages, timeout=self.cfg.round_timeout),
             key=lambda m: self.partition_of.get(m.metadata.src_node_id, m.metadata.src_node_id),
         )  # partition order: sums independent of arrival order
-        expected = self.expected_stats(P.STATS_GRAMS)
+        expected = self.expected_stats(self.task_stats)
         grams: list[dict[str, torch.Tensor]] = []
         failures = []
         for r in replies:
