@@ -12,6 +12,7 @@ from lorm_flwr import protocol as P
 from lorm_flwr.config import RunConfig
 from lorm_flwr.gram import layer_grams
 from lorm_flwr.lorm import lorm_products, matrix, regmean_products
+from lorm_flwr.models.fold import batchnorm_folded
 from lorm_flwr.models.adapters import (
     HEAD,
     adapter_layout,
@@ -188,7 +189,8 @@ def _grams(
     """Smoothed input Grams of every adapted layer (and the head) over ``images``.
 
     The pass runs with the adapters merged into the base weights (one op per
-    layer instead of three); ``projections`` as in :func:`layer_grams`.
+    layer instead of three) and BatchNorm folded into the convolutions before
+    it; ``projections`` as in :func:`layer_grams`.
     """
     targets = {
         layer.name: (model.get_submodule(PEFT_PREFIX + layer.name), layer.is_conv)
@@ -199,12 +201,15 @@ def _grams(
         targets[HEAD] = (model.get_submodule(PEFT_PREFIX + HEAD), False)
         alphas[HEAD] = cfg.head_gram_alpha
     device = pick_device(cfg.device)
-    with merged_for_inference(model), autocast(device, cfg.precision):
+    spec = input_spec(cfg)
+    model.eval()
+    probe = spec(images[:1], device)
+    with merged_for_inference(model), batchnorm_folded(model, probe), autocast(device, cfg.precision):
         grams, _ = layer_grams(
             model,
             targets,
             images,
-            inputs=input_spec(cfg),
+            inputs=spec,
             batch_size=cfg.eval_batch_size,
             device=device,
             alphas=alphas,

@@ -20,8 +20,9 @@ from torch import nn
 __all__ = ["GramRecorder", "GramStats", "gram_of", "layer_grams", "tokens_of"]
 
 # Above twice this width a Gram is computed as upper block rows and mirrored:
-# 10-25% less time than one GEMM on CPU (measured on k = 672-1280, 213-852 tokens).
-_SYMMETRIC_BLOCK = 128
+# 10-30% less time than one GEMM on CPU (measured on k = 144-1280, 213-13632 tokens,
+# one thread; block widths 32-128 were tried, 64 was best or near it on most).
+_SYMMETRIC_BLOCK = 64
 
 
 def tokens_of(x: torch.Tensor, is_conv: bool) -> torch.Tensor:
@@ -165,7 +166,8 @@ def layer_grams(
         projections={n: projections[n].detach().to(device=device, dtype=torch.float32) for n in need_codes},
         **common,
     )
-    model.eval()
+    if model.training:  # eval() walks every module; statistics passes run each round
+        model.eval()
     with torch.no_grad(), full.recording(), diag.recording(), codes.recording():
         for idx in batches(len(images), batch_size, shuffle=False):
             x = inputs(images[idx], device)

@@ -9,6 +9,7 @@ or re-initialising one factor.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -185,16 +186,31 @@ def set_tensors(model: PeftModel, tensors: dict[str, torch.Tensor], strict: bool
         raise KeyError(f"peft did not accept: {unexpected[:5]}")
 
 
+# Per model object: its adapters are attached once and never change, and peft
+# builds a whole state dict to list them (~20 ms per call on EfficientNet-Lite0,
+# paid twice a round before these caches).
+_KEYS: weakref.WeakKeyDictionary[PeftModel, frozenset[str]] = weakref.WeakKeyDictionary()
+_LAYOUTS: weakref.WeakKeyDictionary[PeftModel, tuple[AdaptedLayer, ...]] = weakref.WeakKeyDictionary()
+
+
 def get_tensors_keys(model: PeftModel) -> set[str]:
-    return {
-        _key(k)
-        for k in get_peft_model_state_dict(model, adapter_name=ADAPTER)
-        if not _is_frozen_projection(k)
-    }
+    if model not in _KEYS:
+        _KEYS[model] = frozenset(
+            _key(k)
+            for k in get_peft_model_state_dict(model, adapter_name=ADAPTER)
+            if not _is_frozen_projection(k)
+        )
+    return set(_KEYS[model])
 
 
 def adapter_layout(model: PeftModel) -> list[AdaptedLayer]:
     """The adapted layers in module order."""
+    if model not in _LAYOUTS:
+        _LAYOUTS[model] = tuple(_layout(model))
+    return list(_LAYOUTS[model])
+
+
+def _layout(model: PeftModel) -> list[AdaptedLayer]:
     keys = get_tensors_keys(model)
     layers = []
     for name, module in model.named_modules():
@@ -274,20 +290,26 @@ def reset_lora(model: PeftModel, seed: int) -> None:
 def merged_for_inference(model: PeftModel) -> Iterator[PeftModel]:
     """Fold every adapter into its base weight for the duration of a no-grad pass.
 
-    A merged layer is one convolution or matmul instead of three, so the
-    forward is ~15% faster on CPU (~7% net of merging and restoring, measured on
-    EfficientNet-Lite0 at 32 px). Its outputs equal the
-    unmerged layer's up to float rounding. On exit the base weights are restored
-    bit for bit (unmerging alone would leave ``W + sBA - sBA`` round-off that
-    builds up over rounds).
+    A merged layer is one convolution or matmul instead of three, and it lets
+    :func:`~lorm_flwr.models.fold.batchnorm_folded` fold the BatchNorm after it.
+    Its outputs equal the unmerged layer's up to float rounding. peft merges into
+    a copy of each base weight (and bias), and on exit the original tensors are
+    put back: bit for bit, and without peft's unmerge, which would recompute every
+    delta and leave ``W + sBA - sBA`` round-off.
     """
-    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-    saved = [m.get_base_layer().weight.detach().clone() for m in layers]
-    model.merge_adapter()
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer) and not m.merged]
+    originals = []
     try:
+        for layer in layers:
+            base = layer.get_base_layer()
+            kept = {name: getattr(base, name) for name in ("weight", "bias") if getattr(base, name, None) is not None}
+            originals.append((layer, base, kept))
+            for name, p in kept.items():
+                setattr(base, name, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+        model.merge_adapter()
         yield model
     finally:
-        model.unmerge_adapter()
-        with torch.no_grad():
-            for m, w in zip(layers, saved):
-                m.get_base_layer().weight.copy_(w)
+        for layer, base, kept in originals:
+            for name, p in kept.items():
+                setattr(base, name, p)
+            layer.merged_adapters.clear()  # the merged copies are gone: the layer is unmerged
