@@ -13,17 +13,20 @@ the median over ``--repeats`` is reported.
 
     python -m benchmarks.client_overhead --repeats 5 --threads 1
     python -m benchmarks.client_overhead --set gram-alpha=0
+    python -m benchmarks.client_overhead --fold-ab 15
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
 import torch
 
 from benchmarks.compare import _parse_sets
+from lorm_flwr import client
 from lorm_flwr import protocol as P
 from lorm_flwr.client import Instructions, task_grams, train_round
 from lorm_flwr.config import RunConfig
@@ -37,8 +40,15 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=3)
     p.add_argument("--client", type=int, default=0)
     p.add_argument("--set", nargs="*", default=[])
+    p.add_argument(
+        "--fold-ab", type=int, default=0, metavar="N",
+        help="instead, time each statistics pass with and without BatchNorm folding, alternately, N times each",
+    )  # fmt: skip
     args = p.parse_args()
     cfg = RunConfig.from_mapping({**_parse_sets(args.set), "strategy": "lorm", "client-threads": args.threads})
+    if args.fold_ab:
+        fold_ab(cfg, args)
+        return
     shard = scenario_of(cfg, args.clients).shards[0][args.client]
     start = initial_tensors(cfg)
     times: dict[str, list[float]] = {k: [] for k in ("train B", "stats B", "train A", "stats A", "end")}
@@ -78,6 +88,44 @@ def main() -> None:
         f"  end-of-task pass {med['end']:.3f} s; a task of {cfg.rounds_per_task} rounds in all: "
         f"{100 * per_task:.1f}%"
     )
+
+
+
+def fold_ab(cfg: RunConfig, args) -> None:
+    """Each statistics pass with BatchNorm folded and not, alternating, each right after its training."""
+    folded = client.batchnorm_folded
+
+    def unfolded(model, example):
+        return contextlib.nullcontext(model)
+
+    start = initial_tensors(cfg)
+    times: dict[str, list[float]] = {}
+    for i in range(args.fold_ab + 1):  # the first pair warms up and is dropped
+        for name, fold in (("folded", folded), ("unfolded", unfolded)):
+            client.batchnorm_folded = fold
+            for factor in ("B", "A"):
+                plan = Instructions(
+                    task=0, round_in_task=0 if factor == "B" else 1, train_a=factor == "A",
+                    train_b=factor == "B", train_head=True,
+                    stats=P.STATS_LORM_B if factor == "B" else P.STATS_LORM_A, seed=i,
+                )  # fmt: skip
+                result = train_round(cfg, args.client, args.clients, start, plan)
+                if i:
+                    times.setdefault(f"{factor} {name}", []).append(result.stats_seconds)
+            t0 = time.perf_counter()
+            task_grams(cfg, args.client, args.clients, start, task=0, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
+            if i:
+                times.setdefault(f"end {name}", []).append(time.perf_counter() - t0)
+    client.batchnorm_folded = folded
+    print(
+        f"BatchNorm folding, {args.fold_ab} alternating pairs, {args.threads} thread(s) "
+        "(medians; ratio = median over pairs of unfolded / folded):"
+    )
+    for kind, label in (("B", "B-round pass"), ("A", "A-round pass"), ("end", "end-of-task pass")):
+        f, u = times[f"{kind} folded"], times[f"{kind} unfolded"]
+        ratio = statistics.median(b / a for a, b in zip(f, u))
+        print(f"  {label}: folded {statistics.median(f):.3f} s, unfolded {statistics.median(u):.3f} s, {ratio:.2f}x")
+
 
 if __name__ == "__main__":
     main()

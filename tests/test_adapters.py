@@ -5,10 +5,13 @@ from __future__ import annotations
 import torch
 from peft import PeftModel
 
+from peft.tuners.tuners_utils import BaseTunerLayer
+
 from lorm_flwr.models.adapters import (
     adapter_layout,
     attach_lora,
     get_tensors,
+    merged_for_inference,
     reset_lora,
     set_tensors,
     set_trainable,
@@ -121,3 +124,41 @@ def test_initial_adapter_is_the_same_in_every_process():
         for s in (1, 2)
     }
     assert len(digests) == 1
+
+
+def test_merged_pass_changes_outputs_only_by_rounding_and_restores_everything():
+    model = _model()
+    _randomise(model, 3)
+    model.eval()
+    x = torch.randn(4, 3, 32, 32)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    params = dict(model.named_parameters())
+    adapters = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    with torch.no_grad():
+        reference = model(x)
+        with merged_for_inference(model):
+            assert len(adapters) == 8 and all(m.merged for m in adapters)
+            merged = model(x)
+        after = model(x)
+    torch.testing.assert_close(merged, reference, rtol=1e-5, atol=1e-5)
+    assert torch.equal(after, reference)  # bit for bit: no W + sBA - sBA round-off
+    assert not any(m.merged for m in adapters)
+    assert all(p is params[n] for n, p in model.named_parameters())  # the same tensors are back
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    # A failure inside the pass restores the model too.
+    try:
+        with merged_for_inference(model):
+            raise RuntimeError("boom")
+    except RuntimeError:
+        pass
+    assert not any(m.merged for m in adapters)
+    with torch.no_grad():
+        assert torch.equal(model(x), reference)
+
+
+def test_layout_is_cached_per_model_and_callers_get_their_own_list():
+    model = _model()
+    first = adapter_layout(model)
+    first.clear()
+    assert len(adapter_layout(model)) == 8
+    assert adapter_layout(_model()) == adapter_layout(model)  # another model object, same layout

@@ -3,10 +3,12 @@
 In eval mode a BatchNorm after a convolution is a per-channel affine map, so
 ``bn(conv(x)) = conv'(x)`` with ``W' = diag(g) W`` and ``b' = g (b - mean) + beta``,
 ``g = gamma / sqrt(var + eps)``. Folding removes one memory-bound pass over
-every feature map: EfficientNet-Lite0's forward at 32 px is ~30% faster
-(``benchmarks/client_overhead.py``). It is only for passes that read activations
-(Gram statistics): every layer's input stays what it was, up to float rounding,
-and nothing is trained through the folded weights.
+every feature map. On EfficientNet-Lite0 at 32 px, one thread, the client's
+statistics passes take 1.03x (B-round), 1.13x (A-round) and 1.07x (end of task)
+as long without it (``benchmarks/client_overhead.py --fold-ab 15``). It is only
+for passes that read activations (Gram statistics): every layer's input stays
+what it was, up to float rounding, and nothing is trained through the folded
+weights.
 
 Pairs are found on the model itself, not by module names: a probe forward on one
 example records which BatchNorm receives *the very tensor* a convolution
