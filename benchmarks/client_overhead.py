@@ -53,19 +53,7 @@ def main() -> None:
     start = initial_tensors(cfg)
     times: dict[str, list[float]] = {k: [] for k in ("train B", "stats B", "train A", "stats A", "end")}
     for i in range(args.repeats + 1):  # the first repeat warms caches and is dropped
-        row = {}
-        for factor in ("B", "A"):
-            plan = Instructions(
-                task=0, round_in_task=0 if factor == "B" else 1, train_a=factor == "A",
-                train_b=factor == "B", train_head=True,
-                stats=P.STATS_LORM_B if factor == "B" else P.STATS_LORM_A, seed=i,
-            )  # fmt: skip
-            result = train_round(cfg, args.client, args.clients, start, plan)
-            row[f"train {factor}"] = result.train_seconds
-            row[f"stats {factor}"] = result.stats_seconds
-        t0 = time.perf_counter()
-        task_grams(cfg, args.client, args.clients, start, task=0, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
-        row["end"] = time.perf_counter() - t0
+        row = _one_repeat(cfg, args, start, seed=i)
         if i:
             for k, v in row.items():
                 times[k].append(v)
@@ -91,6 +79,24 @@ def main() -> None:
 
 
 
+def _one_repeat(cfg: RunConfig, args, start: dict[str, torch.Tensor], seed: int) -> dict[str, float]:
+    """A B-round and an A-round (training, then the statistics pass), then the end-of-task pass."""
+    row = {}
+    for factor in ("B", "A"):
+        plan = Instructions(
+            task=0, round_in_task=0 if factor == "B" else 1, train_a=factor == "A",
+            train_b=factor == "B", train_head=True,
+            stats=P.STATS_LORM_B if factor == "B" else P.STATS_LORM_A, seed=seed,
+        )  # fmt: skip
+        result = train_round(cfg, args.client, args.clients, start, plan)
+        row[f"train {factor}"] = result.train_seconds
+        row[f"stats {factor}"] = result.stats_seconds
+    t0 = time.perf_counter()
+    task_grams(cfg, args.client, args.clients, start, task=0, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
+    row["end"] = time.perf_counter() - t0
+    return row
+
+
 def fold_ab(cfg: RunConfig, args) -> None:
     """Each statistics pass with BatchNorm folded and not, alternating, each right after its training."""
     folded = client.batchnorm_folded
@@ -100,23 +106,17 @@ def fold_ab(cfg: RunConfig, args) -> None:
 
     start = initial_tensors(cfg)
     times: dict[str, list[float]] = {}
-    for i in range(args.fold_ab + 1):  # the first pair warms up and is dropped
-        for name, fold in (("folded", folded), ("unfolded", unfolded)):
-            client.batchnorm_folded = fold
-            for factor in ("B", "A"):
-                plan = Instructions(
-                    task=0, round_in_task=0 if factor == "B" else 1, train_a=factor == "A",
-                    train_b=factor == "B", train_head=True,
-                    stats=P.STATS_LORM_B if factor == "B" else P.STATS_LORM_A, seed=i,
-                )  # fmt: skip
-                result = train_round(cfg, args.client, args.clients, start, plan)
+    try:
+        for i in range(args.fold_ab + 1):  # the first pair warms up and is dropped
+            for name, fold in (("folded", folded), ("unfolded", unfolded)):
+                client.batchnorm_folded = fold
+                row = _one_repeat(cfg, args, start, seed=i)
                 if i:
-                    times.setdefault(f"{factor} {name}", []).append(result.stats_seconds)
-            t0 = time.perf_counter()
-            task_grams(cfg, args.client, args.clients, start, task=0, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
-            if i:
-                times.setdefault(f"end {name}", []).append(time.perf_counter() - t0)
-    client.batchnorm_folded = folded
+                    for kind in ("B", "A"):
+                        times.setdefault(f"{kind} {name}", []).append(row[f"stats {kind}"])
+                    times.setdefault(f"end {name}", []).append(row["end"])
+    finally:
+        client.batchnorm_folded = folded
     print(
         f"BatchNorm folding, {args.fold_ab} alternating pairs, {args.threads} thread(s) "
         "(medians; ratio = median over pairs of unfolded / folded):"
