@@ -155,9 +155,14 @@ def test_fold_refuses_training_mode_and_unmerged_adapters(lite0):
         assert torch.isfinite(model(x)).all()  # nothing left half-folded
 
 
-def test_a_model_without_batchnorm_is_untouched():
+def test_a_model_without_foldable_batchnorm_is_untouched():
     model = nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3)).eval()
     x = torch.randn(2, 4)
     with torch.no_grad(), batchnorm_folded(model, x):
         assert isinstance(model[1], nn.LayerNorm)
         model(x)
+    plain = nn.Sequential(nn.Conv2d(3, 2, 1), nn.BatchNorm2d(2, affine=False)).eval()  # no gamma/beta
+    x = torch.randn(1, 3, 4, 4)
+    with torch.no_grad(), batchnorm_folded(plain, x):
+        assert isinstance(plain[1], nn.BatchNorm2d)
+        plain(x)

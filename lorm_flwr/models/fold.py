@@ -40,10 +40,11 @@ _PROBE_RTOL = 1e-4
 
 
 def _foldable_norm(module: nn.Module) -> bool:
-    """Plain BatchNorm2d, or timm's BatchNormAct2d (norm, then drop, then act), with running stats."""
+    """Plain BatchNorm2d, or timm's BatchNormAct2d (norm, then drop, then act), affine, with running stats."""
     plain = type(module) is nn.BatchNorm2d
     timm_act = type(module).__name__ == "BatchNormAct2d" and hasattr(module, "act") and hasattr(module, "drop")
-    return (plain or timm_act) and module.running_mean is not None and module.running_var is not None
+    stats = module.running_mean is not None and module.running_var is not None if plain or timm_act else False
+    return stats and module.weight is not None and module.bias is not None
 
 
 def conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
