@@ -202,7 +202,8 @@ def _grams(
         alphas[HEAD] = cfg.head_gram_alpha
     device = pick_device(cfg.device)
     spec = input_spec(cfg)
-    model.eval()
+    if model.training:  # eval() walks every module: only when needed (the fold requires it)
+        model.eval()
     probe = spec(images[:1], device)
     with merged_for_inference(model), batchnorm_folded(model, probe), autocast(device, cfg.precision):
         grams, _ = layer_grams(

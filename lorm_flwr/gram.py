@@ -19,9 +19,10 @@ from torch import nn
 
 __all__ = ["GramRecorder", "GramStats", "gram_of", "layer_grams", "tokens_of"]
 
-# Above twice this width a Gram is computed as upper block rows and mirrored:
-# 10-30% less time than one GEMM on CPU (measured on k = 144-1280, 213-13632 tokens,
-# one thread; block widths 32-128 were tried, 64 was best or near it on most).
+# Above twice this width a Gram is computed as upper block rows and mirrored. On
+# EfficientNet-Lite0's shapes (k = 144-1280, 213-13632 tokens, one thread) this took
+# 6-28% less time than one GEMM on 9 of 11, up to 10% more on the other two; of the
+# widths 32-128 tried, 64 was best overall (an ad-hoc timing, not a benchmark script).
 _SYMMETRIC_BLOCK = 64
 
 

@@ -6,6 +6,7 @@ as it was (tensors, modules, peft's merge state) when the pass ends.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import pytest
@@ -78,11 +79,9 @@ def test_grams_on_the_folded_model_equal_the_plain_ones(lite0):
         return torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
 
     def grams(fold: bool):
-        with merged_for_inference(model):
-            if not fold:
-                return layer_grams(model, targets, images, inputs=inputs, batch_size=4, device=torch.device("cpu"), alphas=alphas)[0]
-            with batchnorm_folded(model, x):
-                return layer_grams(model, targets, images, inputs=inputs, batch_size=4, device=torch.device("cpu"), alphas=alphas)[0]
+        folding = batchnorm_folded(model, x) if fold else contextlib.nullcontext()
+        with merged_for_inference(model), folding:
+            return layer_grams(model, targets, images, inputs=inputs, batch_size=4, device=torch.device("cpu"), alphas=alphas)[0]
 
     plain, folded = grams(False), grams(True)
     assert plain.keys() == folded.keys() and len(plain) == 32

@@ -187,8 +187,8 @@ def set_tensors(model: PeftModel, tensors: dict[str, torch.Tensor], strict: bool
 
 
 # Per model object: its adapters are attached once and never change, and peft
-# builds a whole state dict to list them (~20 ms per call on EfficientNet-Lite0,
-# paid twice a round before these caches).
+# builds a whole state dict to list them, which a statistics pass did three times
+# (the layout twice, the head keys once) before these caches.
 _KEYS: weakref.WeakKeyDictionary[PeftModel, frozenset[str]] = weakref.WeakKeyDictionary()
 _LAYOUTS: weakref.WeakKeyDictionary[PeftModel, tuple[AdaptedLayer, ...]] = weakref.WeakKeyDictionary()
 

@@ -43,8 +43,9 @@ def _foldable_norm(module: nn.Module) -> bool:
     """Plain BatchNorm2d, or timm's BatchNormAct2d (norm, then drop, then act), affine, with running stats."""
     plain = type(module) is nn.BatchNorm2d
     timm_act = type(module).__name__ == "BatchNormAct2d" and hasattr(module, "act") and hasattr(module, "drop")
-    stats = module.running_mean is not None and module.running_var is not None if plain or timm_act else False
-    return stats and module.weight is not None and module.bias is not None
+    if not (plain or timm_act):
+        return False
+    return all(t is not None for t in (module.running_mean, module.running_var, module.weight, module.bias))
 
 
 def conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
