@@ -13,6 +13,7 @@ from lorm_flwr.config import RunConfig
 from lorm_flwr.gram import layer_grams
 from lorm_flwr.lorm import lorm_products, matrix, regmean_products
 from lorm_flwr.models.fold import batchnorm_folded
+from lorm_flwr.models.pointwise import pointwise_as_matmul
 from lorm_flwr.models.adapters import (
     HEAD,
     adapter_layout,
@@ -189,8 +190,9 @@ def _grams(
     """Smoothed input Grams of every adapted layer (and the head) over ``images``.
 
     The pass runs with the adapters merged into the base weights (one op per
-    layer instead of three) and BatchNorm folded into the convolutions before
-    it; ``projections`` as in :func:`layer_grams`.
+    layer instead of three), BatchNorm folded into the convolutions before it,
+    and 1x1 convolutions on small maps run as matrix products (CPU);
+    ``projections`` as in :func:`layer_grams`.
     """
     targets = {
         layer.name: (model.get_submodule(PEFT_PREFIX + layer.name), layer.is_conv)
@@ -205,7 +207,12 @@ def _grams(
     if model.training:  # eval() walks every module: only when needed (the fold requires it)
         model.eval()
     probe = spec(images[:1], device)
-    with merged_for_inference(model), batchnorm_folded(model, probe), autocast(device, cfg.precision):
+    with (
+        merged_for_inference(model),
+        batchnorm_folded(model, probe),
+        pointwise_as_matmul(model),
+        autocast(device, cfg.precision),
+    ):
         grams, _ = layer_grams(
             model,
             targets,

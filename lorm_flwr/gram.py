@@ -5,7 +5,10 @@ Linear input, every pixel of a 1x1-conv input) the recorder accumulates
 ``G = X X^T: (k, k)``, or only ``diag(G): (k,)``, or, given a projection
 ``A: (r, k)``, only the code Gram ``A G A^T = (A X)(A X)^T: (r, r)``, plus the
 token count ``n``. Per-batch products run in the activations' dtype promoted to
-at least fp32; the running sums are fp64, so long passes lose nothing to round-off.
+at least fp32 (the GEMM sums over the batch's tokens in that precision). Sums
+over batches are fp64, so long passes lose nothing to round-off; a pass of one
+batch keeps its product as it is, since casting a single fp32 result to fp64
+adds no precision and costs two passes over every ``(k, k)`` Gram.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ def gram_of(t: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class GramStats:
-    """Running sums for one layer (fp64) and the token count.
+    """Running sums for one layer and the token count: fp64 once two batches are added.
 
     ``gram`` is ``(k, k)``; or ``(k,)`` when ``diagonal``; or ``(r, r)`` when a
     ``projection`` ``A: (r, k)`` is set (the Gram of the codes ``A x``).
@@ -70,8 +73,10 @@ class GramStats:
         if self.projection is not None:
             t = t @ self.projection.to(device=t.device, dtype=t.dtype).T  # (n, r) codes
         part = (t * t).sum(dim=0) if self.diagonal else gram_of(t)  # (k,) or (k, k)
-        part = part.to(torch.float64)
-        self.gram = part if self.gram is None else self.gram.add_(part)
+        if self.gram is None:
+            self.gram = part
+        else:  # from the second batch on, the running sum is fp64
+            self.gram = self.gram.to(torch.float64).add_(part)
         self.tokens += int(t.shape[0])
 
 
@@ -118,7 +123,7 @@ class GramRecorder:
         return hook
 
     def grams(self) -> dict[str, torch.Tensor]:
-        """Summed Grams by name (fp64, CPU)."""
+        """Summed Grams by name, on CPU: fp64 over several batches, fp32 (or fp64 input's) over one."""
         out = {}
         for name, s in self.stats.items():
             if s.gram is None:

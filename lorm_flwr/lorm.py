@@ -33,6 +33,9 @@ def lorm_products(
 ) -> dict[str, torch.Tensor]:
     """The ``stats`` record of a LoRM reply (fp32 on the wire; the server solves in fp64).
 
+    Products with a Gram run in the Gram's dtype: fp32 for a one-batch pass,
+    whose result is sent as fp32 anyway.
+
     ``grams[name]`` is the layer's input Gram ``G~`` (k, k) or (k,); with
     ``codes=True`` (B-rounds only) it is already ``A G~ A^T: (r, r)``, recorded
     without forming ``G~`` (:func:`lorm_flwr.gram.layer_grams` ``projections``).
@@ -44,7 +47,7 @@ def lorm_products(
         g = grams[layer.name]
         a = matrix(tensors[layer.a_key]).double()
         if kind == P.STATS_LORM_A:
-            out[P.stat_key(layer.name, P.STAT_AG)] = _times_gram(a, g)
+            out[P.stat_key(layer.name, P.STAT_AG)] = _times_gram(a.to(g.dtype), g)
             out[P.stat_key(layer.name, P.STAT_G)] = g
         elif kind == P.STATS_LORM_B:
             b = matrix(tensors[layer.b_key]).double()
@@ -54,7 +57,7 @@ def lorm_products(
         else:
             raise ValueError(f"unknown LoRM statistics kind {kind!r}")
     gh = grams[head_name]
-    out[P.stat_key(head_name, P.STAT_WG)] = _times_gram(tensors[head_weight_key].double(), gh)
+    out[P.stat_key(head_name, P.STAT_WG)] = _times_gram(tensors[head_weight_key].to(gh.dtype), gh)
     out[P.stat_key(head_name, P.STAT_G)] = gh
     return {k: v.float() for k, v in out.items()}
 
@@ -71,10 +74,10 @@ def regmean_products(
     for layer in layers:
         g = grams[layer.name]
         delta = layer.scaling * matrix(tensors[layer.b_key]).double() @ matrix(tensors[layer.a_key]).double()
-        out[P.stat_key(layer.name, P.STAT_DG)] = _times_gram(delta, g)
+        out[P.stat_key(layer.name, P.STAT_DG)] = _times_gram(delta.to(g.dtype), g)
         out[P.stat_key(layer.name, P.STAT_G)] = g
     gh = grams[head_name]
-    out[P.stat_key(head_name, P.STAT_WG)] = _times_gram(tensors[head_weight_key].double(), gh)
+    out[P.stat_key(head_name, P.STAT_WG)] = _times_gram(tensors[head_weight_key].to(gh.dtype), gh)
     out[P.stat_key(head_name, P.STAT_G)] = gh
     return {k: v.float() for k, v in out.items()}
 

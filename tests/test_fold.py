@@ -1,7 +1,8 @@
-"""Inference-only rewrites for the statistics pass: merged adapters, folded BatchNorm.
+"""Inference-only rewrites for the statistics pass: merged adapters, folded BatchNorm,
+pointwise convolutions as matrix products.
 
-Both must change activations only by float rounding, and leave the model exactly
-as it was (tensors, modules, peft's merge state) when the pass ends.
+Each must change activations only by float rounding, and leave the model exactly
+as it was (tensors, modules, forwards, peft's merge state) when the pass ends.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from lorm_flwr.config import RunConfig
 from lorm_flwr.gram import layer_grams
 from lorm_flwr.models.adapters import adapter_layout, get_tensors, merged_for_inference, set_tensors
 from lorm_flwr.models.fold import batchnorm_folded, conv_bn_pairs
+from lorm_flwr.models.pointwise import is_pointwise, pointwise_as_matmul
 from lorm_flwr.runtime import model_of
 
 
@@ -69,7 +71,7 @@ def test_every_conv_bn_pair_of_lite0_is_found(lite0):
     assert len(pairs) == 49
 
 
-def test_grams_on_the_folded_model_equal_the_plain_ones(lite0):
+def test_grams_on_the_folded_pointwise_model_equal_the_plain_ones(lite0):
     model, x = lite0
     targets = {ly.name: (model.get_submodule("base_model.model." + ly.name), ly.is_conv) for ly in adapter_layout(model)}
     alphas = {n: 1.0 for n in targets}
@@ -78,16 +80,17 @@ def test_grams_on_the_folded_model_equal_the_plain_ones(lite0):
     def inputs(batch, device):
         return torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
 
-    def grams(fold: bool):
-        folding = batchnorm_folded(model, x) if fold else contextlib.nullcontext()
-        with merged_for_inference(model), folding:
+    def grams(fast: bool):
+        folding = batchnorm_folded(model, x) if fast else contextlib.nullcontext()
+        pointwise = pointwise_as_matmul(model) if fast else contextlib.nullcontext()
+        with merged_for_inference(model), folding, pointwise:
             return layer_grams(model, targets, images, inputs=inputs, batch_size=4, device=torch.device("cpu"), alphas=alphas)[0]
 
-    plain, folded = grams(False), grams(True)
-    assert plain.keys() == folded.keys() and len(plain) == 32
+    plain, fast = grams(False), grams(True)
+    assert plain.keys() == fast.keys() and len(plain) == 32
     for name in plain:
         scale = float(plain[name].abs().max())
-        torch.testing.assert_close(folded[name], plain[name], rtol=1e-4, atol=1e-4 * scale)
+        torch.testing.assert_close(fast[name], plain[name], rtol=1e-4, atol=1e-4 * scale)
 
 
 class _Residual(nn.Module):
@@ -165,3 +168,54 @@ def test_a_model_without_foldable_batchnorm_is_untouched():
     with torch.no_grad(), batchnorm_folded(plain, x):
         assert isinstance(plain[1], nn.BatchNorm2d)
         plain(x)
+
+
+def _counting_conv2d(monkeypatch) -> list[int]:
+    calls = [0]
+    conv2d = torch.nn.functional.conv2d
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return conv2d(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.modules.conv.F, "conv2d", counted)
+    return calls
+
+
+def test_pointwise_convs_on_small_channels_last_maps_run_as_matrix_products(monkeypatch):
+    conv = nn.Conv2d(6, 5, kernel_size=1)
+    calls = _counting_conv2d(monkeypatch)
+    with torch.no_grad():
+        for h, channels_last, product in ((1, True, True), (4, True, True), (8, True, False), (2, False, False)):
+            x = torch.randn(3, 6, h, h)
+            x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+            reference = conv(x)
+            before = calls[0]
+            with pointwise_as_matmul(conv):
+                y = conv(x)
+            assert (calls[0] == before) is product, (h, channels_last)  # no conv2d call when a product
+            torch.testing.assert_close(y, reference, rtol=1e-5, atol=1e-5)
+            assert y.shape == reference.shape
+            if product:
+                assert y.is_contiguous(memory_format=torch.channels_last)
+    assert "forward" not in vars(conv)
+
+
+def test_pointwise_rewrite_covers_lite0_restores_forwards_and_refuses_nesting(lite0):
+    model, x = lite0
+    convs = [m for m in model.modules() if is_pointwise(m)]
+    assert len(convs) == 96  # each of the 32 adapted 1x1 convs: base layer, lora_A, lora_B
+    assert not any(is_pointwise(m) for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1))
+    with torch.no_grad():
+        reference = model(x)
+        with merged_for_inference(model), batchnorm_folded(model, x), pointwise_as_matmul(model):
+            assert all("forward" in vars(m) for m in convs)
+            fast = model(x)
+            with pytest.raises(RuntimeError, match="already active"), pointwise_as_matmul(model):
+                pass
+            assert all("forward" in vars(m) for m in convs)  # the refused inner block undid nothing
+        with pytest.raises(ValueError, match="inside"), pointwise_as_matmul(model):
+            raise ValueError("inside")
+        assert not any("forward" in vars(m) for m in convs)
+        assert torch.equal(model(x), reference)
+    torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max()))

@@ -1,6 +1,8 @@
 """Gram recording with hooks: exact sums, 1x1-conv tokens, diagonals, token masks.
 
-Per-batch products are fp32 (summed in fp64), hence the 1e-5 tolerances.
+Per-batch products are fp32 (summed in fp64 over several batches; a one-batch
+pass keeps its fp32 product), hence the 1e-5 tolerances and the fp64 casts of
+one-batch results before comparing.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from lorm_flwr.gram import GramRecorder, gram_of, layer_grams, tokens_of
+from lorm_flwr.gram import GramRecorder, GramStats, gram_of, layer_grams, tokens_of
 from lorm_flwr.merge import project_gram, smooth_gram
 
 
@@ -35,8 +37,8 @@ def test_conv1x1_every_pixel_is_a_token_and_diagonal_mode():
     with full.recording(), diag.recording():
         conv(x)
     X = x.permute(0, 2, 3, 1).reshape(-1, 4).double()  # (3*25, 4)
-    torch.testing.assert_close(full.grams()["c"], X.T @ X, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(diag.grams()["c"], (X * X).sum(0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(full.grams()["c"].double(), X.T @ X, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(diag.grams()["c"].double(), (X * X).sum(0), rtol=1e-5, atol=1e-5)
     assert full.stats["c"].tokens == 75
     assert tokens_of(x, True).shape == (75, 4)
 
@@ -51,18 +53,32 @@ def test_padding_tokens_are_excluded_by_the_mask():
     with rec.recording():
         lin(x_padded)
     X = x[keep].double()
-    torch.testing.assert_close(rec.grams()["lin"], X.T @ X, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rec.grams()["lin"].double(), X.T @ X, rtol=1e-5, atol=1e-5)
     assert rec.stats["lin"].tokens == 5
 
 
-def test_low_precision_activations_accumulate_in_fp64():
+def test_low_precision_activations_are_never_summed_below_fp32():
     lin = nn.Linear(3, 2).to(torch.bfloat16)
     rec = GramRecorder({"lin": (lin, False)})
-    x = torch.randn(8, 3).to(torch.bfloat16)
+    xs = [torch.randn(8, 3).to(torch.bfloat16) for _ in range(2)]
     with rec.recording():
-        lin(x)
-    assert rec.grams()["lin"].dtype == torch.float64
-    torch.testing.assert_close(rec.grams()["lin"], x.double().T @ x.double())
+        lin(xs[0])
+        assert rec.stats["lin"].gram.dtype == torch.float32  # one batch: its fp32 product as it is
+        lin(xs[1])
+    assert rec.grams()["lin"].dtype == torch.float64  # summed over batches: fp64
+    X = torch.cat(xs).double()
+    torch.testing.assert_close(rec.grams()["lin"], X.T @ X)
+
+
+def test_a_one_batch_gram_is_that_batch_product_and_later_sums_are_fp64():
+    t = torch.randn(40, 6)
+    stats = GramStats(diagonal=False)
+    stats.add(t)
+    assert stats.gram.dtype == torch.float32 and torch.equal(stats.gram, gram_of(t))
+    stats.add(t)
+    stats.add(t)
+    assert stats.gram.dtype == torch.float64 and stats.tokens == 120
+    torch.testing.assert_close(stats.gram, 3 * t.double().T @ t.double(), rtol=1e-6, atol=1e-6)
 
 
 def test_wide_gram_from_upper_blocks_equals_one_gemm_and_is_symmetric():

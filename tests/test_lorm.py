@@ -133,7 +133,7 @@ def test_on_real_activations_lorm_reproduces_clients_better_than_fedit():
     """Sum over clients of ||W_merged X_i - W_i X_i||^2 on real ViT inputs of each layer."""
     model, glob, clients = _setup("A", head_alpha=1.0)
     for layer in adapter_layout(model):
-        grams = [c[1][layer.name] for c in clients]
+        grams = [c[1][layer.name].double() for c in clients]  # a one-batch pass records fp32
         B = matrix(glob[layer.b_key]).double() + 0.3  # a shared, non-zero B
         As = [matrix(c[0][layer.a_key]).double() for c in clients]
         fedit = torch.stack(As).mean(0)
@@ -148,7 +148,7 @@ def test_on_real_activations_lorm_reproduces_clients_better_than_fedit():
     # And the whole-layer products (RegMean of B_i A_i vs FedIT's B-bar A-bar).
     rng = np.random.default_rng(0)
     layer = adapter_layout(model)[0]
-    grams = [c[1][layer.name] for c in clients]
+    grams = [c[1][layer.name].double() for c in clients]
     As = [matrix(c[0][layer.a_key]).double() for c in clients]
     Bs = [torch.from_numpy(rng.standard_normal((layer.d_out, layer.rank))) for _ in clients]
     deltas = [b @ a for a, b in zip(As, Bs)]
