@@ -14,6 +14,7 @@ the median over ``--repeats`` is reported.
     python -m benchmarks.client_overhead --repeats 5 --threads 1
     python -m benchmarks.client_overhead --set gram-alpha=0
     python -m benchmarks.client_overhead --fold-ab 15
+    python -m benchmarks.client_overhead --pointwise-ab 15
 """
 
 from __future__ import annotations
@@ -44,10 +45,17 @@ def main() -> None:
         "--fold-ab", type=int, default=0, metavar="N",
         help="instead, time each statistics pass with and without BatchNorm folding, alternately, N times each",
     )  # fmt: skip
+    p.add_argument(
+        "--pointwise-ab", type=int, default=0, metavar="N",
+        help="instead, time each statistics pass with and without 1x1 convs as matrix products, N times each",
+    )  # fmt: skip
     args = p.parse_args()
     cfg = RunConfig.from_mapping({**_parse_sets(args.set), "strategy": "lorm", "client-threads": args.threads})
     if args.fold_ab:
-        fold_ab(cfg, args)
+        rewrite_ab(cfg, args, "batchnorm_folded", "BatchNorm folding", args.fold_ab)
+        return
+    if args.pointwise_ab:
+        rewrite_ab(cfg, args, "pointwise_as_matmul", "1x1 convs as matrix products", args.pointwise_ab)
         return
     shard = scenario_of(cfg, args.clients).shards[0][args.client]
     start = initial_tensors(cfg)
@@ -97,34 +105,35 @@ def _one_repeat(cfg: RunConfig, args, start: dict[str, torch.Tensor], seed: int)
     return row
 
 
-def fold_ab(cfg: RunConfig, args) -> None:
-    """Each statistics pass with BatchNorm folded and not, alternating, each right after its training."""
-    folded = client.batchnorm_folded
+def rewrite_ab(cfg: RunConfig, args, name: str, label: str, pairs: int) -> None:
+    """Each statistics pass with one inference rewrite of the client on and off (``client.<name>``
+    replaced by a no-op context), alternating, each pass right after its training."""
+    rewrite = getattr(client, name)
 
-    def unfolded(model, example):
+    def off(model, *args):
         return contextlib.nullcontext(model)
 
     start = initial_tensors(cfg)
     times: dict[str, list[float]] = {}
     try:
-        for i in range(args.fold_ab + 1):  # the first pair warms up and is dropped
-            for name, fold in (("folded", folded), ("unfolded", unfolded)):
-                client.batchnorm_folded = fold
+        for i in range(pairs + 1):  # the first pair warms up and is dropped
+            for state, context in (("on", rewrite), ("off", off)):
+                setattr(client, name, context)
                 row = _one_repeat(cfg, args, start, seed=i)
                 if i:
                     for kind in ("B", "A"):
-                        times.setdefault(f"{kind} {name}", []).append(row[f"stats {kind}"])
-                    times.setdefault(f"end {name}", []).append(row["end"])
+                        times.setdefault(f"{kind} {state}", []).append(row[f"stats {kind}"])
+                    times.setdefault(f"end {state}", []).append(row["end"])
     finally:
-        client.batchnorm_folded = folded
+        setattr(client, name, rewrite)
     print(
-        f"BatchNorm folding, {args.fold_ab} alternating pairs, {args.threads} thread(s) "
-        "(medians; ratio = median over pairs of unfolded / folded):"
+        f"{label}, {pairs} alternating pairs, {args.threads} thread(s) "
+        "(medians; ratio = median over pairs of off / on):"
     )
-    for kind, label in (("B", "B-round pass"), ("A", "A-round pass"), ("end", "end-of-task pass")):
-        f, u = times[f"{kind} folded"], times[f"{kind} unfolded"]
-        ratio = statistics.median(b / a for a, b in zip(f, u))
-        print(f"  {label}: folded {statistics.median(f):.3f} s, unfolded {statistics.median(u):.3f} s, {ratio:.2f}x")
+    for kind, text in (("B", "B-round pass"), ("A", "A-round pass"), ("end", "end-of-task pass")):
+        on, off_ = times[f"{kind} on"], times[f"{kind} off"]
+        ratio = statistics.median(b / a for a, b in zip(on, off_))
+        print(f"  {text}: on {statistics.median(on):.3f} s, off {statistics.median(off_):.3f} s, {ratio:.2f}x")
 
 
 if __name__ == "__main__":
