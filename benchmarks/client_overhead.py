@@ -110,7 +110,7 @@ def rewrite_ab(cfg: RunConfig, args, name: str, label: str, pairs: int) -> None:
     replaced by a no-op context), alternating, each pass right after its training."""
     rewrite = getattr(client, name)
 
-    def off(model, *args):
+    def off(model, *_):
         return contextlib.nullcontext(model)
 
     start = initial_tensors(cfg)

@@ -45,7 +45,7 @@ def lorm_products(
     out: dict[str, torch.Tensor] = {}
     for layer in layers:
         g = grams[layer.name]
-        a = matrix(tensors[layer.a_key]).double()
+        a = matrix(tensors[layer.a_key])
         if kind == P.STATS_LORM_A:
             out[P.stat_key(layer.name, P.STAT_AG)] = _times_gram(a.to(g.dtype), g)
             out[P.stat_key(layer.name, P.STAT_G)] = g
