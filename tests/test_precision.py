@@ -52,15 +52,18 @@ def test_host_batches_reach_the_device_unchanged():
     assert batch.shape == (2, 3, 8, 8) and batch.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_half_precision_activations_sum_in_fp64():
+def test_half_precision_activations_are_multiplied_in_fp32_and_summed_in_fp64():
     lin = nn.Linear(4, 2).to(torch.float16)
     rec = GramRecorder({"lin": (lin, False)})
-    x = torch.randn(16, 4).to(torch.float16)
+    xs = [torch.randn(16, 4).to(torch.float16) for _ in range(2)]
     with rec.recording():
-        lin(x)
+        lin(xs[0])
+        assert rec.stats["lin"].gram.dtype == torch.float32  # one batch: its fp32 product
+        lin(xs[1])
     g = rec.grams()["lin"]
-    assert g.dtype == torch.float64
-    torch.testing.assert_close(g, x.double().T @ x.double(), rtol=1e-5, atol=1e-5)  # fp32 products
+    assert g.dtype == torch.float64  # summed over batches
+    X = torch.cat(xs).double()
+    torch.testing.assert_close(g, X.T @ X, rtol=1e-5, atol=1e-5)  # fp32 products
 
 
 def test_training_with_a_precision_setting_runs_on_the_cpu():
