@@ -86,7 +86,6 @@ def main() -> None:
     )
 
 
-
 def _one_repeat(cfg: RunConfig, args, start: dict[str, torch.Tensor], seed: int) -> dict[str, float]:
     """A B-round and an A-round (training, then the statistics pass), then the end-of-task pass."""
     row = {}

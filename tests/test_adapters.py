@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 from peft import PeftModel
-
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from lorm_flwr.models.adapters import (
