@@ -1,14 +1,20 @@
-"""Flower ClientApp: translates messages into calls to :mod:`lorm_flwr.client` and back."""
+"""Flower ClientApp: decodes the server's instructions, calls :mod:`lorm_flwr.client`,
+and replies with exactly what :func:`lorm_flwr.wire.train_reply_spec` declares.
+
+Client code only: nothing here (or below it) imports the server's strategies.
+"""
 
 from __future__ import annotations
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from lorm_flwr import protocol as P
-from lorm_flwr.client import Instructions, evaluate_personal, task_grams, train_round
+from lorm_flwr import wire
+from lorm_flwr.client import evaluate_personal, task_grams, train_round
 from lorm_flwr.config import RunConfig
 from lorm_flwr.limits import check_reply_size
+from lorm_flwr.models.adapters import model_layout
+from lorm_flwr.runtime import model_of
 
 app = ClientApp()
 
@@ -23,58 +29,42 @@ def _partition(context: Context) -> tuple[int, int]:
         ) from None
 
 
+def _reply(content: RecordDict, msg: Message, cfg: RunConfig) -> Message:
+    check_reply_size(content, cfg)
+    return Message(content, reply_to=msg)
+
+
+def _local(context: Context) -> dict | None:
+    if wire.LOCAL_STATE in context.state:
+        return wire.arrays_to_tensors(context.state[wire.LOCAL_STATE])
+    return None
+
+
 @app.query("hello")
 def hello(msg: Message, context: Context) -> Message:
     """Tell the server which data partition this node holds."""
-    pid, num = _partition(context)
-    metrics = MetricRecord({P.MET_PARTITION_ID: pid, P.MET_NUM_PARTITIONS: num})
-    return Message(RecordDict({P.METRICS: metrics}), reply_to=msg)
+    return Message(wire.hello_reply(*_partition(context)), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg = RunConfig.from_mapping(context.run_config)
     pid, num = _partition(context)
-    c = msg.content[P.CONFIG]
-    plan = Instructions(
-        task=int(c[P.CFG_TASK]),
-        round_in_task=int(c[P.CFG_ROUND_IN_TASK]),
-        train_a=bool(c[P.CFG_TRAIN_A]),
-        train_b=bool(c[P.CFG_TRAIN_B]),
-        train_head=bool(c[P.CFG_TRAIN_HEAD]),
-        stats=str(c[P.CFG_STATS]),
-        seed=int(c[P.CFG_SEED]),
-        local=frozenset(g for g in str(c.get(P.CFG_LOCAL, "")).split(",") if g),
-    )
+    plan = wire.Instructions.from_config(msg.content[wire.CONFIG])
     result = train_round(
-        cfg, pid, num, P.arrays_to_tensors(msg.content[P.ARRAYS]), plan, _local(context)
+        cfg, pid, num, wire.arrays_to_tensors(msg.content[wire.ARRAYS]), plan, _local(context)
     )
     if result.local is not None:
         # The client's own parts (FedSA's B and head) stay here, across rounds and tasks.
-        context.state[P.LOCAL_STATE] = P.tensors_to_arrays(result.local)
-    content = RecordDict(
-        {
-            P.ARRAYS: P.tensors_to_arrays(result.tensors),
-            P.METRICS: P.reply_metrics(
-                result.num_examples,
-                **{
-                    P.MET_TRAIN_LOSS: result.train_loss,
-                    P.MET_TRAIN_SECONDS: result.train_seconds,
-                    P.MET_STATS_SECONDS: result.stats_seconds,
-                },
-            ),
-        }
-    )
-    if result.stats:
-        content[P.STATS] = P.tensors_to_arrays(result.stats)
-    check_reply_size(content, cfg)
-    return Message(content, reply_to=msg)
-
-
-def _local(context: Context) -> dict | None:
-    if P.LOCAL_STATE in context.state:
-        return P.arrays_to_tensors(context.state[P.LOCAL_STATE])
-    return None
+        context.state[wire.LOCAL_STATE] = wire.tensors_to_arrays(result.local)
+    spec = wire.train_reply_spec(model_layout(model_of(cfg)), plan, cfg.gram_alpha, cfg.head_gram_alpha)
+    metrics = {
+        wire.NUM_EXAMPLES: result.num_examples,
+        wire.TRAIN_LOSS: result.train_loss,
+        wire.TRAIN_SECONDS: result.train_seconds,
+        wire.GRAMS_SECONDS: result.grams_seconds,
+    }
+    return _reply(wire.reply_content(spec, result.tensors, result.grams, metrics), msg, cfg)
 
 
 @app.evaluate()
@@ -82,31 +72,19 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Personalised evaluation: global parts + this client's own parts, on its test split."""
     cfg = RunConfig.from_mapping(context.run_config)
     pid, num = _partition(context)
-    task = int(msg.content[P.CONFIG][P.CFG_TASK])
+    plan = wire.Instructions.from_config(msg.content[wire.CONFIG])
     correct, total = evaluate_personal(
-        cfg, pid, num, P.arrays_to_tensors(msg.content[P.ARRAYS]), _local(context), task
+        cfg, pid, num, wire.arrays_to_tensors(msg.content[wire.ARRAYS]), _local(context), plan.task
     )
-    values: dict[str, int | float] = {P.MET_NUM_EXAMPLES: max(sum(total), 1)}
-    for k, (c, t) in enumerate(zip(correct, total)):
-        values[P.MET_CORRECT.format(k)] = c
-        values[P.MET_TOTAL.format(k)] = t
-    return Message(RecordDict({P.METRICS: MetricRecord(values)}), reply_to=msg)
+    return Message(wire.evaluation_reply(correct, total), reply_to=msg)
 
 
-@app.query("task_stats")
+@app.query("task_grams")
 def task_stats(msg: Message, context: Context) -> Message:
     """End of task: Grams of the adapted layers' inputs on the model sent, on this task's data."""
     cfg = RunConfig.from_mapping(context.run_config)
     pid, num = _partition(context)
-    c = msg.content[P.CONFIG]
-    stats, n = task_grams(
-        cfg,
-        pid,
-        num,
-        P.arrays_to_tensors(msg.content[P.ARRAYS]),
-        task=int(c[P.CFG_TASK]),
-        rank=int(c[P.CFG_RANK]),
-        alpha=float(c[P.CFG_ALPHA]),
-    )
-    content = RecordDict({P.STATS: P.tensors_to_arrays(stats), P.METRICS: P.reply_metrics(n)})
-    return Message(content, reply_to=msg)
+    plan = wire.Instructions.from_config(msg.content[wire.CONFIG])
+    grams, n = task_grams(cfg, pid, num, wire.arrays_to_tensors(msg.content[wire.ARRAYS]), plan)
+    spec = wire.train_reply_spec(model_layout(model_of(cfg)), plan, cfg.gram_alpha, cfg.head_gram_alpha)
+    return _reply(wire.reply_content(spec, {}, grams, {wire.NUM_EXAMPLES: n}), msg, cfg)

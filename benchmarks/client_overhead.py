@@ -28,8 +28,8 @@ import torch
 
 from benchmarks.compare import _parse_sets
 from lorm_flwr import client
-from lorm_flwr import protocol as P
-from lorm_flwr.client import Instructions, task_grams, train_round
+from lorm_flwr import wire
+from lorm_flwr.client import task_grams, train_round
 from lorm_flwr.config import RunConfig
 from lorm_flwr.runtime import initial_tensors, scenario_of
 
@@ -90,16 +90,16 @@ def _one_repeat(cfg: RunConfig, args, start: dict[str, torch.Tensor], seed: int)
     """A B-round and an A-round (training, then the statistics pass), then the end-of-task pass."""
     row = {}
     for factor in ("B", "A"):
-        plan = Instructions(
+        plan = wire.Instructions(
             task=0, round_in_task=0 if factor == "B" else 1, train_a=factor == "A",
             train_b=factor == "B", train_head=True,
-            stats=P.STATS_LORM_B if factor == "B" else P.STATS_LORM_A, seed=seed,
+            grams=wire.GRAMS_LORM_B if factor == "B" else wire.GRAMS_LORM_A, seed=seed,
         )  # fmt: skip
         result = train_round(cfg, args.client, args.clients, start, plan)
         row[f"train {factor}"] = result.train_seconds
-        row[f"stats {factor}"] = result.stats_seconds
+        row[f"stats {factor}"] = result.grams_seconds
     t0 = time.perf_counter()
-    task_grams(cfg, args.client, args.clients, start, task=0, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
+    task_grams(cfg, args.client, args.clients, start, wire.Instructions(task=0, grams=wire.GRAMS_TASK))
     row["end"] = time.perf_counter() - t0
     return row
 

@@ -87,7 +87,7 @@ def run_one(fed, cfg: dict, clients: int) -> dict:
         "wall_seconds": wall,
         "server_loop_seconds": res["wall_seconds"],
         "local_training_seconds": train,
-        "client_stats_seconds": sum(r.get("client_stats_seconds_max", 0.0) for r in rounds),
+        "client_stats_seconds": sum(r.get("client_grams_seconds_max", r.get("client_stats_seconds_max", 0.0)) for r in rounds),
         "peak_memory_bytes": peak,
     }
 

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from lorm_flwr.merge import gram_sum, merge_lora_a_from_sums
+from lorm_flwr.merge import gram_sum, merge_from_sums
 
 
 def reference_a_step(uploads, grams):
@@ -31,7 +31,7 @@ def reference_a_step(uploads, grams):
 
 
 def ours_a_step(uploads, grams):
-    return merge_lora_a_from_sums(gram_sum(uploads), gram_sum(grams))
+    return merge_from_sums(gram_sum(uploads), gram_sum(grams))
 
 
 def make_layer(k, clients, rank, tokens, diagonal, seed):

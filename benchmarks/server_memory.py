@@ -33,22 +33,23 @@ def _rss_now() -> int:
 def measure(clients: int, strategy_name: str) -> dict:
     sys.path.insert(0, str(ROOT))
     import torch
-    from flwr.app import Message, RecordDict
+    from flwr.app import Message
     from flwr.supercore.task_identity import TaskIdentity
 
-    from lorm_flwr import protocol as P
+    from lorm_flwr import wire
     from lorm_flwr.config import RunConfig
-    from lorm_flwr.runtime import initial_tensors, layout_of, model_of
+    from lorm_flwr.models.adapters import model_layout
+    from lorm_flwr.rounds import train_exchange
+    from lorm_flwr.runtime import initial_tensors, model_of
     from lorm_flwr.strategies import strategy_class
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # Messages outside a run
     torch.set_num_threads(1)
     cfg = RunConfig(strategy=strategy_name, dataset="digits", backbone="vit-tiny", image_size=16,
                     lora_rank=4, min_clients=clients)  # fmt: skip
-    strategy = strategy_class(strategy_name)(cfg, layout_of(model_of(cfg)))
-    plan = strategy.round_plan(1)  # LoRM: an A-round, full Grams
-    reply_shapes = strategy.expected_reply(plan)
-    stat_shapes = strategy.expected_stats(plan.stats) if plan.stats != P.STATS_NONE else {}
+    strategy = strategy_class(strategy_name)(cfg, model_layout(model_of(cfg)))
+    spec = strategy.reply_spec(strategy.instructions(1))  # LoRM: an A-round, full Grams
+    reply_shapes, stat_shapes = spec.arrays or {}, spec.grams or {}
     start_tensors = initial_tensors(cfg)
 
     def fake_reply(request: Message, seed: int) -> Message:
@@ -56,7 +57,7 @@ def measure(clients: int, strategy_name: str) -> dict:
         arrays = {k: torch.randn(s, generator=gen) for k, s in reply_shapes.items()}
         stats = {}
         for k, s in stat_shapes.items():
-            if k.endswith("|" + P.STAT_G) or k.endswith("|" + P.STAT_AGA):
+            if k.endswith("|" + wire.G) or k.endswith("|" + wire.AGA):
                 if len(s) == 1:
                     stats[k] = torch.rand(s, generator=gen) + 0.1
                 else:
@@ -64,8 +65,8 @@ def measure(clients: int, strategy_name: str) -> dict:
                     stats[k] = x @ x.T
             else:
                 stats[k] = torch.randn(s, generator=gen)
-        content = RecordDict({P.ARRAYS: P.tensors_to_arrays(arrays), P.STATS: P.tensors_to_arrays(stats),
-                              P.METRICS: P.reply_metrics(100, **{P.MET_TRAIN_LOSS: 0.5})})  # fmt: skip
+        metrics = {wire.NUM_EXAMPLES: 100, wire.TRAIN_LOSS: 0.5, wire.TRAIN_SECONDS: 1.0, wire.GRAMS_SECONDS: 0.1}
+        content = wire.reply_content(spec, arrays, stats, metrics)
         return Message(content, reply_to=request)
 
     class Grid:
@@ -75,12 +76,10 @@ def measure(clients: int, strategy_name: str) -> dict:
         def send_and_receive(self, messages, timeout=None):
             return [fake_reply(m, m.metadata.dst_node_id) for m in messages]
 
-    strategy.begin_task(0, start_tensors)
+    tensors = strategy.begin_task(0, dict(start_tensors))
     before = _rss_now()
-    strategy.start(grid=Grid(), initial_arrays=P.tensors_to_arrays(start_tensors),
-                   num_rounds=2, first_round=2)  # fmt: skip - round 2 = index 1, the A-round
+    _, _, entry, merge_seconds = train_exchange(Grid(), strategy, tensors, 1)  # round 1: the A-round
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    entry = strategy.rounds[-1]
     return {
         "clients": clients,
         "strategy": strategy_name,
@@ -89,7 +88,7 @@ def measure(clients: int, strategy_name: str) -> dict:
         "rss_before_bytes": before,
         "peak_rss_bytes": peak,  # ru_maxrss never decreases: the peak of the whole process
         "peak_increase_bytes": peak - before,
-        "merge_seconds": entry.merge_seconds,
+        "merge_seconds": merge_seconds,
     }
 
 

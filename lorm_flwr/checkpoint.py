@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from lorm_flwr.config import ConfigError, RunConfig
+
 __all__ = [
     "CHECKPOINT_FILE",
     "Checkpoint",
@@ -27,11 +29,12 @@ __all__ = [
     "config_changes",
     "load_checkpoint",
     "restore_rng",
+    "resume_point",
     "save_checkpoint",
 ]
 
 CHECKPOINT_FILE = "checkpoint.pt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 # Run-config keys a resumed run may change: they decide where and how patiently a
 # run goes, not what it computes. Any other difference is refused.
@@ -140,3 +143,20 @@ def restore_rng(state: dict[str, Any]) -> None:
         (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
     )
     torch.set_rng_state(state["torch"])
+
+
+def resume_point(cfg: RunConfig) -> Checkpoint | None:
+    """The checkpoint ``resume-from`` names, checked against this run's config before any work."""
+    if not cfg.resume_from:
+        return None
+    try:
+        checkpoint = load_checkpoint(cfg.resume_from)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(f"resume-from={cfg.resume_from!r}: {exc}") from None
+    changes = config_changes(checkpoint.config, cfg.to_dict())
+    if changes:
+        raise ConfigError(
+            f"resume-from={cfg.resume_from!r}: the run config differs from the checkpoint's in "
+            f"keys a resumed run must keep: {'; '.join(changes)}"
+        )
+    return checkpoint

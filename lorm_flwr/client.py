@@ -1,4 +1,7 @@
-"""What one client does in a round, on plain tensors (the ClientApp wraps it in messages)."""
+"""What one client does in a round, on plain tensors (the ClientApp wraps it in messages).
+
+Client side only: nothing here imports the server's strategies.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +11,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lorm_flwr import protocol as P
+from lorm_flwr import wire
 from lorm_flwr.config import RunConfig
 from lorm_flwr.gram import layer_grams
-from lorm_flwr.lorm import lorm_products, matrix, regmean_products
-from lorm_flwr.models.fold import batchnorm_folded
-from lorm_flwr.models.pointwise import pointwise_as_matmul
+from lorm_flwr.layout import AdaptedLayer
 from lorm_flwr.models.adapters import (
     HEAD,
     adapter_layout,
@@ -24,6 +25,9 @@ from lorm_flwr.models.adapters import (
     set_tensors,
     set_trainable,
 )
+from lorm_flwr.models.fold import batchnorm_folded
+from lorm_flwr.models.pointwise import pointwise_as_matmul
+from lorm_flwr.products import gram_products
 from lorm_flwr.runtime import (
     data_of,
     initial_tensors,
@@ -32,33 +36,24 @@ from lorm_flwr.runtime import (
     scenario_of,
     set_threads,
 )
+from lorm_flwr.seeds import client_shuffle_seed
 from lorm_flwr.train import autocast, pick_device, predict, train_local
 
-__all__ = ["ClientResult", "Instructions", "evaluate_personal", "task_grams", "train_round"]
+__all__ = ["ClientResult", "evaluate_personal", "task_grams", "train_round"]
 
 PEFT_PREFIX = "base_model.model."
 
 
-@dataclass(frozen=True)
-class Instructions:
-    task: int
-    round_in_task: int
-    train_a: bool
-    train_b: bool
-    train_head: bool
-    stats: str
-    seed: int
-    local: frozenset[str] = frozenset()  # groups ("A", "B", "head") kept on the client
-
-
 @dataclass
 class ClientResult:
-    tensors: dict[str, torch.Tensor]
-    stats: dict[str, torch.Tensor]
+    """A round's outcome; the ClientApp sends what the reply spec asks of it."""
+
+    tensors: dict[str, torch.Tensor]  # every adapter and head tensor after training
+    grams: dict[str, torch.Tensor]  # the Gram statistics asked for (may be empty)
     num_examples: int
     train_loss: float
     train_seconds: float = 0.0
-    stats_seconds: float = 0.0
+    grams_seconds: float = 0.0
     local: dict[str, torch.Tensor] | None = None  # the client's own parts, to keep
 
 
@@ -84,7 +79,7 @@ def train_round(
     partition_id: int,
     num_partitions: int,
     global_tensors: dict[str, torch.Tensor],
-    plan: Instructions,
+    plan: wire.Instructions,
     local_tensors: dict[str, torch.Tensor] | None = None,
 ) -> ClientResult:
     """Load the global tensors, train on this client's shard of the task, report back."""
@@ -111,39 +106,25 @@ def train_round(
         lr=cfg.lr,
         weight_decay=cfg.weight_decay, optimizer=cfg.optimizer, precision=cfg.precision,
         device=pick_device(cfg.device),
-        seed=plan.seed * 1_000 + partition_id,
+        seed=client_shuffle_seed(plan.seed, partition_id),
     )
     train_seconds = time.perf_counter() - start
     tensors = get_tensors(model)
-    if plan.stats in (P.STATS_LORM_A, P.STATS_LORM_B):
-        start = time.perf_counter()
+    grams: dict[str, torch.Tensor] = {}
+    start = time.perf_counter()
+    if plan.grams in wire.PRODUCT_KINDS:
         layers = adapter_layout(model)
-        # A B-round needs only A G A^T (r x r) per layer: record the codes' Gram.
-        codes = plan.stats == P.STATS_LORM_B
-        projections = {ly.name: matrix(tensors[ly.a_key]) for ly in layers} if codes else None
-        grams = _grams(cfg, model, data.train_x[shard], with_head=True, projections=projections)
-        weight_key, bias_key = head_keys(model)
-        products = lorm_products(plan.stats, tensors, grams, layers, HEAD, weight_key, codes=codes)
-        # The closed-form steps need only the products; the bias is averaged.
-        return ClientResult(
-            {bias_key: tensors[bias_key]}, products, stats.num_examples, stats.loss,
-            train_seconds, time.perf_counter() - start,
-        )  # fmt: skip
-    if plan.stats == P.STATS_REGMEAN:
-        start = time.perf_counter()
-        grams = _grams(cfg, model, data.train_x[shard], with_head=True)
-        weight_key, bias_key = head_keys(model)
-        products = regmean_products(tensors, grams, adapter_layout(model), HEAD, weight_key)
-        return ClientResult(
-            {bias_key: tensors[bias_key]}, products, stats.num_examples, stats.loss,
-            train_seconds, time.perf_counter() - start,
-        )  # fmt: skip
-    trained = {g for g, on in (("A", plan.train_a), ("B", plan.train_b), ("head", plan.train_head)) if on}
-    shared = {k: v for k, v in tensors.items() if group_of(k) in trained - plan.local}
+        # A LoRM B-round needs only A G A^T (r x r) per layer: record the codes' Gram.
+        codes = plan.grams == wire.GRAMS_LORM_B
+        projections = {ly.name: AdaptedLayer.matrix(tensors[ly.a_key]) for ly in layers} if codes else None
+        inputs = _grams(cfg, model, data.train_x[shard], with_head=True, projections=projections)
+        weight_key, _ = head_keys(model)
+        grams = gram_products(plan.grams, tensors, inputs, layers, weight_key, codes=codes)
     local = {k: v for k, v in tensors.items() if group_of(k) in plan.local}
     return ClientResult(
-        shared, {}, stats.num_examples, stats.loss, train_seconds, local=local or None
-    )
+        tensors, grams, stats.num_examples, stats.loss, train_seconds,
+        time.perf_counter() - start if grams else 0.0, local=local or None,
+    )  # fmt: skip
 
 
 def evaluate_personal(
@@ -232,19 +213,17 @@ def task_grams(
     partition_id: int,
     num_partitions: int,
     tensors: dict[str, torch.Tensor],
-    task: int,
-    rank: int,
-    alpha: float,
+    plan: wire.Instructions,
 ) -> tuple[dict[str, torch.Tensor], int]:
     """End-of-task statistics: each adapted layer's Gram on this client's task data.
 
-    ``tensors`` is the model to record on, an adapter of ``rank``/``alpha``.
+    ``tensors`` is the model to record on, an adapter of ``plan.rank``/``plan.alpha``.
     """
     set_threads(cfg)
     data = data_of(cfg)
-    shard = scenario_of(cfg, num_partitions).shards[task][partition_id]
-    model = model_of(cfg, rank=rank, alpha=alpha)
+    shard = scenario_of(cfg, num_partitions).shards[plan.task][partition_id]
+    model = model_of(cfg, rank=plan.rank or None, alpha=plan.alpha if plan.rank else None)
     set_tensors(model, tensors)
     grams = _grams(cfg, model, data.train_x[shard], with_head=False)
-    stats = {P.stat_key(name, P.STAT_G): g.float() for name, g in grams.items()}
+    stats = {wire.gram_key(name, wire.G): g.float() for name, g in grams.items()}
     return stats, int(len(shard))

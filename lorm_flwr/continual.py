@@ -13,6 +13,7 @@ __all__ = [
     "average_forgetting",
     "factor_of_round",
     "final_average_accuracy",
+    "pool_personal",
     "reference_forgetting",
 ]
 
@@ -53,3 +54,29 @@ def reference_forgetting(acc: Sequence[Sequence[float]]) -> float:
     a = np.asarray(acc, dtype=float)
     T = a.shape[0]
     return float(np.mean([a[k, k] - a[T - 1, k] for k in range(T)]))
+
+
+def pool_personal(counts: Sequence[tuple[Sequence[int], Sequence[int]]]) -> dict:
+    """Personalised accuracy over clients from each client's (correct, total) per seen task.
+
+    ``accuracy_weighted`` pools every sample (sample-weighted over clients);
+    ``accuracy_unweighted`` is the mean of the clients' own accuracies (clients
+    without test samples left out).
+    """
+    seen = len(counts[0][0]) if counts else 0
+    correct, total, per_client = [0] * seen, [0] * seen, []
+    for c, t in counts:
+        correct = [a + b for a, b in zip(correct, c)]
+        total = [a + b for a, b in zip(total, t)]
+        if sum(t):
+            per_client.append(sum(c) / sum(t))
+    if not per_client:
+        return {}
+    return {
+        "accuracy_weighted": sum(correct) / max(sum(total), 1),
+        "accuracy_unweighted": sum(per_client) / len(per_client),
+        "per_task_weighted": [c / t if t else float("nan") for c, t in zip(correct, total)],
+        "per_client": per_client,
+        "correct": sum(correct),
+        "total": sum(total),
+    }

@@ -12,6 +12,7 @@ runs.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
@@ -21,11 +22,14 @@ from lorm_flwr.config import RunConfig
 from lorm_flwr.data.scenario import Scenario
 from lorm_flwr.evaluation import evaluate_global
 from lorm_flwr.models.adapters import get_tensors, set_tensors, set_trainable
-from lorm_flwr.results import RunRecorder, export_adapter
+from lorm_flwr.results import RoundRow, RunRecorder, export_adapter, run_folder
 from lorm_flwr.runtime import data_of, initial_tensors, input_spec, model_of, set_threads
+from lorm_flwr.seeds import joint_phase_seed
 from lorm_flwr.train import pick_device, train_local
 
-__all__ = ["JOINT_STRATEGIES", "run_joint"]
+__all__ = ["JOINT_STRATEGIES", "main_joint", "run_joint"]
+
+log = logging.getLogger("flwr.lorm")
 
 JOINT_STRATEGIES = ("joint", "joint-incremental")
 
@@ -54,21 +58,17 @@ def run_joint(
             inputs=input_spec(cfg), epochs=cfg.rounds_per_task * cfg.local_epochs,
             batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
             optimizer=cfg.optimizer, precision=cfg.precision,
-            device=pick_device(cfg.device), seed=cfg.seed * 1_009 + phase,
+            device=pick_device(cfg.device), seed=joint_phase_seed(cfg.seed, phase),
         )  # fmt: skip
         train_seconds = time.perf_counter() - t0
         last_task = tasks[-1]
         tensors = get_tensors(model)
         ev = evaluate_global(cfg, scenario, last_task, tensors)
-        recorder.add_round(
-            {
-                "task": last_task, "round_in_task": 0, "accuracy": ev.accuracy,
-                "per_task_accuracy": ev.per_task, "train_loss": stats.loss,
-                "bytes_down": 0, "bytes_up": 0, "replies": 0, "failures": [], "rejected": [],
-                "merge_seconds": 0.0, "elapsed_seconds": time.perf_counter() - start,
-                "client_train_seconds_sum": train_seconds, "client_train_seconds_max": train_seconds,
-            }
-        )  # fmt: skip
+        row = RoundRow(last_task, 0, train_loss=stats.loss, accuracy=ev.accuracy,
+                       per_task_accuracy=ev.per_task, replies=0,
+                       elapsed_seconds=time.perf_counter() - start)  # fmt: skip
+        row.extra = {"client_train_seconds_sum": train_seconds, "client_train_seconds_max": train_seconds}
+        recorder.add_round(row)
         recorder.end_task(
             last_task, ev.per_task,
             {"accuracy": ev.accuracy, "correct": ev.correct, "total": ev.total,
@@ -79,3 +79,26 @@ def run_joint(
             f"lorm-flwr: {cfg.strategy} phase {phase + 1}/{len(phases)} (tasks {tasks}): "
             f"accuracy on seen classes {ev.accuracy:.3f}"
         )
+
+
+def main_joint(cfg: RunConfig) -> None:
+    """``joint`` / ``joint-incremental`` in the ServerApp process, no federation.
+
+    The pooled data is every client's shard, i.e. the whole training set of each
+    task, so the split over clients does not matter; one client is assumed.
+    """
+    from lorm_flwr.runtime import scenario_of
+
+    scenario = scenario_of(cfg, 1)
+    folder = run_folder(cfg)
+    recorder = RunRecorder(cfg, folder, [list(t) for t in scenario.tasks], scenario.shard_sizes())
+    recorder.accuracy_kind = "global"
+    log.info("lorm-flwr: %s (no federation), writing results to %s", cfg.strategy, folder)
+    start = time.perf_counter()
+    try:
+        run_joint(cfg, scenario, recorder, lambda line: log.info("%s", line))
+    except BaseException:
+        recorder.status = "failed"
+        recorder.write()
+        raise
+    recorder.finish(start)

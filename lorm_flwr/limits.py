@@ -17,8 +17,7 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.app import ArrayRecord, RecordDict
 
-from lorm_flwr import protocol as P
-from lorm_flwr.models.adapters import group_of
+from lorm_flwr import wire
 
 __all__ = [
     "BYTES_PER_FLOAT",
@@ -60,35 +59,31 @@ def message_shapes(strategy) -> dict[str, dict[str, tuple[int, ...]]]:
 
     ``round R down``/``round R up`` for each round kind (rounds alternate with a
     period of at most 2), and ``end-of-task down/up`` for a strategy with task-end
-    statistics (LoRM).
+    statistics (LoRM). Keys are ``record/key``, as the replies carry them.
     """
-    layout = strategy.layout
-    down = {k: tuple(s) for k, s in layout.shapes.items() if group_of(k) not in strategy.local_groups}
+    down = {f"{wire.ARRAYS}/{k}": tuple(s) for k, s in strategy.shared(strategy.layout.shapes).items()}
+    plans = {f"round {r}": strategy.instructions(r) for r in range(min(strategy.cfg.rounds_per_task, 2))}
+    if strategy.task_grams != wire.GRAMS_NONE:
+        plans["end-of-task"] = wire.Instructions(task=0, grams=strategy.task_grams)
     out: dict[str, dict[str, tuple[int, ...]]] = {}
-    for r in range(min(strategy.cfg.rounds_per_task, 2)):
-        plan = strategy.round_plan(r)
-        up = {k: tuple(s) for k, s in strategy.expected_reply(plan).items()}
-        if plan.stats != P.STATS_NONE:
-            up.update({f"{P.STATS}/{k}": tuple(s) for k, s in strategy.expected_stats(plan.stats).items()})
-        out[f"round {r} down"] = down
-        out[f"round {r} up"] = up
-    if strategy.task_stats != P.STATS_NONE:
-        out["end-of-task down"] = down
-        out["end-of-task up"] = {
-            f"{P.STATS}/{k}": tuple(s) for k, s in strategy.expected_stats(strategy.task_stats).items()
-        }
+    for name, plan in plans.items():
+        spec = strategy.reply_spec(plan)
+        up = {f"{wire.ARRAYS}/{k}": tuple(s) for k, s in (spec.arrays or {}).items()}
+        up.update({f"{wire.GRAMS}/{k}": tuple(s) for k, s in (spec.grams or {}).items()})
+        out[f"{name} down"] = down
+        out[f"{name} up"] = up
     return out
 
 
 def _remedy(key: str, cfg) -> str:
-    if key.endswith("|" + P.STAT_G) and key.split("/")[-1].startswith("head|"):
+    if key.endswith("|" + wire.G) and key.split("/")[-1].startswith(wire.HEAD + "|"):
         return "set head-gram-alpha=0 to send the head Gram's diagonal only"
-    if key.endswith("|" + P.STAT_G) or key.endswith("|" + P.STAT_AG):
+    if key.endswith("|" + wire.G) or key.endswith("|" + wire.AG):
         return (
             f"set gram-alpha=0 (now {cfg.gram_alpha}) so clients send Gram diagonals (d_in floats "
             "instead of d_in x d_in), or adapt fewer layers with lora-targets"
         )
-    if key.endswith("|" + P.STAT_DG):
+    if key.endswith("|" + wire.DG):
         return "regmean sends a dense d_out x d_in product per layer: adapt fewer layers with lora-targets, or use lorm"
     return f"use a lower lora-rank (now {cfg.lora_rank}) or fewer layers with lora-targets"
 
@@ -113,7 +108,7 @@ def check_message_sizes(strategy, limit_bytes: int) -> dict[str, int]:
 def check_reply_size(content: RecordDict, cfg) -> None:
     """A client's last check before replying (the server checked the shapes already):
     the reply's bytes as Flower counts them against the limit; names the largest array."""
-    limit, size = cfg.max_message_bytes, P.record_bytes(content)
+    limit, size = cfg.max_message_bytes, wire.record_bytes(content)
     if size <= limit:
         return
     arrays = {

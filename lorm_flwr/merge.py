@@ -40,10 +40,13 @@ PINV_RCOND = 1e-6
 __all__ = [
     "PINV_RCOND",
     "gram_sum",
+    "fedavg_mean",
+    "merge_from_sums",
     "merge_lora_a",
-    "merge_lora_a_from_sums",
     "merge_lora_b",
-    "merge_lora_b_from_sums",
+    "regmean_head",
+    "times_gram",
+    "truncate_to_rank",
     "cross_task_factors",
     "project_gram",
     "psd_solve_right",
@@ -197,7 +200,7 @@ def weighted_mean(tensors: Sequence[Tensor], weights: Sequence[float] | None = N
     return acc.to(tensors[0].dtype)
 
 
-def _times_gram(m: Tensor, g: Tensor) -> Tensor:
+def times_gram(m: Tensor, g: Tensor) -> Tensor:
     """``m @ G`` for a full ``(k, k)`` or diagonal ``(k,)`` Gram; m: (rows, k)."""
     return m * g.unsqueeze(0) if g.dim() == 1 else m @ g
 
@@ -226,7 +229,7 @@ def regmean(
     w = _weights(len(Ws), weights)
     rhs = torch.zeros(Ws[0].shape, dtype=torch.float64, device=Ws[0].device)
     for wi, Wi, g in zip(w, Ws, grams):
-        rhs.add_(_times_gram(Wi.to(torch.float64), g.to(torch.float64)), alpha=wi)
+        rhs.add_(times_gram(Wi.to(torch.float64), g.to(torch.float64)), alpha=wi)
     return psd_solve_right(rhs, gram_sum(grams, w), ridge).to(Ws[0].dtype)
 
 
@@ -235,19 +238,23 @@ def _anchored(product_sum: Tensor, gram_total: Tensor, anchor: Tensor | None) ->
     m = product_sum.to(torch.float64)
     if anchor is None:
         return m
-    return m - _times_gram(anchor.to(torch.float64), gram_total.to(torch.float64))
+    return m - times_gram(anchor.to(torch.float64), gram_total.to(torch.float64))
 
 
-def merge_lora_a_from_sums(
-    a_gram_sum: Tensor, gram_total: Tensor, ridge: float = 0.0, anchor: Tensor | None = None
+def merge_from_sums(
+    product_sum: Tensor, gram_total: Tensor, ridge: float = 0.0, anchor: Tensor | None = None
 ) -> Tensor:
-    """LoRM A-step (or RegMean of any layer) from client sums: ``A = M S^+``.
+    """The least-squares merge of a linear map from client sums: ``X = M S^+``.
+
+    Every closed-form step is this solve: LoRM's A-step (``M = sum_i A_i G_i``,
+    ``S = sum_i G_i``), its B-step (``M = sum_i B_i A G_i A^T``, ``S = sum_i A G_i A^T``),
+    RegMean of the head or of a whole delta (``M = sum_i W_i G_i``).
 
     Parameters
     ----------
-    a_gram_sum : (r, k), ``M = sum_i w_i A_i G_i``.
+    product_sum : (m, k), ``M = sum_i w_i X_i G_i``.
     gram_total : (k, k) or (k,), ``S = sum_i w_i G_i``.
-    anchor : optional (r, k). Every minimiser differs only in directions that no
+    anchor : optional (m, k). Every minimiser differs only in directions that no
         client's inputs excite (the null space of S). Without an anchor the
         minimum-norm one is returned, ``M S^+`` (the paper's formula); with one,
         the minimiser closest to ``anchor``, ``anchor + (M - anchor S) S^+``, so
@@ -255,10 +262,10 @@ def merge_lora_a_from_sums(
 
     Returns
     -------
-    (r, k) float64.
+    (m, k) float64.
     """
     g = gram_total.to(torch.float64)
-    out = psd_solve_right(_anchored(a_gram_sum, g, anchor), g, ridge)
+    out = psd_solve_right(_anchored(product_sum, g, anchor), g, ridge)
     return out if anchor is None else out + anchor.to(torch.float64)
 
 
@@ -284,28 +291,10 @@ def merge_lora_a(
     return regmean(As, grams, weights, ridge)
 
 
-def merge_lora_b_from_sums(
-    b_proj_sum: Tensor, proj_gram_sum: Tensor, ridge: float = 0.0, anchor: Tensor | None = None
-) -> Tensor:
-    """LoRM B-step from client sums: ``B = P Q^+`` (``anchor`` as in the A-step).
-
-    Parameters
-    ----------
-    b_proj_sum : (d, r), ``P = sum_i w_i B_i A G_i A^T``.
-    proj_gram_sum : (r, r), ``Q = sum_i w_i A G_i A^T``.
-    anchor : optional (d, r).
-
-    Returns
-    -------
-    (d, r) float64.
-    """
-    return merge_lora_a_from_sums(b_proj_sum, proj_gram_sum, ridge, anchor)
-
-
 def project_gram(A: Tensor, gram: Tensor) -> Tensor:
     """``A G A^T``: (r, r) Gram of the rank-r codes ``A X``; gram (k, k) or (k,)."""
     a = A.to(torch.float64)
-    return _times_gram(a, gram.to(torch.float64)) @ a.T
+    return times_gram(a, gram.to(torch.float64)) @ a.T
 
 
 def merge_lora_b(
@@ -336,7 +325,7 @@ def merge_lora_b(
     rhs = torch.zeros(Bs[0].shape, dtype=torch.float64, device=Bs[0].device)
     for wi, Bi, q in zip(w, Bs, projected):
         rhs.add_(Bi.to(torch.float64) @ q, alpha=wi)
-    return merge_lora_b_from_sums(rhs, gram_sum(projected, w), ridge).to(Bs[0].dtype)
+    return merge_from_sums(rhs, gram_sum(projected, w), ridge).to(Bs[0].dtype)
 
 
 def cross_task_factors(
@@ -367,3 +356,64 @@ def cross_task_factors(
     ag_cat = torch.cat([ag.to(torch.float64) for ag in a_grams], dim=0)  # (R, k)
     a_cat = psd_solve_right(ag_cat, gram_total.to(torch.float64), ridge)  # (R, k)
     return b_cat, a_cat
+
+
+def fedavg_mean(tensors: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """``sum_i (w_i / sum_j w_j) T_i`` with Flower FedAvg's arithmetic.
+
+    As ``flwr``'s ``aggregate_arrayrecords``: the factors are Python floats, and each
+    product and the running sum stay in the tensors' dtype (fp32 for LoRA factors),
+    in client order. FedIT and FFA use it so that their numbers are FedAvg's.
+    """
+    w = _weights(len(tensors), weights)
+    total = sum(w)
+    if total <= 0:
+        raise ValueError("weights must not all be zero")
+    acc = None
+    for wi, t in zip(w, tensors):
+        term = t.detach().cpu().numpy() * (wi / total)
+        if acc is None:
+            acc = term
+        else:
+            acc += term
+    return torch.from_numpy(acc)
+
+
+def regmean_head(
+    weight_gram_sum: Tensor,
+    gram_total: Tensor,
+    biases: Sequence[Tensor],
+    weights: Sequence[float],
+    ridge: float = 0.0,
+    anchor: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The classifier head's merge: RegMean of the weight, weighted mean of the bias.
+
+    Parameters
+    ----------
+    weight_gram_sum : (C, F), ``sum_i W_i G_i``.
+    gram_total : (F, F) or (F,), ``sum_i G_i`` of the head's inputs.
+    biases : per client, (C,).
+    weights : per client, sample counts.
+
+    Returns
+    -------
+    ``W: (C, F)`` float64 and ``b: (C,)`` in the biases' dtype.
+    """
+    return merge_from_sums(weight_gram_sum, gram_total, ridge, anchor), weighted_mean(biases, weights)
+
+
+def truncate_to_rank(delta: Tensor, rank: int, scaling: float) -> tuple[Tensor, Tensor, float]:
+    """Best rank-``rank`` factors of ``delta: (d, k)`` with ``scaling * B @ A ~= delta``.
+
+    Truncated SVD (Eckart-Young), the root of each singular value on either side.
+    Returns ``B: (d, rank)``, ``A: (rank, k)`` (float64) and the relative Frobenius
+    error ``||delta - scaling B A|| / ||delta||`` (0 for a zero delta).
+    """
+    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    root = torch.sqrt(s[:rank] / scaling)
+    b = u[:, :rank] * root  # (d, r)
+    a = root[:, None] * vh[:rank]  # (r, k)
+    total = float(torch.linalg.vector_norm(s))
+    error = float(torch.linalg.vector_norm(s[rank:])) / total if total > 0 else 0.0
+    return b, a, error

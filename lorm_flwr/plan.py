@@ -34,7 +34,7 @@ class Plan:
     head_parameters: int | None = None
     # round in task -> (floats down per client, floats up per client)
     messages: dict[int, tuple[int, int]] = field(default_factory=dict)
-    end_of_task_up: int | None = None  # LoRM's statistics exchange, floats per client
+    end_of_task: tuple[int, int] | None = None  # LoRM's statistics exchange: (down, up) per client
     unreachable: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
@@ -59,13 +59,14 @@ class Plan:
                 f"round {r} of each task, per client: down {down:,} floats ({_mb(down)}), "
                 f"up {up:,} floats ({_mb(up)}); all clients: {_mb((down + up) * self.num_clients)}"
             )
-        if self.end_of_task_up is not None:
-            out.append(f"end-of-task statistics, per client: up {self.end_of_task_up:,} floats "
-                       f"({_mb(self.end_of_task_up)})")  # fmt: skip
+        if self.end_of_task is not None:
+            down, up = self.end_of_task
+            out.append(f"end-of-task statistics, per client: down {down:,} floats ({_mb(down)}), "
+                       f"up {up:,} floats ({_mb(up)})")  # fmt: skip
         if self.messages:
             period = len(self.messages)  # rounds alternate with this period
             per_task = sum(sum(self.messages[r % period]) for r in range(c.rounds_per_task))
-            per_task += self.end_of_task_up or 0
+            per_task += sum(self.end_of_task or (0, 0))
             out.append(f"whole run, all clients: about {_mb(per_task * c.num_tasks * self.num_clients)}")
         for what in self.unreachable:
             out.append(f"could not reach {what}")
@@ -103,10 +104,9 @@ def _short(exc: BaseException) -> str:
 
 def _layout(cfg: RunConfig, plan: Plan):
     from lorm_flwr.data.datasets import DATASETS
-    from lorm_flwr.models.adapters import attach_lora
+    from lorm_flwr.models.adapters import adapter_kind, attach_lora, model_layout
     from lorm_flwr.models.backbones import BackboneUnavailableError, build_classifier
-    from lorm_flwr.runtime import layout_of, lora_targets
-    from lorm_flwr.strategies import adapter_kind
+    from lorm_flwr.runtime import lora_targets
 
     num_classes = DATASETS[cfg.dataset].num_classes
     base = None
@@ -123,7 +123,7 @@ def _layout(cfg: RunConfig, plan: Plan):
         base, rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=lora_targets(cfg),
         kind=adapter_kind(cfg.strategy), seed=cfg.seed,
     )  # fmt: skip
-    return layout_of(model)
+    return model_layout(model)
 
 
 def _messages(cfg: RunConfig, layout, plan: Plan) -> None:
@@ -144,7 +144,8 @@ def _messages(cfg: RunConfig, layout, plan: Plan) -> None:
     floats = {name: sum(math.prod(t) for t in s.values()) for name, s in shapes.items()}
     for r in range(min(cfg.rounds_per_task, 2)):  # rounds alternate with period <= 2
         plan.messages[r] = (floats[f"round {r} down"], floats[f"round {r} up"])
-    plan.end_of_task_up = floats.get("end-of-task up")
+    if "end-of-task up" in floats:
+        plan.end_of_task = (floats["end-of-task down"], floats["end-of-task up"])
 
 
 def main(argv: list[str] | None = None) -> None:

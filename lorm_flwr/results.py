@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -14,9 +15,12 @@ import torch
 from peft import PeftModel
 
 from lorm_flwr.config import RunConfig
+from lorm_flwr.continual import average_forgetting, final_average_accuracy, reference_forgetting
 from lorm_flwr.models.adapters import set_tensors
 
-__all__ = ["RunRecorder", "export_adapter", "run_folder"]
+__all__ = ["RoundRow", "RunRecorder", "export_adapter", "run_folder"]
+
+log = logging.getLogger("flwr.lorm")
 
 RESULTS_FILE = "results.json"
 PLOT_FILE = "accuracy.png"
@@ -55,6 +59,56 @@ def write_json_atomic(path: Path, payload: Any) -> None:
 
 
 @dataclass
+class RoundRow:
+    """One round in results.json: the one schema for every strategy (``joint`` too).
+
+    ``bytes_*``, ``attempts``, ``failures``, ``rejected`` and ``timeouts`` cover
+    every exchange of the round (training, and personalised evaluation where it
+    runs); ``extra`` holds strategy figures (changes of A/B/head, truncation errors,
+    client timings) and is written flat into the row.
+    """
+
+    task: int
+    round_in_task: int
+    train_loss: float = float("nan")
+    accuracy: float = float("nan")
+    per_task_accuracy: list[float] = field(default_factory=list)
+    bytes_down: int = 0
+    bytes_up: int = 0
+    replies: int = 0
+    attempts: int = 1
+    failures: list[str] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)
+    timeouts: list[int] = field(default_factory=list)
+    merge_seconds: float = 0.0
+    elapsed_seconds: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+    personalised: dict[str, Any] | None = None
+
+    @classmethod
+    def from_exchange(cls, task: int, round_in_task: int, exchange) -> RoundRow:
+        """A row for the round whose training exchange is ``exchange`` (an ExchangeLog)."""
+        row = cls(task, round_in_task, replies=exchange.replies, attempts=exchange.attempts)
+        row.add(exchange)
+        return row
+
+    def add(self, exchange) -> None:
+        """Count another exchange of this round (its bytes and what went wrong)."""
+        self.bytes_down += exchange.bytes_down
+        self.bytes_up += exchange.bytes_up
+        self.failures += exchange.failures
+        self.rejected += exchange.rejected
+        self.timeouts += exchange.timeouts
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in ("extra", "personalised")}
+        out.update(self.extra)
+        if self.personalised is not None:
+            out["personalised"] = self.personalised
+        return out
+
+
+@dataclass
 class RunRecorder:
     """Everything a run reports, written after every round so nothing is lost on failure."""
 
@@ -72,8 +126,9 @@ class RunRecorder:
     failed_round: dict[str, Any] = field(default_factory=dict)  # the round that stopped the run
     message_bytes: dict[str, int] = field(default_factory=dict)  # per client, by message
     resumed: list[dict[str, Any]] = field(default_factory=list)  # one entry per resume
+    handshakes: list[dict[str, Any]] = field(default_factory=list)  # the hello exchange of each start
 
-    _STATE = ("rounds", "accuracy_matrix", "task_end", "accuracy_kind", "message_bytes", "resumed")
+    _STATE = ("rounds", "accuracy_matrix", "task_end", "accuracy_kind", "resumed", "handshakes")
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint keeps of the results so far."""
@@ -83,8 +138,8 @@ class RunRecorder:
         for k in self._STATE:
             setattr(self, k, state[k])
 
-    def add_round(self, entry: dict[str, Any]) -> None:
-        self.rounds.append(entry)
+    def add_round(self, row: RoundRow) -> None:
+        self.rounds.append(row.to_dict())
         self.write()
 
     def end_task(self, task: int, per_task: list[float], summary: dict[str, Any]) -> None:
@@ -108,10 +163,37 @@ class RunRecorder:
             "task_end": self.task_end,
             "message_bytes_per_client": self.message_bytes,
             "resumed": self.resumed,
+            "handshakes": self.handshakes,
             **({"error": self.error} if self.error else {}),
             **({"failed_round": self.failed_round} if self.failed_round else {}),
             **self.final,
         }
+
+    def exchanges(self) -> list[dict[str, Any]]:
+        """Every exchange's bytes: rounds, task ends (LoRM's statistics) and handshakes."""
+        task_end = [v for entry in self.task_end for v in entry.values() if isinstance(v, dict) and "bytes_up" in v]
+        return self.rounds + task_end + self.handshakes
+
+    def finish(self, start: float) -> None:
+        """The run's summary metrics; status ``completed``; results and plot written."""
+        last = self.task_end[-1]
+        self.final = {
+            "final_average_accuracy": final_average_accuracy(last["correct"], last["total"]),
+            "average_forgetting": average_forgetting(self.accuracy_matrix),
+            "reference_forgetting": reference_forgetting(self.accuracy_matrix),
+            "forgetting_definition": "mean over k<T-1 of max_{t<T-1} a[t][k] - a[T-1][k]",
+            "bytes_down_total": sum(e["bytes_down"] for e in self.exchanges()),
+            "bytes_up_total": sum(e["bytes_up"] for e in self.exchanges()),
+            "wall_seconds": time.perf_counter() - start,
+        }
+        self.status = "completed"
+        self.write()
+        self.plot()
+        log.info(
+            "lorm-flwr: done. final average accuracy %.3f, average forgetting %.3f",
+            self.final["final_average_accuracy"], self.final["average_forgetting"],
+        )  # fmt: skip
+        log.info("lorm-flwr: results in %s", self.folder)
 
     def write(self) -> None:
         write_json_atomic(self.folder / RESULTS_FILE, self.payload())

@@ -15,13 +15,11 @@ from peft import PeftModel
 from lorm_flwr.config import RunConfig
 from lorm_flwr.data.datasets import LabelledData, cap_per_class, load_dataset
 from lorm_flwr.data.scenario import Scenario, build_scenario
-from lorm_flwr.models.adapters import adapter_layout, attach_lora, head_keys
+from lorm_flwr.models.adapters import adapter_kind, attach_lora
 from lorm_flwr.models.backbones import BACKBONES, build_classifier
-from lorm_flwr.strategies import adapter_kind
-from lorm_flwr.strategies.base import ModelLayout
 from lorm_flwr.train import InputSpec, TokenInputs, pick_device
 
-__all__ = ["data_of", "input_spec", "layout_of", "model_of", "scenario_of"]
+__all__ = ["data_of", "input_spec", "model_of", "scenario_of"]
 
 
 def data_of(cfg: RunConfig) -> LabelledData:
@@ -117,14 +115,6 @@ def model_of(
         kind or adapter_kind(cfg.strategy),
         cfg.backbone_checkpoint,
     )
-
-
-def layout_of(model: PeftModel) -> ModelLayout:
-    from lorm_flwr.models.adapters import get_tensors
-
-    weight, bias = head_keys(model)
-    shapes = {k: tuple(v.shape) for k, v in get_tensors(model).items()}
-    return ModelLayout(tuple(adapter_layout(model)), weight, bias, shapes)
 
 
 def set_threads(cfg: RunConfig) -> None:

@@ -1,12 +1,14 @@
-"""Build Flower reply messages outside a run (test helper)."""
+"""Build Flower messages and a scripted Grid outside a run (test helpers)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from flwr.app import Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from lorm_flwr import protocol as P
+from lorm_flwr import wire
 
 # Messages read the run and node ids of the current task; give them dummy ones.
 TaskIdentity.run_id = 1
@@ -14,18 +16,59 @@ TaskIdentity.node_id = 0
 TaskIdentity.task_id = 1
 
 
-def _request(node: int) -> Message:
-    return Message(RecordDict(), dst_node_id=node, message_type="train")
+def train_content(
+    tensors: dict[str, torch.Tensor] | None,
+    num_examples: int,
+    grams: dict[str, torch.Tensor] | None = None,
+    **metrics: float,
+) -> RecordDict:
+    """A client's train reply as the ClientApp builds it (``tensors=None``: no arrays record)."""
+    values = {wire.NUM_EXAMPLES: num_examples, wire.TRAIN_LOSS: 0.5, wire.TRAIN_SECONDS: 1.0,
+              wire.GRAMS_SECONDS: 0.1, **metrics}  # fmt: skip
+    content = RecordDict({wire.METRICS: wire.metrics_record(values)})
+    if tensors is not None:
+        content[wire.ARRAYS] = wire.tensors_to_arrays(tensors)
+    if grams is not None:
+        content[wire.GRAMS] = wire.tensors_to_arrays(grams)
+    return content
 
 
-def reply(node: int, tensors: dict[str, torch.Tensor], num_examples: int, stats=None) -> Message:
-    content = RecordDict(
-        {P.ARRAYS: P.tensors_to_arrays(tensors), P.METRICS: P.reply_metrics(num_examples, **{P.MET_TRAIN_LOSS: 0.5})}
-    )
-    if stats is not None:
-        content[P.STATS] = P.tensors_to_arrays(stats)
-    return Message(content, reply_to=_request(node))
+# What a scripted node does with a message: reply with this content, fail, or stay silent.
+Behaviour = RecordDict | Callable[[Message], RecordDict] | str
 
 
-def error_reply(node: int, reason: str) -> Message:
-    return Message(Error(code=0, reason=reason), reply_to=_request(node))
+class ScriptedGrid:
+    """A Grid whose nodes answer as scripted, one script entry per attempt (the last repeats).
+
+    A script entry maps node -> content (or a function of the request returning one),
+    ``"error"`` (an error reply) or ``"silent"`` (no reply: a timeout).
+    """
+
+    def __init__(self, nodes: list[int], script: list[dict[int, Behaviour]]) -> None:
+        self.nodes, self.script, self.calls = list(nodes), list(script), 0
+        self.sent: list[list[Message]] = []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, timeout=None):
+        behaviour = self.script[min(self.calls, len(self.script) - 1)]
+        self.calls += 1
+        self.sent.append(list(messages))
+        replies = []
+        for m in messages:
+            node = m.metadata.dst_node_id
+            what = behaviour.get(node, "silent")
+            if what == "silent":
+                continue
+            if what == "error":
+                replies.append(Message(Error(code=0, reason=f"node {node} crashed"), reply_to=m))
+                continue
+            content = what(m) if callable(what) else what
+            replies.append(Message(content, reply_to=m))
+        return replies
+
+
+def reply_to(node: int, content: RecordDict) -> Message:
+    """A reply from ``node`` (outside any exchange)."""
+    return Message(content, reply_to=Message(RecordDict(), dst_node_id=node, message_type="train"))

@@ -6,20 +6,19 @@ import math
 
 import pytest
 
-from lorm_flwr import protocol as P
+from lorm_flwr import wire
 from lorm_flwr.config import RunConfig
-from lorm_flwr.lorm import expected_stats
-from lorm_flwr.models.adapters import HEAD
-from lorm_flwr.runtime import layout_of, model_of
+from lorm_flwr.models.adapters import HEAD, model_layout
+from lorm_flwr.runtime import model_of
 
 
-@pytest.mark.parametrize("kind", [P.STATS_LORM_A, P.STATS_LORM_B])
+@pytest.mark.parametrize("kind", [wire.GRAMS_LORM_A, wire.GRAMS_LORM_B])
 def test_lorm_upload_at_gram_alpha_zero_is_fedit_plus_diagonals_and_one_head_gram(kind):
     cfg = RunConfig(strategy="lorm", gram_alpha=0.0)  # the default backbone, EfficientNet-Lite0
-    layout = layout_of(model_of(cfg))
+    layout = model_layout(model_of(cfg))
     fedit = sum(math.prod(s) for s in layout.shapes.values())  # every tensor, every round
     head_shape = layout.shapes[layout.head_weight]
-    stats = expected_stats(kind, list(layout.layers), HEAD, head_shape, 0.0, cfg.head_gram_alpha)
+    stats = wire.gram_shapes(kind, layout, 0.0, cfg.head_gram_alpha)
     lorm = sum(math.prod(s) for s in stats.values()) + math.prod(layout.shapes[layout.head_bias])
     diagonals = sum(layer.d_in for layer in layout.layers)
     head_gram = head_shape[1] ** 2

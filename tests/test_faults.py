@@ -7,9 +7,9 @@ import random
 import numpy as np
 import pytest
 import torch
-from flwr.app import Error, Message, RecordDict
+from flwr.app import Message, RecordDict
 
-from lorm_flwr import protocol as P
+from lorm_flwr import wire
 from lorm_flwr.checkpoint import (
     CHECKPOINT_FILE,
     Checkpoint,
@@ -17,45 +17,28 @@ from lorm_flwr.checkpoint import (
     config_changes,
     load_checkpoint,
     restore_rng,
+    resume_point,
     save_checkpoint,
 )
 from lorm_flwr.config import RunConfig
+from lorm_flwr.cross_task import TaskHistory
+from lorm_flwr.exchange import ExchangeFailed, exchange
+from lorm_flwr.layout import ModelLayout, group_of
 from lorm_flwr.limits import MessageTooLarge, check_message_sizes, check_reply_size, message_shapes, nbytes
-from lorm_flwr.models.adapters import group_of
-from lorm_flwr.runtime import initial_tensors, layout_of, model_of
-from lorm_flwr.strategies.base import ModelLayout, RoundFailed
+from lorm_flwr.models.adapters import model_layout
+from lorm_flwr.rounds import train_exchange
+from lorm_flwr.runtime import initial_tensors, model_of
 from lorm_flwr.strategies.fedit import FedIT
 from lorm_flwr.strategies.lorm import LoRM
-import tests.messages  # noqa: F401 - sets Flower's task identity for building messages
+from tests.messages import ScriptedGrid, train_content
 
 SHAPES = {"l.lora_A.weight": (2, 3), "l.lora_B.weight": (4, 2), "linear_head.weight": (5, 4),
           "linear_head.bias": (5,)}  # fmt: skip
 
 
-class ScriptedGrid:
-    """A Grid whose nodes answer as scripted: per attempt, node -> "ok" | "error" | "silent"."""
-
-    def __init__(self, nodes, script):
-        self.nodes, self.script, self.calls = nodes, list(script), 0
-
-    def get_node_ids(self):
-        return list(self.nodes)
-
-    def send_and_receive(self, messages, timeout=None):
-        behaviour = self.script[min(self.calls, len(self.script) - 1)]
-        self.calls += 1
-        replies = []
-        for m in messages:
-            node = m.metadata.dst_node_id
-            kind = behaviour.get(node, "ok")
-            if kind == "ok":
-                tensors = {k: torch.full(v, float(node)) for k, v in SHAPES.items()}
-                content = RecordDict({P.ARRAYS: P.tensors_to_arrays(tensors),
-                                      P.METRICS: P.reply_metrics(10, **{P.MET_TRAIN_LOSS: 0.1})})  # fmt: skip
-                replies.append(Message(content, reply_to=m))
-            elif kind == "error":
-                replies.append(Message(Error(code=0, reason=f"node {node} crashed"), reply_to=m))
-        return replies
+def _ok(m):
+    node = m.metadata.dst_node_id
+    return train_content({k: torch.full(v, float(node)) for k, v in SHAPES.items()}, 10)
 
 
 def _fedit(**cfg):
@@ -63,42 +46,52 @@ def _fedit(**cfg):
     return FedIT(RunConfig(**cfg), layout)
 
 
-def _start(strategy, grid, rounds=1):
-    initial = P.tensors_to_arrays({k: torch.zeros(v) for k, v in SHAPES.items()})
-    saved = []
-    result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=rounds,
-                            on_round_end=lambda r, a: saved.append(r))  # fmt: skip
-    return result, saved
+def _round(strategy, grid):
+    return train_exchange(grid, strategy, {k: torch.zeros(v) for k, v in SHAPES.items()}, 0)
 
 
 def test_a_round_with_too_few_replies_is_sent_again_and_then_merged():
     strategy = _fedit(min_clients=2, round_retries=2)
-    grid = ScriptedGrid([1, 2, 3], [{1: "error", 2: "silent"}, {}])
-    result, saved = _start(strategy, grid)
-    assert grid.calls == 2 and saved == [1]
-    (entry,) = strategy.rounds
-    assert entry.attempts == 2 and entry.replies == 3
-    assert any("attempt 1: node 1" in f and "crashed" in f for f in entry.failures)
-    assert any("attempt 1" in f and "node 2" in f and "timeout" in f for f in entry.failures)
-    assert entry.timeouts == [2]
-    merged = P.arrays_to_tensors(result.arrays)["l.lora_A.weight"]
-    torch.testing.assert_close(merged, torch.full((2, 3), 2.0))  # mean of nodes 1, 2, 3
+    grid = ScriptedGrid([1, 2, 3], [{1: "error", 2: "silent", 3: _ok}, {1: _ok, 2: _ok, 3: _ok}])
+    _, merged, log, _ = _round(strategy, grid)
+    assert grid.calls == 2
+    assert log.attempts == 2 and log.replies == 3
+    assert any(f.startswith("train, node 1") and "crashed" in f for f in log.failures)
+    assert any("node 2" in f and "timeout" in f for f in log.failures)
+    assert log.timeouts == [2]
+    assert log.bytes_down == 2 * sum(wire.record_bytes(m.content) for m in grid.sent[0])  # both attempts
+    torch.testing.assert_close(merged.tensors["l.lora_A.weight"], torch.full((2, 3), 2.0))  # mean of 1, 2, 3
 
 
 def test_the_round_gives_up_after_the_retries_with_a_clear_error():
     strategy = _fedit(min_clients=2, round_retries=1)
-    grid = ScriptedGrid([1, 2], [{2: "error"}])
-    with pytest.raises(RoundFailed, match=r"only 1 valid replies, min-clients=2.*after 2 attempts"):
-        _start(strategy, grid)
-    assert grid.calls == 2
+    grid = ScriptedGrid([1, 2], [{1: _ok, 2: "error"}])
+    with pytest.raises(ExchangeFailed, match=r"only 1 valid replies, 2 needed.*after 2 attempts") as info:
+        _round(strategy, grid)
+    assert grid.calls == 2 and info.value.log.attempts == 2
+    assert [f.split(":")[0] for f in info.value.log.failures] == ["train, node 2", "attempt 2"]
 
 
 def test_silent_nodes_are_counted_as_timeouts_and_the_rest_is_merged():
     strategy = _fedit(min_clients=2, round_retries=0)
-    grid = ScriptedGrid([1, 2, 3], [{3: "silent"}])
-    _start(strategy, grid)
-    (entry,) = strategy.rounds
-    assert entry.timeouts == [3] and entry.replies == 2 and entry.attempts == 1
+    grid = ScriptedGrid([1, 2, 3], [{1: _ok, 2: _ok, 3: "silent"}])
+    _, _, log, _ = _round(strategy, grid)
+    assert log.timeouts == [3] and log.replies == 2 and log.attempts == 1
+
+
+def test_an_exception_inside_decode_is_a_rejection_never_a_crash():
+    grid = ScriptedGrid([1, 2], [{1: _ok, 2: _ok}])
+
+    def decode(msg):
+        if msg.metadata.src_node_id == 2:
+            raise ZeroDivisionError("boom")
+        return msg.metadata.src_node_id
+
+    def messages():
+        return [Message(RecordDict(), dst_node_id=n, message_type="query.x") for n in (1, 2)]
+
+    values, log = exchange(grid, messages, decode, kind="q", min_replies=1, retries=0, timeout=1)
+    assert values == [1] and log.rejected == ["q, node 2: boom"]
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -138,11 +131,12 @@ def test_resume_refuses_changed_keys_that_change_results():
 
 def test_lorm_state_survives_a_checkpoint(tmp_path):
     cfg = RunConfig(dataset="digits", backbone="vit-tiny", image_size=16, lora_rank=2)
-    layout = layout_of(model_of(cfg))
+    layout = model_layout(model_of(cfg))
     strategy = LoRM(cfg, layout)
-    for h in strategy.history.values():
-        h.scaled_bs.append(torch.randn(4, 2, dtype=torch.float64))
-        h.gram_total = torch.randn(3, 3, dtype=torch.float64)
+    for name in strategy.history:
+        strategy.history[name] = TaskHistory(
+            scaled_bs=[torch.randn(4, 2, dtype=torch.float64)], gram_total=torch.randn(3, 3, dtype=torch.float64)
+        )
     ckpt = Checkpoint(config={}, task=0, round_in_task=0, tensors={}, strategy=strategy.state_dict(),
                       recorder={}, rng=capture_rng(), elapsed_seconds=0.0)  # fmt: skip
     save_checkpoint(tmp_path, ckpt)
@@ -156,40 +150,39 @@ def test_lorm_state_survives_a_checkpoint(tmp_path):
 # --------------------------------------------------------------------- limits
 def _tiny(**overrides):
     cfg = RunConfig(dataset="digits", backbone="vit-tiny", image_size=16, lora_rank=2, **overrides)
-    return cfg, LoRM(cfg, layout_of(model_of(cfg)))
+    return cfg, LoRM(cfg, model_layout(model_of(cfg)))
 
 
 def test_message_sizes_are_known_before_sending():
     cfg, strategy = _tiny()
     shapes = message_shapes(strategy)
     sent = {k: v for k, v in initial_tensors(cfg).items() if group_of(k) not in strategy.local_groups}
-    record = RecordDict({P.ARRAYS: P.tensors_to_arrays(sent)})
-    assert nbytes(shapes["round 0 down"]) == P.record_bytes(record)
+    record = RecordDict({wire.ARRAYS: wire.tensors_to_arrays(sent)})
+    assert nbytes(shapes["round 0 down"]) == wire.record_bytes(record)
     sizes = check_message_sizes(strategy, cfg.max_message_bytes)
     assert sizes["round 1 up"] > sizes["round 0 up"]  # A-rounds send full Grams
 
 
 def test_a_message_over_the_limit_names_the_tensor_and_the_remedy():
     cfg, strategy = _tiny(max_message_mb=0.05)
-    with pytest.raises(MessageTooLarge, match=r"'round 1 up'.*largest tensor is stats/.*\|G.*gram-alpha=0"):
+    with pytest.raises(MessageTooLarge, match=r"'round 1 up'.*largest tensor is grams/.*\|G.*gram-alpha=0"):
         check_message_sizes(strategy, cfg.max_message_bytes)
     cfg, strategy = _tiny(max_message_mb=0.05, gram_alpha=0.0, head_gram_alpha=0.0)
     check_message_sizes(strategy, cfg.max_message_bytes)  # diagonals fit
     with pytest.raises(MessageTooLarge, match="lower lora-rank"):
-        check_reply_size(RecordDict({P.ARRAYS: P.tensors_to_arrays({"x.lora_A.weight": torch.zeros(1000, 100)})}), cfg)
+        check_reply_size(RecordDict({wire.ARRAYS: wire.tensors_to_arrays({"x.lora_A.weight": torch.zeros(1000, 100)})}), cfg)
 
 
 def test_the_server_refuses_a_resume_it_cannot_honour_before_any_work(tmp_path):
     from lorm_flwr.config import ConfigError
-    from server_app import _resume_point
 
     with pytest.raises(ConfigError, match="no checkpoint"):
-        _resume_point(RunConfig(resume_from=str(tmp_path)))
+        resume_point(RunConfig(resume_from=str(tmp_path)))
     saved = RunConfig(lr=0.002)
     save_checkpoint(tmp_path, Checkpoint(config=saved.to_dict(), task=0, round_in_task=1, tensors={},
                                          strategy={}, recorder={}, rng=capture_rng(),
                                          elapsed_seconds=0.0))  # fmt: skip
     with pytest.raises(ConfigError, match=r"lr: 0\.002 -> 0\.001"):
-        _resume_point(RunConfig(resume_from=str(tmp_path)))
-    ok = _resume_point(RunConfig(lr=0.002, resume_from=str(tmp_path), output_dir="/other"))
+        resume_point(RunConfig(resume_from=str(tmp_path)))
+    ok = resume_point(RunConfig(lr=0.002, resume_from=str(tmp_path), output_dir="/other"))
     assert ok.round_in_task == 1

@@ -1,110 +1,181 @@
-"""FedIT against a hand-computed weighted average, through the real strategy class."""
+"""FedIT against a hand-computed weighted average, through the real round path
+(exchange, wire checks, merge), and every kind of bad reply rejected on that path."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from lorm_flwr import protocol as P
+from lorm_flwr import wire
 from lorm_flwr.config import RunConfig
-from lorm_flwr.strategies.base import AggregationFailed, ModelLayout, RoundLog
+from lorm_flwr.exchange import ExchangeFailed
+from lorm_flwr.layout import ModelLayout
+from lorm_flwr.merge import fedavg_mean
+from lorm_flwr.rounds import train_exchange
 from lorm_flwr.strategies.fedit import FedIT
-from tests.messages import reply, error_reply
+from tests.messages import ScriptedGrid, train_content
+
+SHAPES = {"l.lora_A.weight": (2, 3), "l.lora_B.weight": (4, 2), "linear_head.weight": (5, 4),
+          "linear_head.bias": (5,)}  # fmt: skip
+KEY = "l.lora_A.weight"
 
 
-def _strategy(min_clients=2):
-    shapes = {"l.lora_A.weight": (2, 3), "l.lora_B.weight": (4, 2), "linear_head.weight": (5, 4)}
-    layout = ModelLayout((), "linear_head.weight", "linear_head.bias", shapes)
-    s = FedIT(RunConfig(min_clients=min_clients), layout)
-    s.rounds.append(RoundLog(task=0, round_in_task=0))
-    return s, shapes
+def _strategy(min_clients=2, retries=0):
+    layout = ModelLayout((), "linear_head.weight", "linear_head.bias", SHAPES)
+    return FedIT(RunConfig(min_clients=min_clients, round_retries=retries), layout)
 
 
-def _tensors(shapes, value):
-    return {k: torch.full(v, float(value)) + torch.arange(torch.Size(v).numel()).view(v) for k, v in shapes.items()}
+def _tensors(value):
+    return {k: torch.full(v, float(value)) + torch.arange(torch.Size(v).numel()).view(v) for k, v in SHAPES.items()}
+
+
+def _round(script, nodes=None, retries=0, examples=lambda node: None):
+    s = _strategy(retries=retries)
+    grid = ScriptedGrid(nodes or sorted(script[0]), script)
+    replies, merged, log, _ = train_exchange(grid, s, _tensors(0), 0, examples=examples)
+    return replies, merged.tensors, log
 
 
 def test_fedit_is_the_sample_weighted_average():
-    s, shapes = _strategy()
-    t1, t2, t3 = _tensors(shapes, 1), _tensors(shapes, 5), _tensors(shapes, -2)
-    replies = [reply(1, t1, 10), reply(2, t2, 30), reply(3, t3, 60)]
-    arrays, metrics = s.aggregate_train(1, replies)
-    merged = P.arrays_to_tensors(arrays)
-    for k in shapes:
+    t1, t2, t3 = _tensors(1), _tensors(5), _tensors(-2)
+    script = [{1: train_content(t1, 10), 2: train_content(t2, 30), 3: train_content(t3, 60)}]
+    replies, merged, log = _round(script)
+    for k in SHAPES:
         expected = (10 * t1[k] + 30 * t2[k] + 60 * t3[k]) / 100  # by hand
         torch.testing.assert_close(merged[k], expected)
-    assert metrics[P.MET_NUM_EXAMPLES] == 100
-    assert s.rounds[-1].bytes_up > 0 and s.rounds[-1].replies == 3
+    assert [r.num_examples for r in replies] == [10, 30, 60]
+    assert log.bytes_up == sum(wire.record_bytes(train_content(t, n)) for t, n in ((t1, 10), (t2, 30), (t3, 60)))
+    assert log.replies == 3 and log.bytes_down > 0
 
 
-def test_failures_and_bad_payloads_are_not_merged():
-    s, shapes = _strategy()
-    good1, good2 = _tensors(shapes, 1), _tensors(shapes, 3)
-    nan = _tensors(shapes, 0)
-    nan["l.lora_A.weight"][0, 0] = float("nan")
-    wrong_shape = dict(good1)
-    wrong_shape["l.lora_B.weight"] = torch.zeros(4, 3)
-    replies = [
-        reply(1, good1, 10), reply(2, good2, 10), reply(3, nan, 10),
-        reply(4, wrong_shape, 10), reply(5, good1, 0), error_reply(6, "boom"),
-    ]  # fmt: skip
-    arrays, _ = s.aggregate_train(1, replies)
-    merged = P.arrays_to_tensors(arrays)
-    torch.testing.assert_close(merged["l.lora_A.weight"], (good1["l.lora_A.weight"] + good2["l.lora_A.weight"]) / 2)
-    log = s.rounds[-1]
-    assert len(log.rejected) == 3 and len(log.failures) == 1
-    assert any("NaN" in r for r in log.rejected) and any("shape" in r for r in log.rejected)
-    assert any("num-examples=0" in r for r in log.rejected)
+def test_fedavg_mean_is_bit_for_bit_flowers_fedavg():
+    gen = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(7, 5, generator=gen) for _ in range(3)]
+    weights = [13, 7, 101]
+    records = [
+        RecordDict({"a": ArrayRecord({"x": t}), "m": MetricRecord({"n": w})}) for t, w in zip(tensors, weights)
+    ]
+    flower = aggregate_arrayrecords(records, "n")["x"].numpy()
+    ours = fedavg_mean(tensors, weights).numpy()
+    assert ours.dtype == flower.dtype and np.array_equal(ours, flower)
 
 
-def test_too_few_replies_raise():
-    s, shapes = _strategy(min_clients=2)
-    with pytest.raises(AggregationFailed, match="min-clients=2"):
-        s.aggregate_train(1, [reply(1, _tensors(shapes, 1), 5), error_reply(2, "down")])
-
-
-def _corrupt(kind, shapes):
-    t = _tensors(shapes, 2)
+def _bad(kind: str) -> RecordDict:
+    """A reply from a client that sends ``kind`` of wrong (each alone)."""
+    t = _tensors(2)
     if kind == "extra key":
         t["l.lora_C.weight"] = torch.zeros(2, 2)
     elif kind == "missing key":
         del t["l.lora_B.weight"]
     elif kind == "integer dtype":
-        t["l.lora_A.weight"] = t["l.lora_A.weight"].to(torch.int64)
+        t[KEY] = t[KEY].to(torch.int64)
+    elif kind == "NaN":
+        t[KEY][0, 0] = float("nan")
     elif kind == "Inf":
         t["linear_head.weight"][1, 1] = float("inf")
-    return t
+    elif kind == "wrong shape":
+        t["l.lora_B.weight"] = torch.zeros(4, 3)
+    elif kind == "float64 overflowing fp32":
+        t[KEY] = t[KEY].double() * 1e300
+    content = train_content(t, 10)
+    if kind == "negative count":
+        content = train_content(t, -3)
+    elif kind == "zero count":
+        content = train_content(t, 0)
+    elif kind == "fractional count":
+        content = train_content(t, 10)
+        content[wire.METRICS] = MetricRecord({**dict(content[wire.METRICS]), wire.NUM_EXAMPLES: 2.5})
+    elif kind == "count 1e15 (not the shard size)":
+        content = train_content(t, 10**15)
+    elif kind == "extra NaN ArrayRecord":
+        content["more"] = ArrayRecord({KEY: torch.full((2, 3), float("nan"))})
+    elif kind == "extra ArrayRecord with a new key":
+        content["more"] = ArrayRecord({"l.lora_Z.weight": torch.zeros(2, 3)})
+    elif kind == "forged first MetricRecord":
+        content = RecordDict({"aaa": MetricRecord({wire.NUM_EXAMPLES: 10**15}), **dict(content.items())})
+    elif kind == "ConfigRecord where arrays belong":
+        content[wire.ARRAYS] = ConfigRecord({"x": 1})
+    elif kind == "metric is a list":
+        content[wire.METRICS] = MetricRecord({**dict(content[wire.METRICS]), wire.TRAIN_LOSS: [0.1, 0.2]})
+    elif kind == "metric is NaN":
+        content[wire.METRICS] = MetricRecord({**dict(content[wire.METRICS]), wire.TRAIN_LOSS: float("nan")})
+    elif kind == "missing metric":
+        content[wire.METRICS] = MetricRecord({wire.NUM_EXAMPLES: 10})
+    elif kind == "string dtype":
+        arrays = {k: Array(v.numpy()) for k, v in t.items()}
+        arrays[KEY] = Array(np.full(SHAPES[KEY], "x"))
+        content[wire.ARRAYS] = ArrayRecord(arrays)
+    elif kind == "corrupt array bytes":
+        record = wire.tensors_to_arrays(t)
+        record[KEY].data = b"\x93NUMPY garbage"
+        content[wire.ARRAYS] = record
+    return content
 
 
-@pytest.mark.parametrize(
-    ("kind", "count", "reason"),
-    [
-        ("extra key", 10, "wrong keys"),
-        ("missing key", 10, "wrong keys"),
-        ("integer dtype", 10, "expected float"),
-        ("Inf", 10, "NaN or Inf"),
-        ("negative count", -3, "must be a positive integer"),
-    ],
-)
-def test_each_kind_of_bad_payload_is_rejected_with_node_and_reason(kind, count, reason):
-    s, shapes = _strategy()
-    good = [reply(1, _tensors(shapes, 1), 10), reply(2, _tensors(shapes, 3), 10)]
-    arrays, _ = s.aggregate_train(1, good + [reply(7, _corrupt(kind, shapes), count)])
-    merged = P.arrays_to_tensors(arrays)
-    expected = (_tensors(shapes, 1)["l.lora_A.weight"] + _tensors(shapes, 3)["l.lora_A.weight"]) / 2
-    torch.testing.assert_close(merged["l.lora_A.weight"], expected)  # the bad reply is not merged
-    (rejected,) = s.rounds[-1].rejected
-    assert "node 7" in rejected and reason in rejected
+BAD = {
+    "extra key": "wrong keys",
+    "missing key": "wrong keys",
+    "integer dtype": "expected a float",
+    "NaN": "NaN or Inf",
+    "Inf": "NaN or Inf",
+    "wrong shape": "has shape",
+    "float64 overflowing fp32": "NaN or Inf",
+    "negative count": "must be a positive integer",
+    "zero count": "must be a positive integer",
+    "fractional count": "must be a positive integer",
+    "count 1e15 (not the shard size)": "its shard has 10",
+    "extra NaN ArrayRecord": "records",
+    "extra ArrayRecord with a new key": "records",
+    "forged first MetricRecord": "records",
+    "ConfigRecord where arrays belong": "expected ArrayRecord",
+    "metric is a list": "is not a number",
+    "metric is NaN": "is not finite",
+    "missing metric": "metrics missing",
+    "string dtype": "expected a float",
+    "corrupt array bytes": "cannot be decoded",
+}
 
 
-def test_gram_checks_reject_what_cannot_be_x_xt():
-    x = torch.randn(5, 3, dtype=torch.float64)
-    P.check_gram(1, "g", x.T @ x)  # a real Gram passes
-    for bad, why in [
-        (torch.tensor([[1.0, 2.0], [0.0, 1.0]]), "not symmetric"),
-        (torch.tensor([[1.0, 3.0], [3.0, 1.0]]), "not positive semi-definite"),
-        (torch.tensor([[-1.0, 0.0], [0.0, 1.0]]), "negative diagonal"),
-        (torch.tensor([4.0, -2.0]), "negative diagonal"),
-    ]:
-        with pytest.raises(P.PayloadError, match=why):
-            P.check_gram(1, "g", bad)
+@pytest.mark.parametrize("kind", list(BAD))
+def test_each_kind_of_bad_reply_is_rejected_with_node_and_reason(kind):
+    good1, good2 = _tensors(1), _tensors(3)
+    script = [{1: train_content(good1, 10), 2: train_content(good2, 10), 7: _bad(kind)}]
+    replies, merged, log = _round(script, examples=lambda node: 10)
+    assert [r.node for r in replies] == [1, 2]  # the bad reply is not merged
+    for k in SHAPES:
+        torch.testing.assert_close(merged[k], (good1[k] + good2[k]) / 2)
+        assert merged[k].dtype == torch.float32 and torch.isfinite(merged[k]).all()
+    assert set(merged) == set(SHAPES)
+    (rejected,) = log.rejected
+    assert "node 7" in rejected and BAD[kind] in rejected, rejected
+
+
+def test_a_float16_or_float64_reply_is_cast_to_the_global_dtype():
+    half = {k: v.half() for k, v in _tensors(1).items()}
+    double = {k: v.double() for k, v in _tensors(3).items()}
+    script = [{1: train_content(half, 10), 2: train_content(double, 10)}]
+    replies, merged, _ = _round(script)
+    assert all(t.dtype == torch.float32 for r in replies for t in r.arrays.values())
+    assert all(t.dtype == torch.float32 for t in merged.values())
+
+
+def test_failures_and_timeouts_are_named_and_the_rest_merged():
+    script = [{1: train_content(_tensors(1), 10), 2: train_content(_tensors(3), 10), 3: "error", 4: "silent"}]
+    _, merged, log = _round(script)
+    torch.testing.assert_close(merged[KEY], (_tensors(1)[KEY] + _tensors(3)[KEY]) / 2)
+    assert log.timeouts == [4] and any("node 3" in f and "crashed" in f for f in log.failures)
+
+
+def test_too_few_valid_replies_stop_with_a_clear_error():
+    script = [{1: train_content(_tensors(1), 5), 2: "error"}]
+    with pytest.raises(ExchangeFailed, match=r"only 1 valid replies, 2 needed.*after 1 attempts") as info:
+        _round(script)
+    assert info.value.log.attempts == 1 and info.value.log.failures
+
+
+def test_flowers_unchecked_aggregation_is_not_reachable():
+    with pytest.raises(NotImplementedError, match="checked replies"):
+        _strategy().aggregate_train(1, [])

@@ -6,17 +6,19 @@ import numpy as np
 import pytest
 import torch
 
-from lorm_flwr import protocol as P
+from lorm_flwr import wire
 from lorm_flwr.config import RunConfig
 from lorm_flwr.gram import GramRecorder
-from lorm_flwr.lorm import lorm_products, matrix
+from lorm_flwr.layout import AdaptedLayer
 from lorm_flwr.merge import merge_lora_a, merge_lora_b, regmean, smooth_gram, weighted_mean
-from lorm_flwr.models.adapters import HEAD, adapter_layout, attach_lora, get_tensors, set_tensors
+from lorm_flwr.models.adapters import HEAD, adapter_layout, attach_lora, get_tensors, model_layout, set_tensors
 from lorm_flwr.models.backbones import build_classifier
-from lorm_flwr.runtime import layout_of
-from lorm_flwr.strategies.base import RoundLog
+from lorm_flwr.products import gram_products
+from lorm_flwr.rounds import train_exchange
 from lorm_flwr.strategies.lorm import LoRM
-from tests.messages import reply
+from tests.messages import ScriptedGrid, train_content
+
+matrix = AdaptedLayer.matrix
 
 TARGETS = ["qkv", "attn.proj", "fc1", "fc2"]
 
@@ -67,22 +69,22 @@ def _close_on_data(got, expected, grams):
 
 
 def _strategy(model, **cfg):
-    strategy = LoRM(RunConfig(strategy="lorm", backbone="vit-tiny", lora_rank=2, **cfg), layout_of(model))
+    strategy = LoRM(RunConfig(strategy="lorm", backbone="vit-tiny", lora_rank=2, **cfg), model_layout(model))
     return strategy
 
 
 def _run_round(strategy, global_tensors, clients, round_in_task):
-    strategy.rounds.append(RoundLog(task=0, round_in_task=round_in_task))
-    strategy._sent = dict(global_tensors)
-    kind = strategy.round_plan(round_in_task).stats
+    """One round through the real path (exchange, wire checks, merge); -> (merged, log)."""
+    kind = strategy.round_plan(round_in_task).grams
     layers = list(strategy.layout.layers)
-    replies = []
+    script = {}
     for node, (tensors, grams, n) in enumerate(clients, start=1):
-        stats = lorm_products(kind, tensors, grams, layers, HEAD, strategy.layout.head_weight)
+        products = gram_products(kind, tensors, grams, layers, strategy.layout.head_weight)
         arrays = {strategy.layout.head_bias: tensors[strategy.layout.head_bias]}
-        replies.append(reply(node, arrays, n, stats=stats))
-    arrays, _ = strategy.aggregate_train(round_in_task + 1, replies)
-    return P.arrays_to_tensors(arrays)
+        script[node] = train_content(arrays, n, products)
+    grid = ScriptedGrid(sorted(script), [script])
+    _, merged, log, _ = train_exchange(grid, strategy, dict(global_tensors), round_in_task)
+    return merged.tensors, log
 
 
 def _setup(which, head_alpha=0.5):
@@ -100,7 +102,7 @@ def _setup(which, head_alpha=0.5):
 def test_strategy_a_round_equals_pure_merges():
     model, glob, clients = _setup("A")
     strategy = _strategy(model)
-    merged = _run_round(strategy, glob, clients, round_in_task=1)  # round 1 trains A
+    merged, _ = _run_round(strategy, glob, clients, round_in_task=1)  # round 1 trains A
     for layer in strategy.layout.layers:
         expected = merge_lora_a(
             [matrix(c[0][layer.a_key]).double() for c in clients],
@@ -118,7 +120,7 @@ def test_strategy_a_round_equals_pure_merges():
 def test_strategy_b_round_equals_pure_merges():
     model, glob, clients = _setup("B")
     strategy = _strategy(model)
-    merged = _run_round(strategy, glob, clients, round_in_task=0)  # round 0 trains B
+    merged, _ = _run_round(strategy, glob, clients, round_in_task=0)  # round 0 trains B
     for layer in strategy.layout.layers:
         A = matrix(glob[layer.a_key]).double()
         expected = merge_lora_b(
@@ -170,10 +172,46 @@ def test_reply_with_bad_gram_is_rejected():
     g[0, 1] += 1e3  # no longer symmetric
     bad[layer.name] = g
     clients = [(clients[0][0], bad, clients[0][2])] + clients[1:]
-    strategy.rounds.append(RoundLog(task=0, round_in_task=1))
-    strategy._sent = dict(glob)
-    merged = _run_round(strategy, glob, clients, round_in_task=1)
-    assert any("symmetric" in r or "semi-definite" in r for r in strategy.rounds[-1].rejected)
+    merged, log = _run_round(strategy, glob, clients, round_in_task=1)
+    assert len(log.rejected) == 1 and "node 1" in log.rejected[0] and "symmetric" in log.rejected[0]
+    assert all(torch.isfinite(v).all() for v in merged.values())
+
+
+def test_a_gram_with_a_negative_eigenvalue_is_rejected_though_its_2x2_minors_pass():
+    """[[1,1,-1],[1,1,1],[-1,1,1]]: symmetric, unit diagonal, |g_ij| <= sqrt(g_ii g_jj),
+    eigenvalue -1. It cannot be X X^T, and summed with others it would make S indefinite."""
+    g = torch.tensor([[1.0, 1.0, -1.0], [1.0, 1.0, 1.0], [-1.0, 1.0, 1.0]])
+    assert float(torch.linalg.eigvalsh(g).min()) < -0.99
+    with pytest.raises(wire.PayloadError, match="node 4: x|G is not positive semi-definite"):
+        wire.check_gram(4, "x|G", g)
+    x = torch.randn(50, 3, dtype=torch.float64)
+    wire.check_gram(4, "x|G", (x.T @ x).float())  # a real Gram passes, in fp32 too
+    singular = torch.randn(2, 64)
+    wire.check_gram(4, "x|G", singular.T @ singular)  # rank 2 of 64: PSD up to fp32 round-off
+    for bad, why in [
+        (torch.tensor([[1.0, 2.0], [0.0, 1.0]]), "not symmetric"),
+        (torch.tensor([[1.0, 3.0], [3.0, 1.0]]), "not positive semi-definite"),
+        (torch.tensor([[-1.0, 0.0], [0.0, 1.0]]), "negative diagonal"),
+        (torch.tensor([4.0, -2.0]), "negative diagonal"),
+    ]:
+        with pytest.raises(wire.PayloadError, match=why):
+            wire.check_gram(1, "g", bad)
+
+
+def test_a_reply_with_an_indefinite_gram_is_rejected_in_a_round():
+    model, glob, clients = _setup("A")
+    strategy = _strategy(model)
+    layer = strategy.layout.layers[0]
+    bad = dict(clients[1][1])
+    k = layer.d_in
+    evals, evecs = torch.linalg.eigh(bad[layer.name].double())
+    evals[0] = -0.5 * float(evals[-1])  # one clearly negative eigenvalue, symmetric still
+    bad[layer.name] = (evecs @ torch.diag(evals) @ evecs.T).float()
+    assert bad[layer.name].shape == (k, k)
+    clients = [clients[0], (clients[1][0], bad, clients[1][2]), clients[2]]
+    merged, log = _run_round(strategy, glob, clients, round_in_task=1)
+    (rejected,) = log.rejected
+    assert "node 2" in rejected and "positive semi-definite" in rejected
     assert all(torch.isfinite(v).all() for v in merged.values())
 
 
@@ -183,9 +221,9 @@ def test_diagonal_grams_upload_only_diagonals():
     grams = _grams_on(model, t, torch.randn(2, 3, 16, 16), {HEAD: 0.5})
     grams = {n: torch.diagonal(g).clone() if n != HEAD else g for n, g in grams.items()}
     layers = adapter_layout(model)
-    stats = lorm_products(P.STATS_LORM_A, t, grams, layers, HEAD, f"{HEAD}.weight")
+    stats = gram_products(wire.GRAMS_LORM_A, t, grams, layers, f"{HEAD}.weight")
     for layer in layers:
-        assert stats[P.stat_key(layer.name, P.STAT_G)].shape == (layer.d_in,)
+        assert stats[wire.gram_key(layer.name, wire.G)].shape == (layer.d_in,)
 
 
 def test_b_round_code_grams_give_the_products_of_full_grams():
@@ -212,8 +250,8 @@ def test_b_round_code_grams_give_the_products_of_full_grams():
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # merge undone bit for bit
     weight_key = f"{HEAD}.weight"
-    got = lorm_products(P.STATS_LORM_B, tensors, codes, layers, HEAD, weight_key, codes=True)
-    want = lorm_products(P.STATS_LORM_B, tensors, full, layers, HEAD, weight_key)
+    got = gram_products(wire.GRAMS_LORM_B, tensors, codes, layers, weight_key, codes=True)
+    want = gram_products(wire.GRAMS_LORM_B, tensors, full, layers, weight_key)
     assert got.keys() == want.keys()
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-4 * want[k].abs().max().item())
@@ -231,9 +269,9 @@ def test_degenerate_clients_never_put_nan_or_inf_in_the_global_model(round_in_ta
     zeros = {name: torch.zeros_like(g) for name, g in one_sample.items()}
     clients = [(t, one_sample, 1), (t, one_sample, 1), (t, zeros, 3)]  # duplicates + zero features
     strategy = _strategy(model)
-    merged = _run_round(strategy, glob, clients, round_in_task=round_in_task)
-    assert not strategy.rounds[-1].rejected  # all valid payloads
+    merged, log = _run_round(strategy, glob, clients, round_in_task=round_in_task)
+    assert not log.rejected  # all valid payloads
     assert all(torch.isfinite(v).all() for v in merged.values())
     strategy_all_zero = _strategy(model)
-    merged = _run_round(strategy_all_zero, glob, [(t, zeros, 2), (t, zeros, 2)], round_in_task)
+    merged, _ = _run_round(strategy_all_zero, glob, [(t, zeros, 2), (t, zeros, 2)], round_in_task)
     assert all(torch.isfinite(v).all() for v in merged.values())

@@ -183,7 +183,7 @@ def test_weighted_mean():
 
 def test_anchor_picks_the_minimiser_closest_to_it():
     """With a singular S, the anchored solution is optimal too and keeps unexcited directions."""
-    from lorm_flwr.merge import merge_lora_a_from_sums
+    from lorm_flwr.merge import merge_from_sums
 
     rng = np.random.default_rng(7)
     k, r = 6, 2
@@ -192,8 +192,8 @@ def test_anchor_picks_the_minimiser_closest_to_it():
     g = torch.from_numpy(x @ x.T)
     anchor = torch.from_numpy(rng.standard_normal((r, k)))
     a_client = torch.from_numpy(rng.standard_normal((r, k)))
-    free = merge_lora_a_from_sums(a_client @ g, g)
-    anchored = merge_lora_a_from_sums(a_client @ g, g, anchor=anchor)
+    free = merge_from_sums(a_client @ g, g)
+    anchored = merge_from_sums(a_client @ g, g, anchor=anchor)
     # Same objective value: both reproduce the client's outputs on its inputs.
     torch.testing.assert_close(anchored @ g, a_client @ g)
     torch.testing.assert_close(free @ g, a_client @ g)

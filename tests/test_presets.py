@@ -46,7 +46,7 @@ def test_dry_run_of_the_offline_default_plans_everything():
     down, up_b = plan.messages[0]
     _, up_a = plan.messages[1]
     assert up_a > up_b > 0 < down  # the A-round carries the full Grams
-    assert plan.end_of_task_up > 0
+    assert plan.end_of_task[0] == down and plan.end_of_task[1] > 0
     text = "\n".join(plan.lines())
     assert "nothing is trained" in text and "could not reach" not in text
 

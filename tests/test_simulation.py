@@ -101,7 +101,7 @@ def test_lorm_simulation_follows_schedule_and_exports_merged_adapter(federation,
         assert (r["change_b"] > 0) == trained_b, r
         assert (r["change_a"] > 0) == (not trained_b), r
         assert r["change_head"] > 0  # the head trains every round
-        assert r["bytes_up"] > 0 and r["client_stats_seconds_sum"] > 0
+        assert r["bytes_up"] > 0 and r["client_grams_seconds_sum"] > 0
     # After task t the exported adapter has rank (t+1) r.
     assert [t["adapter_rank"] for t in results["task_end"]] == [2, 4]
     adapter_cfg = json.loads((folder / "adapter" / "adapter_config.json").read_text())

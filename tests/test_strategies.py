@@ -10,16 +10,19 @@ import torch
 from flwr.app import ConfigRecord, Context, RecordDict
 
 import client_app
-from lorm_flwr import protocol as P
-from lorm_flwr.client import Instructions, train_round
+from lorm_flwr import wire
+from lorm_flwr.client import train_round
 from lorm_flwr.config import RunConfig
-from lorm_flwr.lorm import matrix, regmean_products
-from lorm_flwr.models.adapters import HEAD, adapter_layout, attach_lora, get_tensors, group_of
+from lorm_flwr.layout import AdaptedLayer
+from lorm_flwr.models.adapters import HEAD, adapter_layout, attach_lora, get_tensors, group_of, model_layout
 from lorm_flwr.models.backbones import build_classifier
-from lorm_flwr.runtime import initial_tensors, layout_of, model_of
+from lorm_flwr.products import gram_products
+from lorm_flwr.rounds import train_exchange
+from lorm_flwr.runtime import initial_tensors, model_of
 from lorm_flwr.strategies import strategy_class
-from lorm_flwr.strategies.base import RoundLog
-from tests.messages import reply
+from tests.messages import ScriptedGrid, train_content
+
+matrix = AdaptedLayer.matrix
 
 RUN = {
     "dataset": "digits", "backbone": "vit-tiny", "num-tasks": 2, "local-epochs": 1,
@@ -37,69 +40,47 @@ def _contexts(run_config, n=2):
     ]
 
 
-def _train_messages(strategy, arrays, server_round, nodes):
-    messages = strategy.configure_train(
-        server_round, P.tensors_to_arrays(arrays), ConfigRecord(), _Grid(nodes)
-    )
-    return {m.metadata.dst_node_id: m for m in messages}
-
-
-class _Grid:
-    """The part of Flower's Grid that configure_train uses."""
-
-    def __init__(self, nodes):
-        self.nodes = nodes
-
-    def get_node_ids(self):
-        return list(self.nodes)
-
-
 def test_fedsa_keeps_b_and_head_per_client_and_averages_a_over_two_rounds():
-    run_config = {**RUN, "strategy": "fedsa"}
+    run_config = {**RUN, "strategy": "fedsa", "min-clients": 2}
     cfg = RunConfig.from_mapping(run_config)
-    strategy = strategy_class("fedsa")(cfg, layout_of(model_of(cfg)))
-    strategy.cfg = cfg.replace(min_clients=2)
+    strategy = strategy_class("fedsa")(cfg, model_layout(model_of(cfg)))
     contexts = _contexts(run_config)
-    glob = dict(initial_tensors(cfg))
-    strategy.begin_task(0, glob)
-    for server_round in (1, 2):
-        replies, trained = [], []
-        messages = _train_messages(strategy, glob, server_round, [c.node_id for c in contexts])
-        for k, ctx in enumerate(contexts):
-            msg = messages[ctx.node_id]
-            sent = P.arrays_to_tensors(msg.content[P.ARRAYS])
+    glob = strategy.begin_task(0, dict(initial_tensors(cfg)))
+    for round_in_task in (0, 1):
+        before = [
+            wire.arrays_to_tensors(c.state[wire.LOCAL_STATE]) if wire.LOCAL_STATE in c.state else None
+            for c in contexts
+        ]
+        script = {c.node_id: (lambda m, c=c: client_app.train(m, c).content) for c in contexts}
+        grid = ScriptedGrid(sorted(script), [script])
+        replies, merged, _, _ = train_exchange(grid, strategy, glob, round_in_task)
+        for m in grid.sent[0]:
+            sent = wire.arrays_to_tensors(m.content[wire.ARRAYS])
             assert {group_of(key) for key in sent} == {"A"}  # B and head never travel
-            before = P.arrays_to_tensors(ctx.state[P.LOCAL_STATE]) if P.LOCAL_STATE in ctx.state else None
-            out = client_app.train(msg, ctx)
-            local = P.arrays_to_tensors(ctx.state[P.LOCAL_STATE])
+        assert all({group_of(key) for key in r.arrays} == {"A"} for r in replies)
+        locals_ = [wire.arrays_to_tensors(c.state[wire.LOCAL_STATE]) for c in contexts]
+        for local, old in zip(locals_, before):
             assert {group_of(key) for key in local} == {"B", "head"}
-            if before is not None:  # round 2 started from this client's own round-1 parts
-                assert any(not torch.equal(local[key], before[key]) for key in local)
-            replies.append(reply(ctx.node_id, P.arrays_to_tensors(out.content[P.ARRAYS]),
-                                 int(out.content[P.METRICS][P.MET_NUM_EXAMPLES])))
-            trained.append((P.arrays_to_tensors(out.content[P.ARRAYS]), local))
-        arrays, _ = strategy.aggregate_train(server_round, replies)
-        glob = P.arrays_to_tensors(arrays)
-        weights = [int(r.content[P.METRICS][P.MET_NUM_EXAMPLES]) for r in replies]
+            if old is not None:  # round 2 started from this client's own round-1 parts
+                assert any(not torch.equal(local[key], old[key]) for key in local)
+        glob = merged.tensors
+        weights = [r.num_examples for r in replies]
         for layer in strategy.layout.layers:
-            expected = sum(w * t[0][layer.a_key] for w, t in zip(weights, trained)) / sum(weights)
+            expected = sum(w * r.arrays[layer.a_key] for w, r in zip(weights, replies)) / sum(weights)
             torch.testing.assert_close(glob[layer.a_key], expected)
         # Each client's B and head are its own: not overwritten, not averaged.
         for layer in strategy.layout.layers:
-            b0, b1 = (trained[k][1][layer.b_key] for k in range(2))
-            assert not torch.equal(b0, b1)
-            torch.testing.assert_close(
-                P.arrays_to_tensors(contexts[0].state[P.LOCAL_STATE])[layer.b_key], b0
-            )
+            assert not torch.equal(locals_[0][layer.b_key], locals_[1][layer.b_key])
 
 
 def test_ffa_leaves_a_bit_identical():
     cfg = RunConfig.from_mapping({**RUN, "strategy": "ffa"})
     start = dict(initial_tensors(cfg))
-    plan = Instructions(task=0, round_in_task=0, train_a=False, train_b=True, train_head=True,
-                        stats=P.STATS_NONE, seed=1)
+    strategy = strategy_class("ffa")(cfg, model_layout(model_of(cfg)))
+    plan = strategy.instructions(0)
     result = train_round(cfg, 0, 2, start, plan)
-    assert {group_of(k) for k in result.tensors} == {"B", "head"}  # A is not even sent
+    spec = strategy.reply_spec(plan)
+    assert {group_of(k) for k in spec.arrays} == {"B", "head"}  # A is not even sent
     model = model_of(cfg)
     after = get_tensors(model)
     for layer in adapter_layout(model):
@@ -121,7 +102,7 @@ def test_fedsa_vera_shares_lambda_d_and_draws_identical_frozen_matrices():
     assert {k for k, g in groups.items() if g == "A"} == {k for k in groups if "vera_lambda_d" in k}
     assert {k for k, g in groups.items() if g == "B"} == {k for k in groups if "vera_lambda_b" in k}
     cfg = RunConfig.from_mapping({**RUN, "strategy": "fedsa-vera"})
-    strategy = strategy_class("fedsa-vera")(cfg, layout_of(model_of(cfg)))
+    strategy = strategy_class("fedsa-vera")(cfg, model_layout(model_of(cfg)))
     assert strategy.local_groups == {"B", "head"}
 
 
@@ -136,7 +117,7 @@ def test_vera_on_a_conv_only_backbone_stops_with_a_clear_error():
 def test_regmean_single_client_returns_its_delta_exactly():
     cfg = RunConfig.from_mapping({**RUN, "strategy": "regmean", "min-clients": 1})
     model = model_of(cfg)
-    strategy = strategy_class("regmean")(cfg, layout_of(model))
+    strategy = strategy_class("regmean")(cfg, model_layout(model))
     gen = torch.Generator().manual_seed(0)
     tensors = {k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in initial_tensors(cfg).items()}
     layers = adapter_layout(model)
@@ -145,15 +126,12 @@ def test_regmean_single_client_returns_its_delta_exactly():
         k = layer.d_in if layer else strategy.layout.shapes[strategy.layout.head_weight][1]
         x = torch.randn(3 * k, k, generator=gen, dtype=torch.float64)  # full-rank inputs
         grams[layer.name if layer else HEAD] = x.T @ x
-    stats = regmean_products(tensors, grams, layers, HEAD, strategy.layout.head_weight)
-    strategy.rounds.append(RoundLog(task=0, round_in_task=0))
-    strategy._sent = dict(tensors)
-    arrays, _ = strategy.aggregate_train(
-        1, [reply(1, {strategy.layout.head_bias: tensors[strategy.layout.head_bias]}, 5, stats=stats)]
-    )
-    merged = P.arrays_to_tensors(arrays)
+    stats = gram_products(wire.GRAMS_REGMEAN, tensors, grams, layers, strategy.layout.head_weight)
+    content = train_content({strategy.layout.head_bias: tensors[strategy.layout.head_bias]}, 5, stats)
+    _, result, _, _ = train_exchange(ScriptedGrid([1], [{1: content}]), strategy, dict(tensors), 0)
+    merged = result.tensors
+    assert result.report["truncation_error_max"] < 1e-6  # a rank-r delta is re-factored exactly
     for layer in layers:
         delta = layer.scaling * matrix(tensors[layer.b_key]).double() @ matrix(tensors[layer.a_key]).double()
         got = layer.scaling * matrix(merged[layer.b_key]).double() @ matrix(merged[layer.a_key]).double()
         torch.testing.assert_close(got, delta, rtol=1e-4, atol=1e-5)
-    assert strategy.rounds[-1].extra["truncation_error_max"] < 1e-5

@@ -80,25 +80,29 @@ def test_every_strategy_client_reply_on_text_is_what_its_server_accepts(strategy
     """The client/server contract on MiniLM + BBC News for the strategies the simulation tests
     run on images only: each round kind's reply has exactly the keys, shapes and statistics
     the strategy's server expects, and passes its checks."""
-    from lorm_flwr.client import Instructions, train_round
-    from lorm_flwr.models.adapters import group_of
-    from lorm_flwr.runtime import initial_tensors, layout_of, model_of
+    from flwr.app import Context, RecordDict
+
+    import client_app
+    from lorm_flwr.models.adapters import group_of, model_layout
+    from lorm_flwr.rounds import train_exchange
+    from lorm_flwr.runtime import initial_tensors, model_of
     from lorm_flwr.strategies import strategy_class
-    from lorm_flwr.strategies.base import RoundLog
-    from tests.messages import reply
+    from tests.messages import ScriptedGrid
 
     cfg = RunConfig(strategy=strategy, dataset="bbc-news", backbone="minilm", num_tasks=1,
                     max_samples_per_class=6, max_length=16, local_epochs=1, batch_size=8,
-                    lora_rank=2, lora_alpha=2.0, min_samples_per_client=2, seed=1)  # fmt: skip
-    server = strategy_class(strategy)(cfg, layout_of(model_of(cfg)))
-    start = {k: v for k, v in initial_tensors(cfg).items() if group_of(k) not in server.local_groups}
+                    lora_rank=2, lora_alpha=2.0, min_samples_per_client=2, seed=1,
+                    min_clients=1)  # fmt: skip
+    server = strategy_class(strategy)(cfg, model_layout(model_of(cfg)))
+    ctx = Context(run_id=1, node_id=5, node_config={"partition-id": 0, "num-partitions": 2},
+                  state=RecordDict(), run_config=cfg.to_dict())  # fmt: skip
+    glob = server.begin_task(0, dict(initial_tensors(cfg)))
     for round_in_task in range(2):
-        plan = server.round_plan(round_in_task)
-        result = train_round(cfg, 0, 2, start, Instructions(
-            task=0, round_in_task=round_in_task, train_a=plan.train_a, train_b=plan.train_b,
-            train_head=plan.train_head, stats=plan.stats, seed=7, local=server.local_groups,
-        ))  # fmt: skip
-        server.rounds.append(RoundLog(task=0, round_in_task=round_in_task))
-        server.check_reply(reply(1, result.tensors, result.num_examples, result.stats or None))
-        assert set(result.tensors) == set(server.expected_reply(plan))
-        assert bool(result.stats) == (plan.stats != "none")
+        spec = server.reply_spec(server.instructions(round_in_task))
+        grid = ScriptedGrid([5], [{5: lambda m: client_app.train(m, ctx).content}])
+        replies, merged, log, _ = train_exchange(grid, server, glob, round_in_task)
+        assert not log.rejected and log.replies == 1
+        (reply,) = replies
+        assert set(reply.arrays) == set(spec.arrays or {}) and set(reply.grams) == set(spec.grams or {})
+        assert {group_of(k) for k in reply.arrays}.isdisjoint(server.local_groups)
+        glob = merged.tensors

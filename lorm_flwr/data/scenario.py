@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lorm_flwr.config import ConfigError
+from lorm_flwr.seeds import task_split_seed, test_split_seed
 
 __all__ = [
     "Scenario",
@@ -158,12 +159,12 @@ def build_scenario(
     shards, test_shards = [], []
     for t, classes in enumerate(tasks):
         in_task = np.flatnonzero(np.isin(train_labels, classes))  # (n_t,)
-        parts = dirichlet_split(train_labels[in_task], num_clients, beta, min_samples, seed + t)
+        parts = dirichlet_split(train_labels[in_task], num_clients, beta, min_samples, task_split_seed(seed, t))
         shards.append(tuple(np.sort(in_task[p]) for p in parts))
         if test_labels is not None:
             test_in = np.flatnonzero(np.isin(test_labels, classes))
             test_parts = split_like(
-                train_labels, list(shards[-1]), test_labels[test_in], seed + 10_007 * (t + 1)
+                train_labels, list(shards[-1]), test_labels[test_in], test_split_seed(seed, t)
             )
             test_shards.append(tuple(test_in[p] for p in test_parts))
     return Scenario(tuple(tuple(c) for c in tasks), tuple(shards), tuple(test_shards))

@@ -12,7 +12,6 @@ import math
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -21,16 +20,20 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 
+from lorm_flwr.layout import HEAD, AdaptedLayer, ModelLayout, group_of
 from lorm_flwr.models.backbones import Classifier
 
 __all__ = [
     "AdaptedLayer",
+    "adapter_kind",
+    "model_layout",
     "attach_lora",
     "adapter_layout",
     "get_tensors",
     "set_tensors",
     "set_trainable",
     "ADAPTER_KINDS",
+    "HEAD",
     "fresh_factors",
     "group_of",
     "head_keys",
@@ -39,43 +42,14 @@ __all__ = [
 ]
 
 ADAPTER = "default"
-HEAD = "linear_head"  # unique suffix: peft matches modules_to_save by name suffix
-
-
-@dataclass(frozen=True)
-class AdaptedLayer:
-    """One LoRA-adapted layer: ``W0 + scaling * B @ A``, ``A: (r, d_in)``, ``B: (d_out, r)``.
-
-    ``a_key``/``b_key`` are the keys of A and B in :func:`get_tensors`. For 1x1
-    convolutions the stored tensors are ``(r, d_in, 1, 1)`` and ``(d_out, r, 1, 1)``.
-    """
-
-    name: str  # module path inside the Classifier, e.g. "backbone.blocks.0.0.conv_pw"
-    a_key: str
-    b_key: str
-    d_in: int
-    d_out: int
-    rank: int
-    scaling: float
-    is_conv: bool
-
-
 ADAPTER_KINDS = ("lora", "rslora", "vera")
+# Strategies that train another peft adapter than plain LoRA (the rest: "lora").
+ADAPTER_OF_STRATEGY: dict[str, str] = {"fedsa-rslora": "rslora", "fedsa-vera": "vera"}
 
 
-def group_of(key: str) -> str:
-    """Which part of the model a tensor key belongs to: ``A``, ``B`` or ``head``.
-
-    VeRA's trainable vectors map onto the same roles: ``vera_lambda_d`` (rank side,
-    shared like A) and ``vera_lambda_b`` (output side, kept local like B).
-    """
-    if key.startswith(HEAD + "."):
-        return "head"
-    if ".lora_A." in key or ".vera_lambda_d" in key:
-        return "A"
-    if ".lora_B." in key or ".vera_lambda_b" in key:
-        return "B"
-    raise KeyError(f"tensor {key!r} is neither a LoRA/VeRA factor nor the head")
+def adapter_kind(strategy: str) -> str:
+    """The peft adapter a strategy trains: ``lora``, ``rslora`` or ``vera``."""
+    return ADAPTER_OF_STRATEGY.get(strategy, "lora")
 
 
 def attach_lora(
@@ -191,6 +165,7 @@ def set_tensors(model: PeftModel, tensors: dict[str, torch.Tensor], strict: bool
 # (the layout twice, the head keys once) before these caches.
 _KEYS: weakref.WeakKeyDictionary[PeftModel, frozenset[str]] = weakref.WeakKeyDictionary()
 _LAYOUTS: weakref.WeakKeyDictionary[PeftModel, tuple[AdaptedLayer, ...]] = weakref.WeakKeyDictionary()
+_MODEL_LAYOUTS: weakref.WeakKeyDictionary[PeftModel, ModelLayout] = weakref.WeakKeyDictionary()
 
 
 def get_tensors_keys(model: PeftModel) -> set[str]:
@@ -238,6 +213,15 @@ def _layout(model: PeftModel) -> list[AdaptedLayer]:
             )
         )
     return layers
+
+
+def model_layout(model: PeftModel) -> ModelLayout:
+    """What the server and the wire codec need to know of ``model`` (cached per model)."""
+    if model not in _MODEL_LAYOUTS:
+        weight, bias = head_keys(model)
+        shapes = {k: tuple(v.shape) for k, v in get_tensors(model).items()}
+        _MODEL_LAYOUTS[model] = ModelLayout(tuple(adapter_layout(model)), weight, bias, shapes)
+    return _MODEL_LAYOUTS[model]
 
 
 def head_keys(model: PeftModel) -> tuple[str, str]:

@@ -24,15 +24,6 @@ STRATEGIES: dict[str, str] = {
 }
 
 
-# Strategies that need another peft adapter than plain LoRA.
-ADAPTER_OF: dict[str, str] = {"fedsa-rslora": "rslora", "fedsa-vera": "vera"}
-
-
-def adapter_kind(name: str) -> str:
-    """The peft adapter a strategy trains: ``lora``, ``rslora`` or ``vera``."""
-    return ADAPTER_OF.get(name, "lora")
-
-
 def strategy_class(name: str) -> type:
     if name not in STRATEGIES:
         raise KeyError(f"unknown strategy {name!r}; known: {', '.join(sorted(STRATEGIES))}")

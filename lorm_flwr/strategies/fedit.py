@@ -6,24 +6,17 @@ not ``sum p_i B_i A_i``), which is the point of comparing against it.
 
 from __future__ import annotations
 
-import torch
-from flwr.app import Message
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
-
-from lorm_flwr import protocol as P
-from lorm_flwr.strategies.base import LoraStrategy
+from lorm_flwr import wire
+from lorm_flwr.merge import fedavg_mean
+from lorm_flwr.strategies.base import LoraStrategy, Merged, Tensors
 
 
 class FedIT(LoraStrategy):
     name = "fedit"
 
-    def merge(
-        self,
-        replies: list[Message],
-        weights: list[int],
-        current: dict[str, torch.Tensor],
-    ) -> dict[str, torch.Tensor]:
-        # Flower's own weighted average (by the ``num-examples`` metric) of what was sent;
-        # the rest (frozen or client-local parts) keeps its current value.
-        merged = aggregate_arrayrecords([m.content for m in replies], P.MET_NUM_EXAMPLES)
-        return {**current, **P.arrays_to_tensors(merged)}
+    def merge(self, plan: wire.Instructions, replies: list[wire.Reply], current: Tensors) -> Merged:
+        # FedAvg's arithmetic over what was sent; the rest (frozen or client-local
+        # parts) keeps its current value.
+        weights = [r.num_examples for r in replies]
+        merged = {k: fedavg_mean([r.arrays[k] for r in replies], weights) for k in replies[0].arrays}
+        return Merged({**current, **merged})

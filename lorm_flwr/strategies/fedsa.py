@@ -9,12 +9,9 @@ vector lambda_d is shared, lambda_b kept local), chosen by the adapter registry.
 
 from __future__ import annotations
 
-import torch
-from flwr.app import Message
-
-from lorm_flwr import protocol as P
+from lorm_flwr import wire
 from lorm_flwr.merge import weighted_mean
-from lorm_flwr.strategies.base import LoraStrategy
+from lorm_flwr.strategies.base import LoraStrategy, Merged, Tensors
 
 
 class FedSA(LoraStrategy):
@@ -25,13 +22,7 @@ class FedSA(LoraStrategy):
         self.local_groups = frozenset({"B", "head"} if cfg.fedsa_head == "local" else {"B"})
         super().__init__(cfg, layout)
 
-    def merge(
-        self,
-        replies: list[Message],
-        weights: list[int],
-        current: dict[str, torch.Tensor],
-    ) -> dict[str, torch.Tensor]:
-        sent = [P.arrays_to_tensors(m.content[P.ARRAYS]) for m in replies]
-        w = weights if self.cfg.fedsa_weighted else [1] * len(replies)
-        merged = {k: weighted_mean([s[k] for s in sent], w) for k in sent[0]}
-        return {**current, **merged}
+    def merge(self, plan: wire.Instructions, replies: list[wire.Reply], current: Tensors) -> Merged:
+        w = [r.num_examples for r in replies] if self.cfg.fedsa_weighted else [1] * len(replies)
+        merged = {k: weighted_mean([r.arrays[k] for r in replies], w) for k in replies[0].arrays}
+        return Merged({**current, **merged})

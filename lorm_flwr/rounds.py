@@ -1,0 +1,364 @@
+"""The federated run: handshake, tasks x rounds, task ends, checkpoints.
+
+The one round loop of the project. Every message goes through
+:func:`lorm_flwr.exchange.exchange`, every reply through the wire checks
+(:func:`lorm_flwr.wire.decode_reply`), and merges see only checked replies.
+One round of LoRM:
+
+    strategy.instructions -> configure_train -> exchange(send, wait, count, decode)
+      -> strategy.merge(checked replies) -> evaluate -> results row -> checkpoint
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from lorm_flwr import wire
+from lorm_flwr.checkpoint import Checkpoint, capture_rng, checkpoint_path, restore_rng, resume_point, save_checkpoint
+from lorm_flwr.config import ConfigError, RunConfig
+from lorm_flwr.continual import pool_personal
+from lorm_flwr.data.scenario import Scenario
+from lorm_flwr.evaluation import evaluate_global
+from lorm_flwr.exchange import ExchangeFailed, ExchangeLog, exchange
+from lorm_flwr.limits import check_message_sizes
+from lorm_flwr.models.adapters import model_layout
+from lorm_flwr.results import RoundRow, RunRecorder, export_adapter, run_folder
+from lorm_flwr.runtime import initial_tensors, model_of, scenario_of
+from lorm_flwr.strategies import strategy_class
+from lorm_flwr.strategies.base import LoraStrategy, Merged, Tensors
+
+__all__ = ["FederatedRun", "handshake", "run_federated", "train_exchange", "wait_for_nodes"]
+
+log = logging.getLogger("flwr.lorm")
+
+NODE_WAIT_SECONDS = 300.0
+
+
+def wait_for_nodes(grid: Grid, count: int) -> list[int]:
+    deadline = time.monotonic() + NODE_WAIT_SECONDS
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= count:
+            return nodes
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"only {len(nodes)} SuperNodes connected after {NODE_WAIT_SECONDS:.0f} s; "
+                f"min-clients={count}"
+            )
+        time.sleep(1.0)
+
+
+def handshake(grid: Grid, cfg: RunConfig) -> tuple[dict[int, int], ExchangeLog]:
+    """Ask every node for its partition: node id -> partition id, ``0..N-1`` once each."""
+    nodes = wait_for_nodes(grid, cfg.min_clients)
+
+    def messages() -> list[Message]:
+        return [Message(RecordDict(), dst_node_id=n, message_type=wire.QUERY_HELLO) for n in nodes]
+
+    def decode(msg: Message) -> tuple[int, int, int]:
+        pid, num = wire.decode_hello(msg)
+        return msg.metadata.src_node_id, pid, num
+
+    replies, hello = exchange(
+        grid, messages, decode, kind="hello", min_replies=len(nodes),
+        retries=cfg.round_retries, timeout=min(cfg.round_timeout, 600.0),
+    )  # fmt: skip
+    totals = {num for _, _, num in replies}
+    if len(totals) != 1:
+        raise RuntimeError(f"nodes disagree on num-partitions: {sorted(totals)}")
+    mapping = {node: pid for node, pid, _ in replies}
+    if sorted(mapping.values()) != list(range(totals.pop())):
+        raise RuntimeError(f"partition ids {sorted(mapping.values())} are not 0..N-1 once each")
+    return mapping, hello
+
+
+class FederatedRun:
+    """Tasks x rounds of one strategy over the nodes found by the handshake."""
+
+    def __init__(
+        self,
+        grid: Grid,
+        cfg: RunConfig,
+        strategy: LoraStrategy,
+        scenario: Scenario,
+        recorder: RunRecorder,
+        partition_of: dict[int, int],
+        start: float,
+    ) -> None:
+        self.grid, self.cfg, self.strategy = grid, cfg, strategy
+        self.scenario, self.recorder, self.partition_of = scenario, recorder, partition_of
+        self.start = start
+
+    # ------------------------------------------------------------ helpers
+    def order(self, node: int) -> int:
+        """Replies are merged in partition order, so float sums never depend on arrival."""
+        return self.partition_of.get(node, node)
+
+    def shard_size(self, node: int, task: int) -> int:
+        if node not in self.partition_of:
+            raise wire.PayloadError(f"node {node}: not among the nodes of the handshake")
+        return int(len(self.scenario.shards[task][self.partition_of[node]]))
+
+    def test_sizes(self, node: int, task: int) -> list[int]:
+        if node not in self.partition_of:
+            raise wire.PayloadError(f"node {node}: not among the nodes of the handshake")
+        pid = self.partition_of[node]
+        return [int(len(self.scenario.test_shards[k][pid])) for k in range(task + 1)]
+
+    def _exchange(self, messages: Callable[[], list[Message]], decode, kind: str):
+        return exchange(
+            self.grid, messages, decode, kind=kind, min_replies=self.cfg.min_clients,
+            retries=self.cfg.round_retries, timeout=self.cfg.round_timeout, order=self.order,
+        )  # fmt: skip
+
+    # -------------------------------------------------------------- rounds
+    def train_round(self, task: int, round_in_task: int, tensors: Tensors) -> Tensors:
+        strategy, cfg = self.strategy, self.cfg
+        try:
+            replies, merged, train, merge_seconds = train_exchange(
+                self.grid, strategy, tensors, round_in_task,
+                examples=lambda node: self.shard_size(node, task), order=self.order,
+            )  # fmt: skip
+        except ExchangeFailed as exc:
+            exc.where = {"task": task, "round_in_task": round_in_task}
+            raise
+        row = RoundRow.from_exchange(task, round_in_task, train)
+        row.merge_seconds = merge_seconds
+        weights = [r.num_examples for r in replies]
+        row.train_loss = sum(w * r.metrics[wire.TRAIN_LOSS] for w, r in zip(weights, replies)) / max(sum(weights), 1)
+        for key in (wire.TRAIN_SECONDS, wire.GRAMS_SECONDS):
+            values = [r.metrics[key] for r in replies]
+            name = key.replace("-", "_")
+            row.extra[f"client_{name}_sum"] = sum(values)
+            row.extra[f"client_{name}_max"] = max(values)
+        row.extra.update(_changes(strategy, tensors, merged.tensors))
+        row.extra.update(merged.report)
+        new = merged.tensors
+        if strategy.local_groups:
+            row.personalised = self.evaluate_personal(task, round_in_task, new, row)
+            row.accuracy = row.personalised.get("accuracy_weighted", float("nan"))
+            row.per_task_accuracy = list(row.personalised.get("per_task_weighted", []))
+        else:
+            ev = evaluate_global(cfg, self.scenario, task, new)
+            row.accuracy, row.per_task_accuracy = ev.accuracy, ev.per_task
+        row.elapsed_seconds = time.perf_counter() - self.start
+        self.recorder.add_round(row)
+        log.info(
+            "lorm-flwr: task %d/%d round %d/%d: %s accuracy on seen classes %.3f, "
+            "train loss %.3f, %d B down, %d B up",
+            task + 1, self.scenario.num_tasks, round_in_task + 1, cfg.rounds_per_task,
+            "global" if strategy.has_global_model else "personalised", row.accuracy,
+            row.train_loss, row.bytes_down, row.bytes_up,
+        )  # fmt: skip
+        return new
+
+    def evaluate_personal(self, task: int, round_in_task: int, tensors: Tensors, row: RoundRow) -> dict:
+        """Global parts + each client's own parts, on its own test split (FedSA)."""
+        arrays = wire.tensors_to_arrays(self.strategy.shared(tensors))
+
+        def messages() -> list[Message]:
+            return list(self.strategy.configure_evaluate(round_in_task + 1, arrays, ConfigRecord(), self.grid))
+
+        def decode(msg: Message) -> tuple[list[int], list[int]]:
+            return wire.decode_evaluation(msg, task, self.test_sizes(msg.metadata.src_node_id, task))
+
+        try:
+            counts, evaluation = self._exchange(messages, decode, "evaluate")
+        except ExchangeFailed as exc:
+            exc.where = {"task": task, "round_in_task": round_in_task}
+            row.add(exc.log)
+            raise
+        row.add(evaluation)
+        return pool_personal(counts)
+
+    # ------------------------------------------------------------ task end
+    def end_task(self, task: int, tensors: Tensors) -> None:
+        """LoRM's statistics exchange, then evaluate, fill the matrix row, export the adapter."""
+        strategy, cfg = self.strategy, self.cfg
+        exchanges: list[ExchangeLog] = []
+        nodes = sorted(self.partition_of, key=self.order)  # every client that trained on the task
+
+        def query(record_on: Tensors, plan: wire.Instructions) -> list[wire.Reply]:
+            spec = strategy.reply_spec(plan)
+            content = RecordDict({wire.ARRAYS: wire.tensors_to_arrays(record_on), wire.CONFIG: plan.to_config()})
+
+            def messages() -> list[Message]:
+                return [Message(content, dst_node_id=n, message_type=wire.QUERY_TASK_GRAMS) for n in nodes]
+
+            def decode(msg: Message) -> wire.Reply:
+                size = self.shard_size(msg.metadata.src_node_id, task)
+                return wire.decode_reply(msg, spec, num_examples=size)
+
+            try:
+                replies, entry = self._exchange(messages, decode, "task-grams")
+            except ExchangeFailed as exc:
+                exc.where = {"task": task, "round_in_task": cfg.rounds_per_task}
+                raise
+            exchanges.append(entry)
+            return replies
+
+        final = strategy.end_task(task, tensors, query)
+        if strategy.has_global_model:
+            ev = evaluate_global(cfg, self.scenario, task, final.tensors, rank=final.rank, alpha=final.alpha)
+            per_task, summary = ev.per_task, {
+                "accuracy": ev.accuracy, "correct": ev.correct, "total": ev.total,
+                "adapter_rank": final.rank,
+            }  # fmt: skip
+            model = model_of(cfg, rank=final.rank, alpha=final.alpha)
+            export_adapter(model, final.tensors, self.recorder.folder / "adapters" / f"task-{task}")
+            export_adapter(model, final.tensors, self.recorder.folder / "adapter")
+        else:
+            # No global model: the clients' own models, evaluated on their own test splits.
+            personal = self.recorder.rounds[-1]["personalised"]
+            per_task = personal["per_task_weighted"]
+            summary = {
+                "accuracy": personal["accuracy_weighted"],
+                "accuracy_unweighted": personal["accuracy_unweighted"],
+                "correct": personal["correct"], "total": personal["total"],
+            }  # fmt: skip
+        for entry in exchanges:
+            summary[entry.kind] = entry.to_dict()
+        self.recorder.end_task(task, per_task, summary)
+        log.info(
+            "lorm-flwr: after task %d/%d: accuracy on seen classes %.3f, per task %s",
+            task + 1, self.scenario.num_tasks, summary["accuracy"], [round(a, 3) for a in per_task],
+        )  # fmt: skip
+
+
+def train_exchange(
+    grid: Grid,
+    strategy: LoraStrategy,
+    tensors: Tensors,
+    round_in_task: int,
+    *,
+    examples: Callable[[int], int | None] = lambda node: None,
+    order: Callable[[int], int] = lambda node: node,
+) -> tuple[list[wire.Reply], Merged, ExchangeLog, float]:
+    """One training round of the current task: send, check, merge.
+
+    ``examples(node)``: the sample count the node must report (its shard size), or
+    None to accept any positive count. Returns the checked replies (in ``order``),
+    the merge, the exchange's log and the merge's seconds.
+    """
+    cfg = strategy.cfg
+    plan = strategy.instructions(round_in_task)
+    spec = strategy.reply_spec(plan)
+    dtype = next(iter(tensors.values())).dtype  # every reply is cast to the global dtype
+    arrays = wire.tensors_to_arrays(strategy.shared(tensors))
+
+    def messages() -> list[Message]:
+        return list(strategy.configure_train(round_in_task + 1, arrays, ConfigRecord(), grid))
+
+    def decode(msg: Message) -> wire.Reply:
+        return wire.decode_reply(msg, spec, dtype, num_examples=examples(msg.metadata.src_node_id))
+
+    replies, log_ = exchange(
+        grid, messages, decode, kind="train", min_replies=cfg.min_clients,
+        retries=cfg.round_retries, timeout=cfg.round_timeout, order=order,
+    )  # fmt: skip
+    begin = time.perf_counter()
+    merged = strategy.merge(plan, replies, tensors)
+    return replies, merged, log_, time.perf_counter() - begin
+
+
+def _changes(strategy: LoraStrategy, before: Tensors, after: Tensors) -> dict[str, float]:
+    """Largest absolute change of A, B and head in a round (shows the schedule)."""
+    layout = strategy.layout
+    groups = {
+        "change_a": [l.a_key for l in layout.layers],
+        "change_b": [l.b_key for l in layout.layers],
+        "change_head": [layout.head_weight, layout.head_bias],
+    }
+    return {
+        name: max(
+            (float((after[k].double() - before[k].double()).abs().max()) for k in keys if k in after and k in before),
+            default=0.0,
+        )
+        for name, keys in groups.items()
+    }
+
+
+def run_federated(grid: Grid, cfg: RunConfig) -> None:
+    """The whole federated run; results and a checkpoint are written after every round."""
+    checkpoint = resume_point(cfg)  # a resume it cannot honour stops here
+    partition_of, hello = handshake(grid, cfg)
+    num_clients = len(partition_of)
+    scenario = scenario_of(cfg, num_clients)  # impossible splits stop here
+    log.info(
+        "lorm-flwr: %s on %s, %d clients, %d tasks %s, shard sizes %s",
+        cfg.strategy, cfg.dataset, num_clients, scenario.num_tasks,
+        [list(t) for t in scenario.tasks], scenario.shard_sizes(),
+    )  # fmt: skip
+    strategy = strategy_class(cfg.strategy)(cfg, model_layout(model_of(cfg)))
+    message_bytes = check_message_sizes(strategy, cfg.max_message_bytes)  # too big stops here
+    tasks = [list(t) for t in scenario.tasks]
+    if checkpoint is None:
+        folder = run_folder(cfg)
+        recorder = RunRecorder(cfg, folder, tasks, scenario.shard_sizes())
+        recorder.accuracy_kind = (
+            "global" if strategy.has_global_model else "personalised, sample-weighted over clients"
+        )
+        tensors = dict(initial_tensors(cfg))  # the same seeded start as every client's
+        first_task, first_round, elapsed = 0, 0, 0.0
+    else:
+        folder = checkpoint_path(cfg.resume_from).parent
+        recorder = RunRecorder(cfg, folder, tasks, scenario.shard_sizes())
+        recorder.load_state(checkpoint.recorder)
+        if checkpoint.recorder.get("shard_sizes", recorder.shard_sizes) != recorder.shard_sizes:
+            raise ConfigError(
+                f"resume-from: the checkpoint was made with shards {checkpoint.recorder['shard_sizes']}, "
+                f"this federation gives {recorder.shard_sizes}: start the same number of clients"
+            )
+        strategy.load_state_dict(checkpoint.strategy)
+        restore_rng(checkpoint.rng)
+        tensors = dict(checkpoint.tensors)
+        first_task, first_round, elapsed = checkpoint.task, checkpoint.round_in_task, checkpoint.elapsed_seconds
+        recorder.resumed.append({"task": first_task, "round_in_task": first_round,
+                                 "at": time.strftime("%Y-%m-%d %H:%M:%S")})  # fmt: skip
+        log.info("lorm-flwr: resuming task %d round %d from %s", first_task, first_round,
+                 checkpoint_path(cfg.resume_from))  # fmt: skip
+    recorder.message_bytes = message_bytes
+    recorder.handshakes.append(hello.to_dict())
+    log.info("lorm-flwr: writing results to %s", folder)
+    start = time.perf_counter() - elapsed
+    run = FederatedRun(grid, cfg, strategy, scenario, recorder, partition_of, start)
+
+    def save(task: int, round_in_task: int, current: Tensors) -> None:
+        save_checkpoint(folder, Checkpoint(
+            config=cfg.to_dict(), task=task, round_in_task=round_in_task, tensors=current,
+            strategy=strategy.state_dict(),
+            recorder={**recorder.state(), "shard_sizes": recorder.shard_sizes},
+            rng=capture_rng(), elapsed_seconds=time.perf_counter() - start,
+        ))  # fmt: skip
+
+    try:
+        for task in range(first_task, scenario.num_tasks):
+            round0 = first_round if task == first_task else 0
+            if round0 == 0:
+                tensors = strategy.begin_task(task, tensors)
+            else:
+                strategy.task = task  # mid-task: the factors are the checkpoint's
+            for round_in_task in range(round0, cfg.rounds_per_task):
+                tensors = run.train_round(task, round_in_task, tensors)
+                save(task, round_in_task + 1, tensors)
+            run.end_task(task, tensors)
+            save(task + 1, 0, tensors)
+    except BaseException as exc:
+        recorder.status = "failed"
+        recorder.error = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, ExchangeFailed):
+            recorder.failed_round = {**getattr(exc, "where", {}), **exc.log.to_dict()}
+        recorder.write()
+        log.error(
+            "lorm-flwr: run stopped: %s. Results so far are in %s; continue with "
+            "--run-config \"resume-from='%s'\" (same other keys)",
+            exc, folder, folder,
+        )  # fmt: skip
+        raise
+    recorder.finish(start)

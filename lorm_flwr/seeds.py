@@ -1,0 +1,46 @@
+"""Every derived seed of a run, from the run's ``seed`` (one place, named).
+
+Each function is a fixed integer formula, so the server and every client derive
+the same seeds in any process, and runs repeat exactly.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "client_shuffle_seed",
+    "joint_phase_seed",
+    "round_seed",
+    "task_factors_seed",
+    "task_split_seed",
+    "test_split_seed",
+]
+
+
+def round_seed(seed: int, task: int, round_in_task: int) -> int:
+    """The seed the server sends with a training round."""
+    return seed * 100_003 + task * 1_009 + round_in_task
+
+
+def client_shuffle_seed(round_seed: int, partition_id: int) -> int:
+    """A client's batch shuffling in a round: distinct per client."""
+    return round_seed * 1_000 + partition_id
+
+
+def task_factors_seed(seed: int, task: int) -> int:
+    """LoRM's fresh A (and zero B) at the start of ``task``."""
+    return seed * 7_919 + task
+
+
+def task_split_seed(seed: int, task: int) -> int:
+    """The Dirichlet split of ``task``'s training samples over the clients."""
+    return seed + task
+
+
+def test_split_seed(seed: int, task: int) -> int:
+    """The split of ``task``'s test samples over the clients (personalised evaluation)."""
+    return seed + 10_007 * (task + 1)
+
+
+def joint_phase_seed(seed: int, phase: int) -> int:
+    """Batch shuffling of the non-federated ``joint`` strategies in ``phase``."""
+    return seed * 1_009 + phase
