@@ -68,15 +68,16 @@ class Federation:
         num_supernodes: int,
         cpus_per_client: float = 1,
         run_config_files: tuple[str, ...] = (),
+        app: Path = ROOT,
     ) -> list[str]:
-        """The ``flwr run`` command line of this app with ``run_config`` (after any
-        preset ``run_config_files``)."""
+        """The ``flwr run`` command line of ``app`` (this app by default) with
+        ``run_config`` (after any preset ``run_config_files``)."""
         items = " ".join(
             f"{k}='{v}'" if isinstance(v, str) else f"{k}={str(v).lower() if isinstance(v, bool) else v}"
             for k, v in run_config.items()
         )
         cmd = [
-            str(BIN / "flwr"), "run", str(ROOT), self.connection, "--stream",
+            str(BIN / "flwr"), "run", str(app), self.connection, "--stream",
             "--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}",
             # Flower takes either TOML files or key=value pairs, not both.
             *[arg for f in run_config_files for arg in ("--run-config", f)],
@@ -91,9 +92,10 @@ class Federation:
         timeout: float = 900,
         cpus_per_client: float = 1,
         run_config_files: tuple[str, ...] = (),
+        app: Path = ROOT,
     ) -> subprocess.CompletedProcess:
         """``flwr run`` to the end (see :meth:`command`)."""
-        cmd = self.command(run_config, num_supernodes, cpus_per_client, run_config_files)
+        cmd = self.command(run_config, num_supernodes, cpus_per_client, run_config_files, app)
         return subprocess.run(
             cmd, env=self.env, capture_output=True, text=True, timeout=timeout, cwd=self.home
         )

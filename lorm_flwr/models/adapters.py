@@ -236,14 +236,15 @@ def head_keys(model: PeftModel) -> tuple[str, str]:
 
 def set_trainable(model: PeftModel, *, train_a: bool, train_b: bool, train_head: bool = True) -> None:
     """Choose which of A, B and the head receive gradients; the backbone never does."""
+    on = {"A": train_a, "B": train_b}
     for name, p in model.named_parameters():
-        if ".lora_A." in name or ".vera_lambda_d." in name:
-            p.requires_grad_(train_a)
-        elif ".lora_B." in name or ".vera_lambda_b." in name:
-            p.requires_grad_(train_b)
-        elif f"{HEAD}.modules_to_save." in name:
-            p.requires_grad_(train_head)
-        else:
+        key = _key(name)
+        if key.startswith(HEAD + "."):  # peft's trainable copy of the head, not the original
+            p.requires_grad_(train_head and key.startswith(f"{HEAD}.modules_to_save."))
+            continue
+        try:
+            p.requires_grad_(on.get(group_of(key), False))
+        except KeyError:  # a backbone weight
             p.requires_grad_(False)
 
 

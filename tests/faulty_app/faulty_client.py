@@ -1,0 +1,60 @@
+"""The app's own ClientApp handlers, behind a mod that makes partition 0 a bad client.
+
+Partition 0 answers every training round with a malformed reply, a different kind
+each round (NaN tensors, an extra NaN record, a forged sample count, a metric that
+is a list, a record of the wrong type); the others answer normally. Used by
+tests/test_bad_client.py through a copy of the app whose clientapp is this module.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.clientapp import ClientApp
+
+from lorm_flwr.local_federation import ROOT
+
+# The checkout's client_app.py itself (an installed copy of it could be stale).
+_spec = importlib.util.spec_from_file_location("lorm_flwr_client_app", ROOT / "client_app.py")
+real = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(real)
+
+CORRUPTIONS = ("nan", "extra-record", "forged-count", "list-metric", "wrong-type")
+
+
+def _nan_record(record: ArrayRecord) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.full(v.numpy().shape, np.nan, dtype=np.float32)) for k, v in record.items()})
+
+
+def corrupt(msg: Message, context: Context, call_next) -> Message:
+    reply = call_next(msg, context)
+    if msg.metadata.message_type != "train" or int(context.node_config["partition-id"]) != 0:
+        return reply
+    if reply.has_error():
+        return reply
+    content = reply.content
+    count = int(context.state["bad-replies"]["n"]) if "bad-replies" in context.state else 0
+    context.state["bad-replies"] = ConfigRecord({"n": count + 1})
+    kind = CORRUPTIONS[count % len(CORRUPTIONS)]
+    first = next(name for name in content.keys() if isinstance(content[name], ArrayRecord))
+    metrics = dict(content["metrics"])
+    if kind == "nan":
+        content[first] = _nan_record(content[first])
+    elif kind == "extra-record":
+        content["more"] = _nan_record(content[first])
+    elif kind == "forged-count":
+        content["metrics"] = MetricRecord({**metrics, "num-examples": 10**15})
+    elif kind == "list-metric":
+        content["metrics"] = MetricRecord({**metrics, "train-loss": [0.1, 0.2]})
+    else:
+        content[first] = ConfigRecord({"x": 1})
+    return reply
+
+
+app = ClientApp(mods=[corrupt])
+app.train()(real.train)
+app.evaluate()(real.evaluate)
+app.query("hello")(real.hello)
+app.query("task_grams")(real.task_stats)

@@ -1,0 +1,101 @@
+"""The wire codec: instructions round-trip, and the replies the server must refuse
+(personalised evaluation, end-of-task statistics, the hello handshake)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from lorm_flwr import wire
+from lorm_flwr.config import RunConfig
+from lorm_flwr.exchange import ExchangeFailed
+from lorm_flwr.layout import AdaptedLayer, ModelLayout
+from lorm_flwr.rounds import handshake
+from tests.messages import ScriptedGrid, reply_to
+
+LAYER = AdaptedLayer("l", "l.lora_A.weight", "l.lora_B.weight", d_in=3, d_out=4, rank=2, scaling=1.0, is_conv=False)
+LAYOUT = ModelLayout(
+    (LAYER,), "linear_head.weight", "linear_head.bias",
+    {"l.lora_A.weight": (2, 3), "l.lora_B.weight": (4, 2), "linear_head.weight": (5, 4), "linear_head.bias": (5,)},
+)  # fmt: skip
+
+
+def test_instructions_round_trip_through_a_config_record():
+    plan = wire.Instructions(task=3, round_in_task=1, train_a=True, train_head=True, grams=wire.GRAMS_LORM_A,
+                             seed=12345, local=frozenset({"B", "head"}), rank=8, alpha=8.0)  # fmt: skip
+    assert wire.Instructions.from_config(plan.to_config()) == plan
+    bare = wire.Instructions(task=0)
+    assert wire.Instructions.from_config(bare.to_config()) == bare
+    with pytest.raises(wire.PayloadError, match="malformed"):
+        wire.Instructions.from_config(ConfigRecord({"task": 1}))
+    with pytest.raises(wire.PayloadError, match="unknown Gram statistics"):
+        wire.Instructions.from_config(ConfigRecord({**dict(bare.to_config()), "grams": "all"}))
+
+
+def test_each_plan_declares_the_reply_for_both_sides():
+    lorm_a = wire.train_reply_spec(LAYOUT, wire.Instructions(0, 1, train_a=True, train_head=True,
+                                                             grams=wire.GRAMS_LORM_A), 1.0, 0.0)  # fmt: skip
+    assert dict(lorm_a.arrays) == {"linear_head.bias": (5,)}
+    assert dict(lorm_a.grams) == {"l|AG": (2, 3), "l|G": (3, 3), "linear_head|WG": (5, 4), "linear_head|G": (4,)}
+    fedsa = wire.train_reply_spec(
+        LAYOUT, wire.Instructions(0, train_a=True, train_b=True, train_head=True, local=frozenset({"B", "head"})), 1, 1
+    )
+    assert set(fedsa.arrays) == {"l.lora_A.weight"} and fedsa.grams is None
+    task = wire.train_reply_spec(LAYOUT, wire.Instructions(0, grams=wire.GRAMS_TASK), 0.0, 1.0)
+    assert task.arrays is None and dict(task.grams) == {"l|G": (3,)} and task.metrics == (wire.NUM_EXAMPLES,)
+
+
+def _evaluation(**values) -> RecordDict:
+    base = {wire.NUM_EXAMPLES: 9, "correct-task-0": 4, "total-task-0": 5, "correct-task-1": 3, "total-task-1": 4}
+    return RecordDict({wire.METRICS: MetricRecord({**base, **values})})
+
+
+@pytest.mark.parametrize(
+    ("values", "reason"),
+    [
+        ({"correct-task-0": 6}, "6 correct out of 5"),  # would record an accuracy above 1
+        ({"correct-task-1": float("nan")}, "not finite"),
+        ({"total-task-1": [1, 2]}, "not a number"),
+        ({"correct-task-0": -1}, "non-negative integer"),
+        ({"total-task-0": 2.5}, "non-negative integer"),
+        ({"total-task-0": 7, wire.NUM_EXAMPLES: 11}, "its test splits have [5, 4]"),
+        ({"extra": 1}, "unexpected ['extra']"),
+    ],
+)
+def test_bad_personalised_evaluation_replies_are_refused(values, reason):
+    assert wire.decode_evaluation(reply_to(3, _evaluation()), 1, [5, 4]) == ([4, 3], [5, 4])
+    with pytest.raises(wire.PayloadError, match="node 3") as info:
+        wire.decode_evaluation(reply_to(3, _evaluation(**values)), 1, [5, 4])
+    assert reason in str(info.value)
+
+
+def test_an_end_of_task_reply_without_its_statistics_is_refused():
+    spec = wire.train_reply_spec(LAYOUT, wire.Instructions(0, grams=wire.GRAMS_TASK), 1.0, 1.0)
+    good = RecordDict({wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 6}),
+                       wire.GRAMS: wire.tensors_to_arrays({"l|G": torch.eye(3)})})  # fmt: skip
+    assert wire.decode_reply(reply_to(2, good), spec, num_examples=6).grams["l|G"].shape == (3, 3)
+    missing = RecordDict({wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 6})})
+    with pytest.raises(wire.PayloadError, match=r"node 2: reply has records \['metrics'\], expected \['grams', 'metrics'\]"):
+        wire.decode_reply(reply_to(2, missing), spec)
+    wrong_type = RecordDict({wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 6}), wire.GRAMS: ConfigRecord({"a": 1})})
+    with pytest.raises(wire.PayloadError, match="'grams' is a ConfigRecord"):
+        wire.decode_reply(reply_to(2, wrong_type), spec)
+    negative = RecordDict({wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 6}),
+                           wire.GRAMS: ArrayRecord({"l|G": -torch.eye(3)})})  # fmt: skip
+    with pytest.raises(wire.PayloadError, match="negative diagonal"):
+        wire.decode_reply(reply_to(2, negative), spec)
+
+
+def test_the_handshake_maps_nodes_to_partitions_and_refuses_bad_hellos():
+    cfg = RunConfig(min_clients=2, round_retries=0)
+    grid = ScriptedGrid([7, 9], [{7: wire.hello_reply(1, 2), 9: wire.hello_reply(0, 2)}])
+    mapping, log = handshake(grid, cfg)
+    assert mapping == {7: 1, 9: 0} and log.replies == 2 and log.bytes_up > 0
+    bad = RecordDict({wire.METRICS: MetricRecord({wire.PARTITION_ID: 5, wire.NUM_PARTITIONS: 2})})
+    grid = ScriptedGrid([7, 9], [{7: wire.hello_reply(1, 2), 9: bad}])
+    with pytest.raises(ExchangeFailed, match=r"node 9: partition-id=5 outside \[0, num-partitions=2\)"):
+        handshake(grid, cfg)
+    grid = ScriptedGrid([7, 9], [{7: wire.hello_reply(1, 2), 9: wire.hello_reply(1, 2)}])
+    with pytest.raises(RuntimeError, match="not 0..N-1 once each"):
+        handshake(grid, cfg)
