@@ -27,8 +27,7 @@ import time
 import torch
 
 from benchmarks.compare import _parse_sets
-from lorm_flwr import client
-from lorm_flwr import wire
+from lorm_flwr import client, wire
 from lorm_flwr.client import task_grams, train_round
 from lorm_flwr.config import RunConfig
 from lorm_flwr.runtime import initial_tensors, scenario_of

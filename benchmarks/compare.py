@@ -164,9 +164,11 @@ def main() -> None:
         "sample-weighted mean over clients of each client's own model on its own test split",
         "(personalised).",
         "",
-        "| strategy | final avg accuracy, global | final avg accuracy, personalised | forgetting "
-        "| bytes up / round | bytes down / round "
-        "| wall s | outside local training | peak memory MB | per-seed accuracy |",
+        (
+            "| strategy | final avg accuracy, global | final avg accuracy, personalised | forgetting "
+            "| bytes up / round | bytes down / round "
+            "| wall s | outside local training | peak memory MB | per-seed accuracy |"
+        ),
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for strategy, rs in runs.items():

@@ -57,7 +57,7 @@ def measure(clients: int, strategy_name: str) -> dict:
         arrays = {k: torch.randn(s, generator=gen) for k, s in reply_shapes.items()}
         stats = {}
         for k, s in stat_shapes.items():
-            if k.endswith("|" + wire.G) or k.endswith("|" + wire.AGA):
+            if k.endswith(("|" + wire.G, "|" + wire.AGA)):
                 if len(s) == 1:
                     stats[k] = torch.rand(s, generator=gen) + 0.1
                 else:

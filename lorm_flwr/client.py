@@ -226,4 +226,4 @@ def task_grams(
     set_tensors(model, tensors)
     grams = _grams(cfg, model, data.train_x[shard], with_head=False)
     stats = {wire.gram_key(name, wire.G): g.float() for name, g in grams.items()}
-    return stats, int(len(shard))
+    return stats, len(shard)

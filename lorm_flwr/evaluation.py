@@ -51,4 +51,4 @@ def evaluate_global(
     )
     overall, per_task = evaluate_accuracy(preds, labels, scenario.tasks[: task + 1])
     correct = int((preds == labels).sum())
-    return EvalResult(overall, per_task, correct, int(len(labels)))
+    return EvalResult(overall, per_task, correct, len(labels))

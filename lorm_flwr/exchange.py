@@ -64,7 +64,7 @@ class _Valid(Generic[T]):
 def _reply_bytes(reply: Message) -> int:
     try:
         return record_bytes(reply.content)
-    except Exception:  # a reply too malformed to count is rejected below anyway
+    except Exception:  # noqa: BLE001 - a reply too malformed to count is rejected below anyway
         return 0
 
 

@@ -78,7 +78,7 @@ def message_shapes(strategy) -> dict[str, dict[str, tuple[int, ...]]]:
 def _remedy(key: str, cfg) -> str:
     if key.endswith("|" + wire.G) and key.split("/")[-1].startswith(wire.HEAD + "|"):
         return "set head-gram-alpha=0 to send the head Gram's diagonal only"
-    if key.endswith("|" + wire.G) or key.endswith("|" + wire.AG):
+    if key.endswith(("|" + wire.G, "|" + wire.AG)):
         return (
             f"set gram-alpha=0 (now {cfg.gram_alpha}) so clients send Gram diagonals (d_in floats "
             "instead of d_in x d_in), or adapt fewer layers with lora-targets"

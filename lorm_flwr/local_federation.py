@@ -97,14 +97,14 @@ class Federation:
         """``flwr run`` to the end (see :meth:`command`)."""
         cmd = self.command(run_config, num_supernodes, cpus_per_client, run_config_files, app)
         return subprocess.run(
-            cmd, env=self.env, capture_output=True, text=True, timeout=timeout, cwd=self.home
+            cmd, env=self.env, capture_output=True, text=True, timeout=timeout, cwd=self.home, check=False
         )
 
     def run_status(self) -> list[dict]:
         """``flwr ls`` of this SuperLink: every run with its status (e.g. ``finished:failed``)."""
         out = subprocess.run(
             [str(BIN / "flwr"), "ls", self.connection, "--format", "json"],
-            env=self.env, capture_output=True, text=True, timeout=120, cwd=self.home,
+            env=self.env, capture_output=True, text=True, timeout=120, cwd=self.home, check=False,
         )  # fmt: skip
         return list(json.loads(out.stdout).get("runs", []))
 
@@ -192,7 +192,7 @@ def simulation_superlink(tmp: Path) -> Iterator[Federation]:
             "--control-api-address", f"127.0.0.1:{control}",
             "--database", str(home / "state.db"),
             "--disable-runtime-dependency-installation",
-        ],  # fmt: skip
+        ],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,

@@ -39,19 +39,19 @@ PINV_RCOND = 1e-6
 
 __all__ = [
     "PINV_RCOND",
-    "gram_sum",
+    "cross_task_factors",
     "fedavg_mean",
+    "gram_sum",
     "merge_from_sums",
     "merge_lora_a",
     "merge_lora_b",
-    "regmean_head",
-    "times_gram",
-    "truncate_to_rank",
-    "cross_task_factors",
     "project_gram",
     "psd_solve_right",
     "regmean",
+    "regmean_head",
     "smooth_gram",
+    "times_gram",
+    "truncate_to_rank",
     "weighted_mean",
 ]
 

@@ -40,9 +40,11 @@ class Plan:
     def lines(self) -> list[str]:
         c = self.cfg
         out = [
-            f"dry run: strategy {c.strategy}, dataset {c.dataset}, backbone {c.backbone}, "
-            f"{self.num_clients} clients, {c.num_tasks} tasks x {c.rounds_per_task} rounds "
-            f"x {c.local_epochs} local epochs; nothing is trained",
+            (
+                f"dry run: strategy {c.strategy}, dataset {c.dataset}, backbone {c.backbone}, "
+                f"{self.num_clients} clients, {c.num_tasks} tasks x {c.rounds_per_task} rounds "
+                f"x {c.local_epochs} local epochs; nothing is trained"
+            ),
         ]
         if self.tasks is not None:
             out.append(f"tasks (classes): {self.tasks}")

@@ -15,12 +15,18 @@ import logging
 import time
 from collections.abc import Callable
 
-import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from lorm_flwr import wire
-from lorm_flwr.checkpoint import Checkpoint, capture_rng, checkpoint_path, restore_rng, resume_point, save_checkpoint
+from lorm_flwr.checkpoint import (
+    Checkpoint,
+    capture_rng,
+    checkpoint_path,
+    restore_rng,
+    resume_point,
+    save_checkpoint,
+)
 from lorm_flwr.config import ConfigError, RunConfig
 from lorm_flwr.continual import pool_personal
 from lorm_flwr.data.scenario import Scenario
@@ -103,13 +109,13 @@ class FederatedRun:
     def shard_size(self, node: int, task: int) -> int:
         if node not in self.partition_of:
             raise wire.PayloadError(f"node {node}: not among the nodes of the handshake")
-        return int(len(self.scenario.shards[task][self.partition_of[node]]))
+        return len(self.scenario.shards[task][self.partition_of[node]])
 
     def test_sizes(self, node: int, task: int) -> list[int]:
         if node not in self.partition_of:
             raise wire.PayloadError(f"node {node}: not among the nodes of the handshake")
         pid = self.partition_of[node]
-        return [int(len(self.scenario.test_shards[k][pid])) for k in range(task + 1)]
+        return [len(self.scenario.test_shards[k][pid]) for k in range(task + 1)]
 
     def _exchange(self, messages: Callable[[], list[Message]], decode, kind: str):
         return exchange(

@@ -6,10 +6,9 @@ Images stay uint8 in memory and are resized and normalised per batch, so a
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-
-import contextlib
 
 import numpy as np
 import torch
@@ -19,14 +18,14 @@ from torch import nn
 __all__ = [
     "InputSpec",
     "TokenInputs",
-    "autocast",
-    "to_device",
     "TrainStats",
+    "autocast",
     "batches",
     "evaluate_accuracy",
     "padding_mask",
     "pick_device",
     "predict",
+    "to_device",
     "train_local",
 ]
 
@@ -178,7 +177,7 @@ def train_local(
             scaler.update()
             total += float(loss.detach())
             steps += 1
-    return TrainStats(loss=total / max(steps, 1), num_examples=int(len(labels)), steps=steps)
+    return TrainStats(loss=total / max(steps, 1), num_examples=len(labels), steps=steps)
 
 
 @torch.no_grad()

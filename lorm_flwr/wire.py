@@ -320,7 +320,7 @@ def decode_tensors(
     for key, shape in expected.items():
         try:
             array = record[key].numpy()
-        except Exception as exc:  # corrupt bytes, pickled objects, another serialisation
+        except Exception as exc:  # noqa: BLE001 - corrupt bytes, pickled objects, another serialisation
             raise PayloadError(f"node {node}: {key} cannot be decoded ({exc})") from None
         if tuple(array.shape) != tuple(shape):
             raise PayloadError(f"node {node}: {key} has shape {tuple(array.shape)}, expected {tuple(shape)}")

@@ -118,8 +118,9 @@ def test_initial_adapter_is_the_same_in_every_process():
         "print(hashlib.sha256(b''.join(t[k].numpy().tobytes() for k in sorted(t))).hexdigest())\n"
     )
     digests = {
-        subprocess.run([sys.executable, "-c", code, str(s)], capture_output=True, text=True,
-                       check=True).stdout.strip()  # fmt: skip
+        subprocess.run(
+            [sys.executable, "-c", code, str(s)], capture_output=True, text=True, check=True
+        ).stdout.strip()
         for s in (1, 2)
     }
     assert len(digests) == 1

@@ -51,7 +51,7 @@ def _deployed_run(tmp_path: Path, cfg: dict, tls: bool) -> dict:
             [str(BIN / "flwr"), "run", str(ROOT), "local-deploy", "--stream",
              "--run-config", _items({**cfg, "output-dir": str(out)})],
             env={**env, "FLWR_HOME": str(state / "flwr-home")}, capture_output=True, text=True,
-            timeout=900, cwd=tmp_path,
+            timeout=900, cwd=tmp_path, check=False,
         )  # fmt: skip
         log = proc.stdout + proc.stderr
         assert proc.returncode == 0, log[-3000:]
@@ -59,7 +59,7 @@ def _deployed_run(tmp_path: Path, cfg: dict, tls: bool) -> dict:
         assert results["status"] == "completed", log[-3000:]
         return results
     finally:
-        subprocess.run([str(SCRIPTS / "deploy_local.sh"), "stop", str(state)], env=env, timeout=120)
+        subprocess.run([str(SCRIPTS / "deploy_local.sh"), "stop", str(state)], env=env, timeout=120, check=False)
         pids = state / "pids"
         assert not pids.exists(), "the deployment was not stopped"
 

@@ -24,7 +24,13 @@ from lorm_flwr.config import RunConfig
 from lorm_flwr.cross_task import TaskHistory
 from lorm_flwr.exchange import ExchangeFailed, exchange
 from lorm_flwr.layout import ModelLayout, group_of
-from lorm_flwr.limits import MessageTooLarge, check_message_sizes, check_reply_size, message_shapes, nbytes
+from lorm_flwr.limits import (
+    MessageTooLarge,
+    check_message_sizes,
+    check_reply_size,
+    message_shapes,
+    nbytes,
+)
 from lorm_flwr.models.adapters import model_layout
 from lorm_flwr.rounds import train_exchange
 from lorm_flwr.runtime import initial_tensors, model_of
@@ -110,8 +116,8 @@ def test_checkpoint_round_trip_is_exact_and_atomic(tmp_path):
     back = load_checkpoint(tmp_path)  # the run folder is enough
     assert (back.task, back.round_in_task, back.elapsed_seconds) == (1, 1, 12.5)
     assert back.recorder["accuracy_matrix"] == [[0.9, None]]
-    for k in tensors:
-        assert torch.equal(back.tensors[k], tensors[k]) and back.tensors[k].dtype == tensors[k].dtype
+    for k, t in tensors.items():
+        assert torch.equal(back.tensors[k], t) and back.tensors[k].dtype == t.dtype
     random.seed(99), np.random.seed(99), torch.manual_seed(99)
     restore_rng(back.rng)
     assert (random.random(), np.random.rand(), torch.rand(1)) == expected

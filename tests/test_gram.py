@@ -103,7 +103,7 @@ def test_projected_gram_is_a_g_at_without_forming_g(alpha):
     def inputs(batch, device):
         return torch.from_numpy(batch)
 
-    kw = dict(inputs=inputs, batch_size=3, device=torch.device("cpu"), alphas={"c": alpha, "l": alpha})
+    kw = {"inputs": inputs, "batch_size": 3, "device": torch.device("cpu"), "alphas": {"c": alpha, "l": alpha}}
     plain, n = layer_grams(model, targets, x.numpy(), **kw)
     projected, _ = layer_grams(model, targets, x.numpy(), projections={"c": A}, **kw)
     assert n == 7

@@ -11,7 +11,14 @@ from lorm_flwr.config import RunConfig
 from lorm_flwr.gram import GramRecorder
 from lorm_flwr.layout import AdaptedLayer
 from lorm_flwr.merge import merge_lora_a, merge_lora_b, regmean, smooth_gram, weighted_mean
-from lorm_flwr.models.adapters import HEAD, adapter_layout, attach_lora, get_tensors, model_layout, set_tensors
+from lorm_flwr.models.adapters import (
+    HEAD,
+    adapter_layout,
+    attach_lora,
+    get_tensors,
+    model_layout,
+    set_tensors,
+)
 from lorm_flwr.models.backbones import build_classifier
 from lorm_flwr.products import gram_products
 from lorm_flwr.rounds import train_exchange
@@ -141,7 +148,7 @@ def test_on_real_activations_lorm_reproduces_clients_better_than_fedit():
         fedit = torch.stack(As).mean(0)
         lorm = merge_lora_a(As, grams)
 
-        def err(A):
+        def err(A, B=B, As=As, grams=grams):
             return sum(
                 float(torch.trace(B @ (A - Ai) @ g @ (A - Ai).T @ B.T)) for Ai, g in zip(As, grams)
             )

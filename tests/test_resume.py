@@ -5,6 +5,7 @@ then stops the run as failed, keeping the results and the checkpoint."""
 from __future__ import annotations
 
 import json
+import pickle
 import subprocess
 import time
 
@@ -27,7 +28,7 @@ def _wait_for_checkpoint(out, proc, predicate, timeout=600.0):
         for path in out.glob(f"*/{CHECKPOINT_FILE}"):
             try:
                 ckpt = load_checkpoint(path)
-            except Exception:  # noqa: BLE001 - not there yet
+            except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError):  # not there yet
                 continue
             if predicate(ckpt):
                 return path.parent, ckpt

@@ -12,9 +12,9 @@ from peft import PeftModel
 
 from lorm_flwr.config import RunConfig
 from lorm_flwr.data.datasets import load_dataset
+from lorm_flwr.local_federation import load_results, simulation_superlink
 from lorm_flwr.models.backbones import BACKBONES, build_classifier
 from lorm_flwr.train import InputSpec, predict
-from lorm_flwr.local_federation import load_results, simulation_superlink
 
 pytestmark = pytest.mark.slow
 
@@ -66,7 +66,7 @@ def _reloaded_accuracy(folder, results):
     return float((preds == data.test_y[mask]).mean())
 
 
-def test_fedit_simulation_writes_results_and_a_reloadable_adapter(federation, tmp_path):  # noqa: D103
+def test_fedit_simulation_writes_results_and_a_reloadable_adapter(federation, tmp_path):
     folder, results, proc = _run(federation, tmp_path, strategy="fedit")
     assert "final average accuracy" in proc.stdout + proc.stderr
     assert results["clients"] == 3

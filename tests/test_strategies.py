@@ -7,14 +7,21 @@ contexts, so the local state goes through ``context.state`` as in a run.
 from __future__ import annotations
 
 import torch
-from flwr.app import ConfigRecord, Context, RecordDict
+from flwr.app import Context, RecordDict
 
 import client_app
 from lorm_flwr import wire
 from lorm_flwr.client import train_round
 from lorm_flwr.config import RunConfig
 from lorm_flwr.layout import AdaptedLayer
-from lorm_flwr.models.adapters import HEAD, adapter_layout, attach_lora, get_tensors, group_of, model_layout
+from lorm_flwr.models.adapters import (
+    HEAD,
+    adapter_layout,
+    attach_lora,
+    get_tensors,
+    group_of,
+    model_layout,
+)
 from lorm_flwr.models.backbones import build_classifier
 from lorm_flwr.products import gram_products
 from lorm_flwr.rounds import train_exchange
@@ -35,7 +42,7 @@ def _contexts(run_config, n=2):
         Context(
             run_id=1, node_id=10 + k, node_config={"partition-id": k, "num-partitions": n},
             state=RecordDict(), run_config=run_config,
-        )  # fmt: skip
+        )
         for k in range(n)
     ]
 
@@ -78,7 +85,7 @@ def test_ffa_leaves_a_bit_identical():
     start = dict(initial_tensors(cfg))
     strategy = strategy_class("ffa")(cfg, model_layout(model_of(cfg)))
     plan = strategy.instructions(0)
-    result = train_round(cfg, 0, 2, start, plan)
+    train_round(cfg, 0, 2, start, plan)
     spec = strategy.reply_spec(plan)
     assert {group_of(k) for k in spec.arrays} == {"B", "head"}  # A is not even sent
     model = model_of(cfg)

@@ -45,7 +45,7 @@ def test_padding_tokens_never_enter_the_grams(tokenizer):
     targets[HEAD] = (model.get_submodule("base_model.model." + HEAD), False)
     alphas = {n: 1.0 for n in targets}
     ids = encode_texts(TEXTS, tokenizer, max_length=24)
-    kw = dict(inputs=TokenInputs(), device=torch.device("cpu"), alphas=alphas, unmasked=frozenset({HEAD}))
+    kw = {"inputs": TokenInputs(), "device": torch.device("cpu"), "alphas": alphas, "unmasked": frozenset({HEAD})}
     together, n = layer_grams(model, targets, ids, batch_size=3, **kw)
     alone = [layer_grams(model, targets, ids[i : i + 1], batch_size=1, **kw)[0] for i in range(3)]
     assert n == 3

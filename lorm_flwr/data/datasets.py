@@ -133,7 +133,7 @@ def _load_hub_images(repo: str, image_key: str, label_key: str) -> LabelledData:
         import datasets as hf_datasets
 
         ds = hf_datasets.load_dataset(repo)
-    except Exception as exc:  # noqa: BLE001 - any hub/network failure means "unreachable"
+    except Exception as exc:
         raise DataUnavailableError(
             f"could not load '{repo}' from the Hugging Face hub ({type(exc).__name__}: "
             f"{exc}). This data set needs internet access or a populated HF cache."
@@ -189,7 +189,7 @@ def _glue(task: str) -> Callable[[float, int], LabelledData]:
             import datasets as hf_datasets
 
             ds = hf_datasets.load_dataset("nyu-mll/glue", task)
-        except Exception as exc:  # noqa: BLE001 - any hub/network failure means "unreachable"
+        except Exception as exc:
             raise DataUnavailableError(
                 f"could not load GLUE '{task}' from the Hugging Face hub ({type(exc).__name__}: "
                 f"{exc}). This data set needs internet access or a populated HF cache."

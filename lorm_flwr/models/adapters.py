@@ -24,21 +24,21 @@ from lorm_flwr.layout import HEAD, AdaptedLayer, ModelLayout, group_of
 from lorm_flwr.models.backbones import Classifier
 
 __all__ = [
-    "AdaptedLayer",
-    "adapter_kind",
-    "model_layout",
-    "attach_lora",
-    "adapter_layout",
-    "get_tensors",
-    "set_tensors",
-    "set_trainable",
     "ADAPTER_KINDS",
     "HEAD",
+    "AdaptedLayer",
+    "adapter_kind",
+    "adapter_layout",
+    "attach_lora",
     "fresh_factors",
+    "get_tensors",
     "group_of",
     "head_keys",
     "merged_for_inference",
+    "model_layout",
     "reset_lora",
+    "set_tensors",
+    "set_trainable",
 ]
 
 ADAPTER = "default"
@@ -128,7 +128,7 @@ def _key(peft_key: str) -> str:
 
 def _is_frozen_projection(peft_key: str) -> bool:
     # VeRA's shared random projections: drawn from a seed on every node, never sent.
-    return peft_key.endswith("vera_A") or peft_key.endswith("vera_B")
+    return peft_key.endswith(("vera_A", "vera_B"))
 
 
 def get_tensors(model: PeftModel) -> dict[str, torch.Tensor]:

@@ -165,7 +165,7 @@ def _timm_vit(
         load = with_weights and (pretrained or bool(checkpoint))
         try:
             return timm.create_model(name, pretrained=load, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - hub, cache or file failures alike
+        except Exception as exc:
             if not load:
                 raise
             raise BackboneUnavailableError(

@@ -38,7 +38,7 @@ def corrupt(msg: Message, context: Context, call_next) -> Message:
     count = int(context.state["bad-replies"]["n"]) if "bad-replies" in context.state else 0
     context.state["bad-replies"] = ConfigRecord({"n": count + 1})
     kind = CORRUPTIONS[count % len(CORRUPTIONS)]
-    first = next(name for name in content.keys() if isinstance(content[name], ArrayRecord))
+    first = next(name for name in content if isinstance(content[name], ArrayRecord))
     metrics = dict(content["metrics"])
     if kind == "nan":
         content[first] = _nan_record(content[first])
