@@ -57,7 +57,9 @@ def train(msg: Message, context: Context) -> Message:
     if result.local is not None:
         # The client's own parts (FedSA's B and head) stay here, across rounds and tasks.
         context.state[wire.LOCAL_STATE] = wire.tensors_to_arrays(result.local)
-    spec = wire.train_reply_spec(model_layout(model_of(cfg)), plan, cfg.gram_alpha, cfg.head_gram_alpha)
+    spec = wire.train_reply_spec(
+        model_layout(model_of(cfg)), plan, cfg.gram_alpha, cfg.head_gram_alpha
+    )
     metrics = {
         wire.NUM_EXAMPLES: result.num_examples,
         wire.TRAIN_LOSS: result.train_loss,
@@ -86,5 +88,7 @@ def task_stats(msg: Message, context: Context) -> Message:
     pid, num = _partition(context)
     plan = wire.Instructions.from_config(msg.content[wire.CONFIG])
     grams, n = task_grams(cfg, pid, num, wire.arrays_to_tensors(msg.content[wire.ARRAYS]), plan)
-    spec = wire.train_reply_spec(model_layout(model_of(cfg)), plan, cfg.gram_alpha, cfg.head_gram_alpha)
+    spec = wire.train_reply_spec(
+        model_layout(model_of(cfg)), plan, cfg.gram_alpha, cfg.head_gram_alpha
+    )
     return _reply(wire.reply_content(spec, {}, grams, {wire.NUM_EXAMPLES: n}), msg, cfg)

@@ -24,7 +24,9 @@ def _dry_run(grid: Grid, cfg: RunConfig) -> None:
     """Print the plan (tasks, shards, message sizes) and stop; nothing is trained."""
     from lorm_flwr.plan import make_plan
 
-    num_clients = 1 if cfg.strategy in JOINT_STRATEGIES else len(wait_for_nodes(grid, cfg.min_clients))
+    num_clients = (
+        1 if cfg.strategy in JOINT_STRATEGIES else len(wait_for_nodes(grid, cfg.min_clients))
+    )
     for line in make_plan(cfg, num_clients).lines():
         log.info("lorm-flwr: %s", line)
 

@@ -49,16 +49,22 @@ def main() -> None:
         help="instead, time each statistics pass with and without 1x1 convs as matrix products, N times each",
     )  # fmt: skip
     args = p.parse_args()
-    cfg = RunConfig.from_mapping({**_parse_sets(args.set), "strategy": "lorm", "client-threads": args.threads})
+    cfg = RunConfig.from_mapping(
+        {**_parse_sets(args.set), "strategy": "lorm", "client-threads": args.threads}
+    )
     if args.fold_ab:
         rewrite_ab(cfg, args, "batchnorm_folded", "BatchNorm folding", args.fold_ab)
         return
     if args.pointwise_ab:
-        rewrite_ab(cfg, args, "pointwise_as_matmul", "1x1 convs as matrix products", args.pointwise_ab)
+        rewrite_ab(
+            cfg, args, "pointwise_as_matmul", "1x1 convs as matrix products", args.pointwise_ab
+        )
         return
     shard = scenario_of(cfg, args.clients).shards[0][args.client]
     start = initial_tensors(cfg)
-    times: dict[str, list[float]] = {k: [] for k in ("train B", "stats B", "train A", "stats A", "end")}
+    times: dict[str, list[float]] = {
+        k: [] for k in ("train B", "stats B", "train A", "stats A", "end")
+    }
     for i in range(args.repeats + 1):  # the first repeat warms caches and is dropped
         row = _one_repeat(cfg, args, start, seed=i)
         if i:
@@ -85,7 +91,9 @@ def main() -> None:
     )
 
 
-def _one_repeat(cfg: RunConfig, args, start: dict[str, torch.Tensor], seed: int) -> dict[str, float]:
+def _one_repeat(
+    cfg: RunConfig, args, start: dict[str, torch.Tensor], seed: int
+) -> dict[str, float]:
     """A B-round and an A-round (training, then the statistics pass), then the end-of-task pass."""
     row = {}
     for factor in ("B", "A"):
@@ -98,7 +106,9 @@ def _one_repeat(cfg: RunConfig, args, start: dict[str, torch.Tensor], seed: int)
         row[f"train {factor}"] = result.train_seconds
         row[f"stats {factor}"] = result.grams_seconds
     t0 = time.perf_counter()
-    task_grams(cfg, args.client, args.clients, start, wire.Instructions(task=0, grams=wire.GRAMS_TASK))
+    task_grams(
+        cfg, args.client, args.clients, start, wire.Instructions(task=0, grams=wire.GRAMS_TASK)
+    )
     row["end"] = time.perf_counter() - t0
     return row
 
@@ -131,7 +141,9 @@ def rewrite_ab(cfg: RunConfig, args, name: str, label: str, pairs: int) -> None:
     for kind, text in (("B", "B-round pass"), ("A", "A-round pass"), ("end", "end-of-task pass")):
         on, off_ = times[f"{kind} on"], times[f"{kind} off"]
         ratio = statistics.median(b / a for a, b in zip(on, off_))
-        print(f"  {text}: on {statistics.median(on):.3f} s, off {statistics.median(off_):.3f} s, {ratio:.2f}x")
+        print(
+            f"  {text}: on {statistics.median(on):.3f} s, off {statistics.median(off_):.3f} s, {ratio:.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -87,7 +87,10 @@ def run_one(fed, cfg: dict, clients: int) -> dict:
         "wall_seconds": wall,
         "server_loop_seconds": res["wall_seconds"],
         "local_training_seconds": train,
-        "client_stats_seconds": sum(r.get("client_grams_seconds_max", r.get("client_stats_seconds_max", 0.0)) for r in rounds),
+        "client_stats_seconds": sum(
+            r.get("client_grams_seconds_max", r.get("client_stats_seconds_max", 0.0))
+            for r in rounds
+        ),
         "peak_memory_bytes": peak,
     }
 
@@ -100,15 +103,18 @@ def main() -> None:
     p.add_argument("--set", nargs="*", default=[], help="extra run-config key=value pairs")
     p.add_argument("--out", default="benchmarks/results/compare")
     p.add_argument(
-        "--also-single-task", action="store_true",
+        "--also-single-task",
+        action="store_true",
         help="also run every entry with num-tasks=1 (plain federated learning)",
     )
     p.add_argument(
-        "--resume", action="store_true",
+        "--resume",
+        action="store_true",
         help="keep the runs already in OUT.json (same entries and seeds) and do only the missing ones",
     )
     p.add_argument(
-        "--report-only", action="store_true",
+        "--report-only",
+        action="store_true",
         help="run nothing: write the Markdown and PNG from the runs already in OUT.json",
     )
     args = p.parse_args()
@@ -125,7 +131,9 @@ def main() -> None:
     if args.resume and out.with_suffix(".json").exists():
         old = json.loads(out.with_suffix(".json").read_text())
         if old["config"] != extra:
-            raise SystemExit(f"--resume: {out}.json was made with --set {old['config']}, not {extra}")
+            raise SystemExit(
+                f"--resume: {out}.json was made with --set {old['config']}, not {extra}"
+            )
         for strategy, rs in old["runs"].items():
             if strategy in runs:
                 runs[strategy] = [r for r in rs if r["seed"] in args.seeds]
@@ -136,7 +144,11 @@ def main() -> None:
         if todo:
             print(f"--report-only: {len(todo)} runs missing, reported as they are")
         todo = []
-    with simulation_superlink(Path(tempfile.mkdtemp(prefix="lfr-fed-"))) if todo else _nothing() as fed:
+    with (
+        simulation_superlink(Path(tempfile.mkdtemp(prefix="lfr-fed-")))
+        if todo
+        else _nothing() as fed
+    ):
         for seed in args.seeds:  # seeds outermost: strategies alternate in time
             for strategy in args.strategies:
                 if (seed, strategy) not in todo:
@@ -153,11 +165,14 @@ def main() -> None:
                     f"forgetting {_fmt([r['average_forgetting']])}, wall {r['wall_seconds']:.0f} s",
                     flush=True,
                 )
-                out.with_suffix(".json").write_text(json.dumps({"config": extra, "runs": runs}, indent=2))
+                out.with_suffix(".json").write_text(
+                    json.dumps({"config": extra, "runs": runs}, indent=2)
+                )
     lines = [
         f"Command: `python benchmarks/compare.py --strategies {' '.join(args.strategies)} "
         f"--seeds {' '.join(map(str, args.seeds))} --clients {args.clients}"
-        + (f" --set {' '.join(args.set)}" if args.set else "") + "`",
+        + (f" --set {' '.join(args.set)}" if args.set else "")
+        + "`",
         f"Date: {time.strftime('%Y-%m-%d')}; machine: 2-core CPU, no GPU.",
         "",
         "Final average accuracy is of the global model where the strategy has one, else the",

@@ -50,7 +50,9 @@ def _wait_rounds(out: Path, runner: subprocess.Popen, timeout: float = 1800) -> 
 
 def _measure(cmd: list[str], env: dict, cwd: Path, out: Path) -> dict:
     start = time.perf_counter()
-    runner = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    runner = subprocess.Popen(
+        cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         results = _wait_rounds(out, runner)
         wall = time.perf_counter() - start
@@ -62,7 +64,10 @@ def _measure(cmd: list[str], env: dict, cwd: Path, out: Path) -> dict:
         "wall_seconds_to_round_2": wall,
         "server_seconds_rounds_1_2": r2["elapsed_seconds"],
         "round_2_seconds": r2["elapsed_seconds"] - r1["elapsed_seconds"],
-        "client_training_seconds_max": [r1["client_train_seconds_max"], r2["client_train_seconds_max"]],
+        "client_training_seconds_max": [
+            r1["client_train_seconds_max"],
+            r2["client_train_seconds_max"],
+        ],
     }
 
 

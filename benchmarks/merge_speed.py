@@ -59,7 +59,12 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     layers = {768: 36, 3072: 12}
-    report = {"threads": args.threads, "clients": args.clients, "rank": args.rank, "tokens": args.tokens}
+    report = {
+        "threads": args.threads,
+        "clients": args.clients,
+        "rank": args.rank,
+        "tokens": args.tokens,
+    }
     for diagonal in (False, True):
         kind = "diagonal" if diagonal else "full"
         totals = {"ours": 0.0, "reference": 0.0}

@@ -28,7 +28,11 @@ def measure(strategies=STRATEGIES, clients: int = 3) -> dict:
     with tempfile.TemporaryDirectory() as tmp, simulation_superlink(Path(tmp)) as fed:
         for s in strategies:
             runs = Path(tmp) / s
-            proc = fed.run({"strategy": s, "seed": 0, "output-dir": str(runs)}, num_supernodes=clients, timeout=1800)
+            proc = fed.run(
+                {"strategy": s, "seed": 0, "output-dir": str(runs)},
+                num_supernodes=clients,
+                timeout=1800,
+            )
             _, r = load_results(runs)
             if r["status"] != "completed":
                 sys.exit(f"{s}: run {r['status']}: {r.get('error')}\n{proc.stdout[-2000:]}")
@@ -55,7 +59,12 @@ def main() -> None:
         ref = json.loads(args.compare.read_text())
         same = True
         for s in STRATEGIES:
-            for key in ("accuracy_matrix", "train_loss", "round_accuracy", "final_average_accuracy"):
+            for key in (
+                "accuracy_matrix",
+                "train_loss",
+                "round_accuracy",
+                "final_average_accuracy",
+            ):
                 equal = ref[s][key] == now[s][key]
                 same &= equal
                 print(f"{s} {key}: {'identical' if equal else 'DIFFERENT'}")

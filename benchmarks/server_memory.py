@@ -43,7 +43,11 @@ def measure(clients: int, strategy_name: str) -> dict:
     from lorm_flwr.runtime import initial_tensors, model_of
     from lorm_flwr.strategies import strategy_class
 
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # Messages outside a run
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = (
+        1,
+        0,
+        1,
+    )  # Messages outside a run
     torch.set_num_threads(1)
     cfg = RunConfig(strategy=strategy_name, dataset="digits", backbone="vit-tiny", image_size=16,
                     lora_rank=4, min_clients=clients)  # fmt: skip
@@ -65,7 +69,12 @@ def measure(clients: int, strategy_name: str) -> dict:
                     stats[k] = x @ x.T
             else:
                 stats[k] = torch.randn(s, generator=gen)
-        metrics = {wire.NUM_EXAMPLES: 100, wire.TRAIN_LOSS: 0.5, wire.TRAIN_SECONDS: 1.0, wire.GRAMS_SECONDS: 0.1}
+        metrics = {
+            wire.NUM_EXAMPLES: 100,
+            wire.TRAIN_LOSS: 0.5,
+            wire.TRAIN_SECONDS: 1.0,
+            wire.GRAMS_SECONDS: 0.1,
+        }
         content = wire.reply_content(spec, arrays, stats, metrics)
         return Message(content, reply_to=request)
 
@@ -78,7 +87,9 @@ def measure(clients: int, strategy_name: str) -> dict:
 
     tensors = strategy.begin_task(0, dict(start_tensors))
     before = _rss_now()
-    _, _, entry, merge_seconds = train_exchange(Grid(), strategy, tensors, 1)  # round 1: the A-round
+    _, _, entry, merge_seconds = train_exchange(
+        Grid(), strategy, tensors, 1
+    )  # round 1: the A-round
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {
         "clients": clients,
@@ -125,8 +136,12 @@ def main() -> None:
     print("\n".join(lines))
     if len(rows) > 1:
         last = rows[-1]
-        growth = (last["peak_increase_bytes"] / base["peak_increase_bytes"]) / (last["clients"] / base["clients"])
-        print(f"increase grows {growth:.2f}x as fast as the client count from {base['clients']} to {last['clients']}")
+        growth = (last["peak_increase_bytes"] / base["peak_increase_bytes"]) / (
+            last["clients"] / base["clients"]
+        )
+        print(
+            f"increase grows {growth:.2f}x as fast as the client count from {base['clients']} to {last['clients']}"
+        )
     if args.out:
         Path(args.out).with_suffix(".json").write_text(json.dumps(rows, indent=2))
         Path(args.out).with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -104,7 +104,9 @@ def train_round(
         epochs=cfg.local_epochs,
         batch_size=cfg.batch_size,
         lr=cfg.lr,
-        weight_decay=cfg.weight_decay, optimizer=cfg.optimizer, precision=cfg.precision,
+        weight_decay=cfg.weight_decay,
+        optimizer=cfg.optimizer,
+        precision=cfg.precision,
         device=pick_device(cfg.device),
         seed=client_shuffle_seed(plan.seed, partition_id),
     )
@@ -116,7 +118,9 @@ def train_round(
         layers = adapter_layout(model)
         # A LoRM B-round needs only A G A^T (r x r) per layer: record the codes' Gram.
         codes = plan.grams == wire.GRAMS_LORM_B
-        projections = {ly.name: AdaptedLayer.matrix(tensors[ly.a_key]) for ly in layers} if codes else None
+        projections = (
+            {ly.name: AdaptedLayer.matrix(tensors[ly.a_key]) for ly in layers} if codes else None
+        )
         inputs = _grams(cfg, model, data.train_x[shard], with_head=True, projections=projections)
         weight_key, _ = head_keys(model)
         grams = gram_products(plan.grams, tensors, inputs, layers, weight_key, codes=codes)

@@ -157,9 +157,7 @@ class RunConfig:
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{_key(name)}={value!r} is invalid: must be in [0, 1]")
         if not 0.0 < self.test_fraction < 1.0:
-            raise ConfigError(
-                f"test-fraction={self.test_fraction!r} is invalid: must be in (0, 1)"
-            )
+            raise ConfigError(f"test-fraction={self.test_fraction!r} is invalid: must be in (0, 1)")
         if self.image_size < 8:
             raise ConfigError(f"image-size={self.image_size} is invalid: must be >= 8")
         num_classes = DATASETS[self.dataset].num_classes
@@ -221,9 +219,7 @@ def _coerce(key: str, raw: Any, annotation: Any) -> Any:
     return raw
 
 
-def _one_of(
-    key: str, value: str, allowed: Any, prefix_ok: tuple[str, ...] = ()
-) -> None:
+def _one_of(key: str, value: str, allowed: Any, prefix_ok: tuple[str, ...] = ()) -> None:
     if value in allowed or any(value.startswith(p) for p in prefix_ok):
         return
     names = ", ".join(sorted(allowed))

@@ -169,7 +169,9 @@ def layer_grams(
     diag = GramRecorder({n: targets[n] for n in need_diag}, diagonal=True, **common)
     codes = GramRecorder(
         {n: targets[n] for n in need_codes},
-        projections={n: projections[n].detach().to(device=device, dtype=torch.float32) for n in need_codes},
+        projections={
+            n: projections[n].detach().to(device=device, dtype=torch.float32) for n in need_codes
+        },
         **common,
     )
     if model.training:  # eval() walks every module; statistics passes run each round

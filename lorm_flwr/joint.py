@@ -67,7 +67,10 @@ def run_joint(
         row = RoundRow(last_task, 0, train_loss=stats.loss, accuracy=ev.accuracy,
                        per_task_accuracy=ev.per_task, replies=0,
                        elapsed_seconds=time.perf_counter() - start)  # fmt: skip
-        row.extra = {"client_train_seconds_sum": train_seconds, "client_train_seconds_max": train_seconds}
+        row.extra = {
+            "client_train_seconds_sum": train_seconds,
+            "client_train_seconds_max": train_seconds,
+        }
         recorder.add_round(row)
         recorder.end_task(
             last_task, ev.per_task,

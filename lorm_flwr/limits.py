@@ -61,8 +61,12 @@ def message_shapes(strategy) -> dict[str, dict[str, tuple[int, ...]]]:
     period of at most 2), and ``end-of-task down/up`` for a strategy with task-end
     statistics (LoRM). Keys are ``record/key``, as the replies carry them.
     """
-    down = {f"{wire.ARRAYS}/{k}": tuple(s) for k, s in strategy.shared(strategy.layout.shapes).items()}
-    plans = {f"round {r}": strategy.instructions(r) for r in range(min(strategy.cfg.rounds_per_task, 2))}
+    down = {
+        f"{wire.ARRAYS}/{k}": tuple(s) for k, s in strategy.shared(strategy.layout.shapes).items()
+    }
+    plans = {
+        f"round {r}": strategy.instructions(r) for r in range(min(strategy.cfg.rounds_per_task, 2))
+    }
     if strategy.task_grams != wire.GRAMS_NONE:
         plans["end-of-task"] = wire.Instructions(task=0, grams=strategy.task_grams)
     out: dict[str, dict[str, tuple[int, ...]]] = {}

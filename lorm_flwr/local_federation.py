@@ -73,7 +73,9 @@ class Federation:
         """The ``flwr run`` command line of ``app`` (this app by default) with
         ``run_config`` (after any preset ``run_config_files``)."""
         items = " ".join(
-            f"{k}='{v}'" if isinstance(v, str) else f"{k}={str(v).lower() if isinstance(v, bool) else v}"
+            f"{k}='{v}'"
+            if isinstance(v, str)
+            else f"{k}={str(v).lower() if isinstance(v, bool) else v}"
             for k, v in run_config.items()
         )
         cmd = [
@@ -97,7 +99,13 @@ class Federation:
         """``flwr run`` to the end (see :meth:`command`)."""
         cmd = self.command(run_config, num_supernodes, cpus_per_client, run_config_files, app)
         return subprocess.run(
-            cmd, env=self.env, capture_output=True, text=True, timeout=timeout, cwd=self.home, check=False
+            cmd,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=self.home,
+            check=False,
         )
 
     def run_status(self) -> list[dict]:
@@ -114,7 +122,9 @@ class Federation:
         killed = 0
         # The SuperLink dies last: its orphans would no longer be found by parent links.
         for last in (False, False, True):  # processes may fork while we kill
-            pids = [p for p in self._descendants() if p != os.getpid() and (last or p != self.session)]
+            pids = [
+                p for p in self._descendants() if p != os.getpid() and (last or p != self.session)
+            ]
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
@@ -186,11 +196,19 @@ def simulation_superlink(tmp: Path) -> Iterator[Federation]:
     log = open(tmp / "superlink.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         [
-            str(BIN / "flower-superlink"), "--insecure", "--simulation",
-            "--isolation", "subprocess",
-            "--host", "127.0.0.1", "--port", str(port),
-            "--control-api-address", f"127.0.0.1:{control}",
-            "--database", str(home / "state.db"),
+            str(BIN / "flower-superlink"),
+            "--insecure",
+            "--simulation",
+            "--isolation",
+            "subprocess",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--control-api-address",
+            f"127.0.0.1:{control}",
+            "--database",
+            str(home / "state.db"),
             "--disable-runtime-dependency-installation",
         ],
         env=env,

@@ -400,7 +400,9 @@ def regmean_head(
     -------
     ``W: (C, F)`` float64 and ``b: (C,)`` in the biases' dtype.
     """
-    return merge_from_sums(weight_gram_sum, gram_total, ridge, anchor), weighted_mean(biases, weights)
+    return merge_from_sums(weight_gram_sum, gram_total, ridge, anchor), weighted_mean(
+        biases, weights
+    )
 
 
 def truncate_to_rank(delta: Tensor, rank: int, scaling: float) -> tuple[Tensor, Tensor, float]:

@@ -69,11 +69,15 @@ class Plan:
             period = len(self.messages)  # rounds alternate with this period
             per_task = sum(sum(self.messages[r % period]) for r in range(c.rounds_per_task))
             per_task += sum(self.end_of_task or (0, 0))
-            out.append(f"whole run, all clients: about {_mb(per_task * c.num_tasks * self.num_clients)}")
+            out.append(
+                f"whole run, all clients: about {_mb(per_task * c.num_tasks * self.num_clients)}"
+            )
         for what in self.unreachable:
             out.append(f"could not reach {what}")
         if self.unreachable:
-            out.append("the run itself would fail until these are reachable (internet or a local copy)")
+            out.append(
+                "the run itself would fail until these are reachable (internet or a local copy)"
+            )
         return out
 
 
@@ -113,11 +117,15 @@ def _layout(cfg: RunConfig, plan: Plan):
     num_classes = DATASETS[cfg.dataset].num_classes
     base = None
     try:
-        base = build_classifier(cfg.backbone, cfg.image_size, num_classes, cfg.seed, cfg.backbone_checkpoint)
+        base = build_classifier(
+            cfg.backbone, cfg.image_size, num_classes, cfg.seed, cfg.backbone_checkpoint
+        )
     except BackboneUnavailableError as exc:
         plan.unreachable.append(f"the weights of '{cfg.backbone}': {_short(exc)}")
         try:  # the architecture alone still gives every shape
-            base = build_classifier(cfg.backbone, cfg.image_size, num_classes, cfg.seed, with_weights=False)
+            base = build_classifier(
+                cfg.backbone, cfg.image_size, num_classes, cfg.seed, with_weights=False
+            )
         except (BackboneUnavailableError, OSError) as exc2:
             plan.unreachable.append(f"the architecture of '{cfg.backbone}': {_short(exc2)}")
             return None

@@ -101,7 +101,11 @@ class RoundRow:
         self.timeouts += exchange.timeouts
 
     def to_dict(self) -> dict[str, Any]:
-        out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in ("extra", "personalised")}
+        out = {
+            k: getattr(self, k)
+            for k in self.__dataclass_fields__
+            if k not in ("extra", "personalised")
+        }
         out.update(self.extra)
         if self.personalised is not None:
             out["personalised"] = self.personalised
@@ -126,7 +130,9 @@ class RunRecorder:
     failed_round: dict[str, Any] = field(default_factory=dict)  # the round that stopped the run
     message_bytes: dict[str, int] = field(default_factory=dict)  # per client, by message
     resumed: list[dict[str, Any]] = field(default_factory=list)  # one entry per resume
-    handshakes: list[dict[str, Any]] = field(default_factory=list)  # the hello exchange of each start
+    handshakes: list[dict[str, Any]] = field(
+        default_factory=list
+    )  # the hello exchange of each start
 
     _STATE = ("rounds", "accuracy_matrix", "task_end", "accuracy_kind", "resumed", "handshakes")
 
@@ -171,7 +177,12 @@ class RunRecorder:
 
     def exchanges(self) -> list[dict[str, Any]]:
         """Every exchange's bytes: rounds, task ends (LoRM's statistics) and handshakes."""
-        task_end = [v for entry in self.task_end for v in entry.values() if isinstance(v, dict) and "bytes_up" in v]
+        task_end = [
+            v
+            for entry in self.task_end
+            for v in entry.values()
+            if isinstance(v, dict) and "bytes_up" in v
+        ]
         return self.rounds + task_end + self.handshakes
 
     def finish(self, start: float) -> None:

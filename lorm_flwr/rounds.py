@@ -137,7 +137,9 @@ class FederatedRun:
         row = RoundRow.from_exchange(task, round_in_task, train)
         row.merge_seconds = merge_seconds
         weights = [r.num_examples for r in replies]
-        row.train_loss = sum(w * r.metrics[wire.TRAIN_LOSS] for w, r in zip(weights, replies)) / max(sum(weights), 1)
+        row.train_loss = sum(
+            w * r.metrics[wire.TRAIN_LOSS] for w, r in zip(weights, replies)
+        ) / max(sum(weights), 1)
         for key in (wire.TRAIN_SECONDS, wire.GRAMS_SECONDS):
             values = [r.metrics[key] for r in replies]
             name = key.replace("-", "_")
@@ -164,15 +166,23 @@ class FederatedRun:
         )  # fmt: skip
         return new
 
-    def evaluate_personal(self, task: int, round_in_task: int, tensors: Tensors, row: RoundRow) -> dict:
+    def evaluate_personal(
+        self, task: int, round_in_task: int, tensors: Tensors, row: RoundRow
+    ) -> dict:
         """Global parts + each client's own parts, on its own test split (FedSA)."""
         arrays = wire.tensors_to_arrays(self.strategy.shared(tensors))
 
         def messages() -> list[Message]:
-            return list(self.strategy.configure_evaluate(round_in_task + 1, arrays, ConfigRecord(), self.grid))
+            return list(
+                self.strategy.configure_evaluate(
+                    round_in_task + 1, arrays, ConfigRecord(), self.grid
+                )
+            )
 
         def decode(msg: Message) -> tuple[list[int], list[int]]:
-            return wire.decode_evaluation(msg, task, self.test_sizes(msg.metadata.src_node_id, task))
+            return wire.decode_evaluation(
+                msg, task, self.test_sizes(msg.metadata.src_node_id, task)
+            )
 
         try:
             counts, evaluation = self._exchange(messages, decode, "evaluate")
@@ -192,10 +202,15 @@ class FederatedRun:
 
         def query(record_on: Tensors, plan: wire.Instructions) -> list[wire.Reply]:
             spec = strategy.reply_spec(plan)
-            content = RecordDict({wire.ARRAYS: wire.tensors_to_arrays(record_on), wire.CONFIG: plan.to_config()})
+            content = RecordDict(
+                {wire.ARRAYS: wire.tensors_to_arrays(record_on), wire.CONFIG: plan.to_config()}
+            )
 
             def messages() -> list[Message]:
-                return [Message(content, dst_node_id=n, message_type=wire.QUERY_TASK_GRAMS) for n in nodes]
+                return [
+                    Message(content, dst_node_id=n, message_type=wire.QUERY_TASK_GRAMS)
+                    for n in nodes
+                ]
 
             def decode(msg: Message) -> wire.Reply:
                 size = self.shard_size(msg.metadata.src_node_id, task)
@@ -211,7 +226,9 @@ class FederatedRun:
 
         final = strategy.end_task(task, tensors, query)
         if strategy.has_global_model:
-            ev = evaluate_global(cfg, self.scenario, task, final.tensors, rank=final.rank, alpha=final.alpha)
+            ev = evaluate_global(
+                cfg, self.scenario, task, final.tensors, rank=final.rank, alpha=final.alpha
+            )
             per_task, summary = ev.per_task, {
                 "accuracy": ev.accuracy, "correct": ev.correct, "total": ev.total,
                 "adapter_rank": final.rank,
@@ -283,7 +300,11 @@ def _changes(strategy: LoraStrategy, before: Tensors, after: Tensors) -> dict[st
     }
     return {
         name: max(
-            (float((after[k].double() - before[k].double()).abs().max()) for k in keys if k in after and k in before),
+            (
+                float((after[k].double() - before[k].double()).abs().max())
+                for k in keys
+                if k in after and k in before
+            ),
             default=0.0,
         )
         for name, keys in groups.items()
@@ -324,7 +345,11 @@ def run_federated(grid: Grid, cfg: RunConfig) -> None:
         strategy.load_state_dict(checkpoint.strategy)
         restore_rng(checkpoint.rng)
         tensors = dict(checkpoint.tensors)
-        first_task, first_round, elapsed = checkpoint.task, checkpoint.round_in_task, checkpoint.elapsed_seconds
+        first_task, first_round, elapsed = (
+            checkpoint.task,
+            checkpoint.round_in_task,
+            checkpoint.elapsed_seconds,
+        )
         recorder.resumed.append({"task": first_task, "round_in_task": first_round,
                                  "at": time.strftime("%Y-%m-%d %H:%M:%S")})  # fmt: skip
         log.info("lorm-flwr: resuming task %d round %d from %s", first_task, first_round,

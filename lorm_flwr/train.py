@@ -213,5 +213,7 @@ def evaluate_accuracy(
     per_task = []
     for classes in tasks:
         mask = np.isin(labels, list(classes))
-        per_task.append(float((predictions[mask] == labels[mask]).mean()) if mask.any() else float("nan"))
+        per_task.append(
+            float((predictions[mask] == labels[mask]).mean()) if mask.any() else float("nan")
+        )
     return overall, per_task

@@ -245,9 +245,7 @@ def record_bytes(content: RecordDict) -> int:
 
 def metrics_record(values: Mapping[str, int | float]) -> MetricRecord:
     """A reply's metrics: the sample count as an int, everything else as a float."""
-    return MetricRecord(
-        {k: int(v) if k == NUM_EXAMPLES else float(v) for k, v in values.items()}
-    )
+    return MetricRecord({k: int(v) if k == NUM_EXAMPLES else float(v) for k, v in values.items()})
 
 
 # -------------------------------------------------------------------- replies
@@ -323,7 +321,9 @@ def decode_tensors(
         except Exception as exc:  # noqa: BLE001 - corrupt bytes, pickled objects, another serialisation
             raise PayloadError(f"node {node}: {key} cannot be decoded ({exc})") from None
         if tuple(array.shape) != tuple(shape):
-            raise PayloadError(f"node {node}: {key} has shape {tuple(array.shape)}, expected {tuple(shape)}")
+            raise PayloadError(
+                f"node {node}: {key} has shape {tuple(array.shape)}, expected {tuple(shape)}"
+            )
         if array.dtype.kind != "f":
             raise PayloadError(f"node {node}: {key} has dtype {array.dtype}, expected a float")
         tensor = torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
@@ -353,11 +353,17 @@ def decode_reply(
     content = msg.content
     _check_records(node, content, expected)
     metrics = decode_metrics(node, content[METRICS], spec.metrics)
-    if num_examples is not None and NUM_EXAMPLES in metrics and metrics[NUM_EXAMPLES] != num_examples:
+    if (
+        num_examples is not None
+        and NUM_EXAMPLES in metrics
+        and metrics[NUM_EXAMPLES] != num_examples
+    ):
         raise PayloadError(
             f"node {node}: {NUM_EXAMPLES}={metrics[NUM_EXAMPLES]!r}, but its shard has {num_examples}"
         )
-    arrays = decode_tensors(node, content[ARRAYS], spec.arrays, dtype) if spec.arrays is not None else {}
+    arrays = (
+        decode_tensors(node, content[ARRAYS], spec.arrays, dtype) if spec.arrays is not None else {}
+    )
     grams: dict[str, torch.Tensor] = {}
     if spec.grams is not None:
         grams = decode_tensors(node, content[GRAMS], spec.grams, torch.float32)
@@ -411,7 +417,11 @@ def _counts(node: int, metrics: Mapping[str, float], keys: list[str]) -> list[in
 
 def hello_reply(partition_id: int, num_partitions: int) -> RecordDict:
     return RecordDict(
-        {METRICS: MetricRecord({PARTITION_ID: int(partition_id), NUM_PARTITIONS: int(num_partitions)})}
+        {
+            METRICS: MetricRecord(
+                {PARTITION_ID: int(partition_id), NUM_PARTITIONS: int(num_partitions)}
+            )
+        }
     )
 
 
@@ -427,7 +437,9 @@ def decode_hello(msg: Message) -> tuple[int, int]:
 
 
 def evaluation_keys(task: int) -> tuple[str, ...]:
-    return (NUM_EXAMPLES,) + tuple(k for t in range(task + 1) for k in (CORRECT.format(t), TOTAL.format(t)))
+    return (NUM_EXAMPLES,) + tuple(
+        k for t in range(task + 1) for k in (CORRECT.format(t), TOTAL.format(t))
+    )
 
 
 def evaluation_reply(correct: list[int], total: list[int]) -> RecordDict:
@@ -455,7 +467,9 @@ def decode_evaluation(
         if c > n:
             raise PayloadError(f"node {node}: task {t}: {c} correct out of {n}")
     if totals is not None and total != list(totals):
-        raise PayloadError(f"node {node}: test counts {total}, but its test splits have {list(totals)}")
+        raise PayloadError(
+            f"node {node}: test counts {total}, but its test splits have {list(totals)}"
+        )
     return correct, total
 
 

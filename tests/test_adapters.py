@@ -36,7 +36,11 @@ def test_layout_lists_every_adapted_linear():
     layout = adapter_layout(_model())
     assert len(layout) == 2 * 4  # 2 blocks x (qkv, proj, fc1, fc2)
     qkv = layout[0]
-    assert qkv.name.endswith("blocks.0.attn.qkv") and (qkv.d_in, qkv.d_out, qkv.rank) == (64, 192, 2)
+    assert qkv.name.endswith("blocks.0.attn.qkv") and (qkv.d_in, qkv.d_out, qkv.rank) == (
+        64,
+        192,
+        2,
+    )
     assert qkv.scaling == 2.0 and not qkv.is_conv
 
 
@@ -57,7 +61,9 @@ def test_peft_save_and_from_pretrained_round_trip(tmp_path):
     export_adapter(source, get_tensors(source), tmp_path / "adapter")
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
-    reloaded = PeftModel.from_pretrained(build_classifier("vit-tiny", 32, 10, 0), tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(
+        build_classifier("vit-tiny", 32, 10, 0), tmp_path / "adapter"
+    )
     torch.testing.assert_close(reloaded.eval()(x), source(x), rtol=0, atol=0)
 
 

@@ -26,7 +26,9 @@ def _faulty_app(tmp: Path) -> Path:
     app = tmp / "faulty-app"
     app.mkdir()
     pyproject = (ROOT / "pyproject.toml").read_text()
-    pyproject, n = re.subn(r'clientapp = "client_app:app"', 'clientapp = "faulty_client:app"', pyproject)
+    pyproject, n = re.subn(
+        r'clientapp = "client_app:app"', 'clientapp = "faulty_client:app"', pyproject
+    )
     assert n == 1
     (app / "pyproject.toml").write_text(pyproject)
     shutil.copy(ROOT / "tests" / "faulty_app" / "faulty_client.py", app / "faulty_client.py")
@@ -35,7 +37,9 @@ def _faulty_app(tmp: Path) -> Path:
 
 
 @pytest.mark.parametrize("strategy", ["fedit", "lorm"])
-def test_a_client_sending_malformed_replies_every_round_is_rejected_and_the_run_completes(tmp_path, strategy):
+def test_a_client_sending_malformed_replies_every_round_is_rejected_and_the_run_completes(
+    tmp_path, strategy
+):
     out = tmp_path / "runs"
     cfg = {**TINY, "strategy": strategy, "rounds-per-task": 3, "output-dir": str(out)}
     with simulation_superlink(tmp_path / "federation") as fed:
@@ -53,6 +57,9 @@ def test_a_client_sending_malformed_replies_every_round_is_rejected_and_the_run_
     ckpt = load_checkpoint(folder)
     assert all(torch.isfinite(t).all() for t in ckpt.tensors.values())
     assert ckpt.task == 2 and ckpt.round_in_task == 0  # after the last task
-    assert all(math.isfinite(row["accuracy"]) and math.isfinite(row["train_loss"]) for row in results["rounds"])
+    assert all(
+        math.isfinite(row["accuracy"]) and math.isfinite(row["train_loss"])
+        for row in results["rounds"]
+    )
     if strategy == "lorm":  # the cross-task merge gathered every client's Grams, the bad one's too
         assert all(end["task-grams"]["replies"] == 3 for end in results["task_end"])

@@ -41,7 +41,9 @@ def _deployed_run(tmp_path: Path, cfg: dict, tls: bool) -> dict:
     env = _env()
     if tls:
         subprocess.run([str(SCRIPTS / "make_certs.sh"), str(certs)], check=True, env=env)
-    start = [str(SCRIPTS / "deploy_local.sh"), "start", "2", str(state)] + ([str(certs)] if tls else [])
+    start = [str(SCRIPTS / "deploy_local.sh"), "start", "2", str(state)] + (
+        [str(certs)] if tls else []
+    )
     try:
         subprocess.run(start, check=True, env=env, timeout=120)
         config = (state / "flwr-home" / "config.toml").read_text()
@@ -59,7 +61,12 @@ def _deployed_run(tmp_path: Path, cfg: dict, tls: bool) -> dict:
         assert results["status"] == "completed", log[-3000:]
         return results
     finally:
-        subprocess.run([str(SCRIPTS / "deploy_local.sh"), "stop", str(state)], env=env, timeout=120, check=False)
+        subprocess.run(
+            [str(SCRIPTS / "deploy_local.sh"), "stop", str(state)],
+            env=env,
+            timeout=120,
+            check=False,
+        )
         pids = state / "pids"
         assert not pids.exists(), "the deployment was not stopped"
 

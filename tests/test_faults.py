@@ -65,14 +65,20 @@ def test_a_round_with_too_few_replies_is_sent_again_and_then_merged():
     assert any(f.startswith("train, node 1") and "crashed" in f for f in log.failures)
     assert any("node 2" in f and "timeout" in f for f in log.failures)
     assert log.timeouts == [2]
-    assert log.bytes_down == 2 * sum(wire.record_bytes(m.content) for m in grid.sent[0])  # both attempts
-    torch.testing.assert_close(merged.tensors["l.lora_A.weight"], torch.full((2, 3), 2.0))  # mean of 1, 2, 3
+    assert log.bytes_down == 2 * sum(
+        wire.record_bytes(m.content) for m in grid.sent[0]
+    )  # both attempts
+    torch.testing.assert_close(
+        merged.tensors["l.lora_A.weight"], torch.full((2, 3), 2.0)
+    )  # mean of 1, 2, 3
 
 
 def test_the_round_gives_up_after_the_retries_with_a_clear_error():
     strategy = _fedit(min_clients=2, round_retries=1)
     grid = ScriptedGrid([1, 2], [{1: _ok, 2: "error"}])
-    with pytest.raises(ExchangeFailed, match=r"only 1 valid replies, 2 needed.*after 2 attempts") as info:
+    with pytest.raises(
+        ExchangeFailed, match=r"only 1 valid replies, 2 needed.*after 2 attempts"
+    ) as info:
         _round(strategy, grid)
     assert grid.calls == 2 and info.value.log.attempts == 2
     assert [f.split(":")[0] for f in info.value.log.failures] == ["train, node 2", "attempt 2"]
@@ -130,7 +136,9 @@ def test_a_missing_checkpoint_is_a_clear_error(tmp_path):
 
 def test_resume_refuses_changed_keys_that_change_results():
     saved = RunConfig().to_dict()
-    assert config_changes(saved, RunConfig(output_dir="/elsewhere", round_retries=5).to_dict()) == []
+    assert (
+        config_changes(saved, RunConfig(output_dir="/elsewhere", round_retries=5).to_dict()) == []
+    )
     changes = config_changes(saved, RunConfig(lr=0.01, seed=4).to_dict())
     assert changes == ["lr: 0.001 -> 0.01", "seed: 0 -> 4"]
 
@@ -141,7 +149,8 @@ def test_lorm_state_survives_a_checkpoint(tmp_path):
     strategy = LoRM(cfg, layout)
     for name in strategy.history:
         strategy.history[name] = TaskHistory(
-            scaled_bs=[torch.randn(4, 2, dtype=torch.float64)], gram_total=torch.randn(3, 3, dtype=torch.float64)
+            scaled_bs=[torch.randn(4, 2, dtype=torch.float64)],
+            gram_total=torch.randn(3, 3, dtype=torch.float64),
         )
     ckpt = Checkpoint(config={}, task=0, round_in_task=0, tensors={}, strategy=strategy.state_dict(),
                       recorder={}, rng=capture_rng(), elapsed_seconds=0.0)  # fmt: skip
@@ -162,7 +171,9 @@ def _tiny(**overrides):
 def test_message_sizes_are_known_before_sending():
     cfg, strategy = _tiny()
     shapes = message_shapes(strategy)
-    sent = {k: v for k, v in initial_tensors(cfg).items() if group_of(k) not in strategy.local_groups}
+    sent = {
+        k: v for k, v in initial_tensors(cfg).items() if group_of(k) not in strategy.local_groups
+    }
     record = RecordDict({wire.ARRAYS: wire.tensors_to_arrays(sent)})
     assert nbytes(shapes["round 0 down"]) == wire.record_bytes(record)
     sizes = check_message_sizes(strategy, cfg.max_message_bytes)
@@ -171,12 +182,19 @@ def test_message_sizes_are_known_before_sending():
 
 def test_a_message_over_the_limit_names_the_tensor_and_the_remedy():
     cfg, strategy = _tiny(max_message_mb=0.05)
-    with pytest.raises(MessageTooLarge, match=r"'round 1 up'.*largest tensor is grams/.*\|G.*gram-alpha=0"):
+    with pytest.raises(
+        MessageTooLarge, match=r"'round 1 up'.*largest tensor is grams/.*\|G.*gram-alpha=0"
+    ):
         check_message_sizes(strategy, cfg.max_message_bytes)
     cfg, strategy = _tiny(max_message_mb=0.05, gram_alpha=0.0, head_gram_alpha=0.0)
     check_message_sizes(strategy, cfg.max_message_bytes)  # diagonals fit
     with pytest.raises(MessageTooLarge, match="lower lora-rank"):
-        check_reply_size(RecordDict({wire.ARRAYS: wire.tensors_to_arrays({"x.lora_A.weight": torch.zeros(1000, 100)})}), cfg)
+        check_reply_size(
+            RecordDict(
+                {wire.ARRAYS: wire.tensors_to_arrays({"x.lora_A.weight": torch.zeros(1000, 100)})}
+            ),
+            cfg,
+        )
 
 
 def test_the_server_refuses_a_resume_it_cannot_honour_before_any_work(tmp_path):

@@ -29,7 +29,10 @@ def _strategy(min_clients=2, retries=0):
 
 
 def _tensors(value):
-    return {k: torch.full(v, float(value)) + torch.arange(torch.Size(v).numel()).view(v) for k, v in SHAPES.items()}
+    return {
+        k: torch.full(v, float(value)) + torch.arange(torch.Size(v).numel()).view(v)
+        for k, v in SHAPES.items()
+    }
 
 
 def _round(script, nodes=None, retries=0, examples=lambda node: None):
@@ -47,7 +50,9 @@ def test_fedit_is_the_sample_weighted_average():
         expected = (10 * t1[k] + 30 * t2[k] + 60 * t3[k]) / 100  # by hand
         torch.testing.assert_close(merged[k], expected)
     assert [r.num_examples for r in replies] == [10, 30, 60]
-    assert log.bytes_up == sum(wire.record_bytes(train_content(t, n)) for t, n in ((t1, 10), (t2, 30), (t3, 60)))
+    assert log.bytes_up == sum(
+        wire.record_bytes(train_content(t, n)) for t, n in ((t1, 10), (t2, 30), (t3, 60))
+    )
     assert log.replies == 3 and log.bytes_down > 0
 
 
@@ -56,7 +61,8 @@ def test_fedavg_mean_is_bit_for_bit_flowers_fedavg():
     tensors = [torch.randn(7, 5, generator=gen) for _ in range(3)]
     weights = [13, 7, 101]
     records = [
-        RecordDict({"a": ArrayRecord({"x": t}), "m": MetricRecord({"n": w})}) for t, w in zip(tensors, weights)
+        RecordDict({"a": ArrayRecord({"x": t}), "m": MetricRecord({"n": w})})
+        for t, w in zip(tensors, weights)
     ]
     flower = aggregate_arrayrecords(records, "n")["x"].numpy()
     ours = fedavg_mean(tensors, weights).numpy()
@@ -87,7 +93,9 @@ def _bad(kind: str) -> RecordDict:
         content = train_content(t, 0)
     elif kind == "fractional count":
         content = train_content(t, 10)
-        content[wire.METRICS] = MetricRecord({**dict(content[wire.METRICS]), wire.NUM_EXAMPLES: 2.5})
+        content[wire.METRICS] = MetricRecord(
+            {**dict(content[wire.METRICS]), wire.NUM_EXAMPLES: 2.5}
+        )
     elif kind == "count 1e15 (not the shard size)":
         content = train_content(t, 10**15)
     elif kind == "extra NaN ArrayRecord":
@@ -95,13 +103,19 @@ def _bad(kind: str) -> RecordDict:
     elif kind == "extra ArrayRecord with a new key":
         content["more"] = ArrayRecord({"l.lora_Z.weight": torch.zeros(2, 3)})
     elif kind == "forged first MetricRecord":
-        content = RecordDict({"aaa": MetricRecord({wire.NUM_EXAMPLES: 10**15}), **dict(content.items())})
+        content = RecordDict(
+            {"aaa": MetricRecord({wire.NUM_EXAMPLES: 10**15}), **dict(content.items())}
+        )
     elif kind == "ConfigRecord where arrays belong":
         content[wire.ARRAYS] = ConfigRecord({"x": 1})
     elif kind == "metric is a list":
-        content[wire.METRICS] = MetricRecord({**dict(content[wire.METRICS]), wire.TRAIN_LOSS: [0.1, 0.2]})
+        content[wire.METRICS] = MetricRecord(
+            {**dict(content[wire.METRICS]), wire.TRAIN_LOSS: [0.1, 0.2]}
+        )
     elif kind == "metric is NaN":
-        content[wire.METRICS] = MetricRecord({**dict(content[wire.METRICS]), wire.TRAIN_LOSS: float("nan")})
+        content[wire.METRICS] = MetricRecord(
+            {**dict(content[wire.METRICS]), wire.TRAIN_LOSS: float("nan")}
+        )
     elif kind == "missing metric":
         content[wire.METRICS] = MetricRecord({wire.NUM_EXAMPLES: 10})
     elif kind == "string dtype":
@@ -163,7 +177,14 @@ def test_a_float16_or_float64_reply_is_cast_to_the_global_dtype():
 
 
 def test_failures_and_timeouts_are_named_and_the_rest_merged():
-    script = [{1: train_content(_tensors(1), 10), 2: train_content(_tensors(3), 10), 3: "error", 4: "silent"}]
+    script = [
+        {
+            1: train_content(_tensors(1), 10),
+            2: train_content(_tensors(3), 10),
+            3: "error",
+            4: "silent",
+        }
+    ]
     _, merged, log = _round(script)
     torch.testing.assert_close(merged[KEY], (_tensors(1)[KEY] + _tensors(3)[KEY]) / 2)
     assert log.timeouts == [4] and any("node 3" in f and "crashed" in f for f in log.failures)
@@ -171,7 +192,9 @@ def test_failures_and_timeouts_are_named_and_the_rest_merged():
 
 def test_too_few_valid_replies_stop_with_a_clear_error():
     script = [{1: train_content(_tensors(1), 5), 2: "error"}]
-    with pytest.raises(ExchangeFailed, match=r"only 1 valid replies, 2 needed.*after 1 attempts") as info:
+    with pytest.raises(
+        ExchangeFailed, match=r"only 1 valid replies, 2 needed.*after 1 attempts"
+    ) as info:
         _round(script)
     assert info.value.log.attempts == 1 and info.value.log.failures
 

@@ -26,10 +26,15 @@ from lorm_flwr.runtime import model_of
 @pytest.fixture(scope="module")
 def lite0():
     """The default backbone (EfficientNet-Lite0, 49 conv -> BatchNorm pairs) with non-zero adapters."""
-    cfg = RunConfig.from_mapping({"backbone": "efficientnet-lite0", "image-size": 32, "lora-rank": 2})
+    cfg = RunConfig.from_mapping(
+        {"backbone": "efficientnet-lite0", "image-size": 32, "lora-rank": 2}
+    )
     model = model_of(cfg)
     gen = torch.Generator().manual_seed(0)
-    set_tensors(model, {k: 0.05 * torch.randn(v.shape, generator=gen) for k, v in get_tensors(model).items()})
+    set_tensors(
+        model,
+        {k: 0.05 * torch.randn(v.shape, generator=gen) for k, v in get_tensors(model).items()},
+    )
     model.eval()
     x = torch.randn(6, 3, 32, 32, generator=gen).contiguous(memory_format=torch.channels_last)
     return model, x
@@ -52,7 +57,9 @@ def test_merge_and_fold_change_outputs_only_by_rounding_and_restore_everything(l
                 folded = model(x)
                 assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
         after = model(x)
-    torch.testing.assert_close(folded, reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max()))
+    torch.testing.assert_close(
+        folded, reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max())
+    )
     assert torch.equal(after, reference)  # bit for bit once the pass is over
     assert dict(model.named_modules()).keys() == modules.keys()
     assert all(model.get_submodule(n) is m for n, m in modules.items())
@@ -73,18 +80,35 @@ def test_every_conv_bn_pair_of_lite0_is_found(lite0):
 
 def test_grams_on_the_folded_pointwise_model_equal_the_plain_ones(lite0):
     model, x = lite0
-    targets = {ly.name: (model.get_submodule("base_model.model." + ly.name), ly.is_conv) for ly in adapter_layout(model)}
+    targets = {
+        ly.name: (model.get_submodule("base_model.model." + ly.name), ly.is_conv)
+        for ly in adapter_layout(model)
+    }
     alphas = {n: 1.0 for n in targets}
-    images = x.permute(0, 2, 3, 1).numpy()  # "raw" images the identity input spec returns as they are
+    images = x.permute(
+        0, 2, 3, 1
+    ).numpy()  # "raw" images the identity input spec returns as they are
 
     def inputs(batch, device):
-        return torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+        return (
+            torch.from_numpy(batch)
+            .permute(0, 3, 1, 2)
+            .contiguous(memory_format=torch.channels_last)
+        )
 
     def grams(fast: bool):
         folding = batchnorm_folded(model, x) if fast else contextlib.nullcontext()
         pointwise = pointwise_as_matmul(model) if fast else contextlib.nullcontext()
         with merged_for_inference(model), folding, pointwise:
-            return layer_grams(model, targets, images, inputs=inputs, batch_size=4, device=torch.device("cpu"), alphas=alphas)[0]
+            return layer_grams(
+                model,
+                targets,
+                images,
+                inputs=inputs,
+                batch_size=4,
+                device=torch.device("cpu"),
+                alphas=alphas,
+            )[0]
 
     plain, fast = grams(False), grams(True)
     assert plain.keys() == fast.keys() and len(plain) == 32
@@ -130,7 +154,13 @@ def test_a_conv_output_used_twice_is_not_folded(caplog):
 
 
 def test_a_plain_conv_bn_relu_stack_is_folded_exactly_enough():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1, bias=True), nn.BatchNorm2d(2)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 2, 1, bias=True),
+        nn.BatchNorm2d(2),
+    ).eval()
     _randomise_bn(model)
     x = torch.randn(3, 3, 6, 6)
     with torch.no_grad():
@@ -163,7 +193,9 @@ def test_a_model_without_foldable_batchnorm_is_untouched():
     with torch.no_grad(), batchnorm_folded(model, x):
         assert isinstance(model[1], nn.LayerNorm)
         model(x)
-    plain = nn.Sequential(nn.Conv2d(3, 2, 1), nn.BatchNorm2d(2, affine=False)).eval()  # no gamma/beta
+    plain = nn.Sequential(
+        nn.Conv2d(3, 2, 1), nn.BatchNorm2d(2, affine=False)
+    ).eval()  # no gamma/beta
     x = torch.randn(1, 3, 4, 4)
     with torch.no_grad(), batchnorm_folded(plain, x):
         assert isinstance(plain[1], nn.BatchNorm2d)
@@ -186,14 +218,22 @@ def test_pointwise_convs_on_small_channels_last_maps_run_as_matrix_products(monk
     conv = nn.Conv2d(6, 5, kernel_size=1)
     calls = _counting_conv2d(monkeypatch)
     with torch.no_grad():
-        for h, channels_last, product in ((1, True, True), (4, True, True), (8, True, False), (2, False, False)):
+        for h, channels_last, product in (
+            (1, True, True),
+            (4, True, True),
+            (8, True, False),
+            (2, False, False),
+        ):
             x = torch.randn(3, 6, h, h)
             x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
             reference = conv(x)
             before = calls[0]
             with pointwise_as_matmul(conv):
                 y = conv(x)
-            assert (calls[0] == before) is product, (h, channels_last)  # no conv2d call when a product
+            assert (calls[0] == before) is product, (
+                h,
+                channels_last,
+            )  # no conv2d call when a product
             torch.testing.assert_close(y, reference, rtol=1e-5, atol=1e-5)
             assert y.shape == reference.shape
             if product:
@@ -205,7 +245,11 @@ def test_pointwise_rewrite_covers_lite0_restores_forwards_and_refuses_nesting(li
     model, x = lite0
     convs = [m for m in model.modules() if is_pointwise(m)]
     assert len(convs) == 96  # each of the 32 adapted 1x1 convs: base layer, lora_A, lora_B
-    assert not any(is_pointwise(m) for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1))
+    assert not any(
+        is_pointwise(m)
+        for m in model.modules()
+        if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1)
+    )
     with torch.no_grad():
         reference = model(x)
         with merged_for_inference(model), batchnorm_folded(model, x), pointwise_as_matmul(model):

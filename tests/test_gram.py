@@ -79,7 +79,9 @@ def test_a_one_batch_gram_is_that_batch_product_and_later_sums_are_fp64():
     stats.add(t)
     stats.add(t)
     assert stats.gram.dtype == torch.float64 and stats.tokens == 120
-    torch.testing.assert_close(stats.gram, 3 * t.double().T @ t.double(), rtol=1e-5, atol=1e-5)  # fp32 products
+    torch.testing.assert_close(
+        stats.gram, 3 * t.double().T @ t.double(), rtol=1e-5, atol=1e-5
+    )  # fp32 products
 
 
 def test_wide_gram_from_upper_blocks_equals_one_gemm_and_is_symmetric():
@@ -103,7 +105,12 @@ def test_projected_gram_is_a_g_at_without_forming_g(alpha):
     def inputs(batch, device):
         return torch.from_numpy(batch)
 
-    kw = {"inputs": inputs, "batch_size": 3, "device": torch.device("cpu"), "alphas": {"c": alpha, "l": alpha}}
+    kw = {
+        "inputs": inputs,
+        "batch_size": 3,
+        "device": torch.device("cpu"),
+        "alphas": {"c": alpha, "l": alpha},
+    }
     plain, n = layer_grams(model, targets, x.numpy(), **kw)
     projected, _ = layer_grams(model, targets, x.numpy(), projections={"c": A}, **kw)
     assert n == 7

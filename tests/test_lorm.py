@@ -76,7 +76,9 @@ def _close_on_data(got, expected, grams):
 
 
 def _strategy(model, **cfg):
-    strategy = LoRM(RunConfig(strategy="lorm", backbone="vit-tiny", lora_rank=2, **cfg), model_layout(model))
+    strategy = LoRM(
+        RunConfig(strategy="lorm", backbone="vit-tiny", lora_rank=2, **cfg), model_layout(model)
+    )
     return strategy
 
 
@@ -131,9 +133,14 @@ def test_strategy_b_round_equals_pure_merges():
     for layer in strategy.layout.layers:
         A = matrix(glob[layer.a_key]).double()
         expected = merge_lora_b(
-            [matrix(c[0][layer.b_key]).double() for c in clients], A, [c[1][layer.name] for c in clients]
+            [matrix(c[0][layer.b_key]).double() for c in clients],
+            A,
+            [c[1][layer.name] for c in clients],
         )
-        codes = [A @ (g if g.dim() == 2 else torch.diag(g)).double() @ A.T for g in (c[1][layer.name] for c in clients)]
+        codes = [
+            A @ (g if g.dim() == 2 else torch.diag(g)).double() @ A.T
+            for g in (c[1][layer.name] for c in clients)
+        ]
         _close_on_data(matrix(merged[layer.b_key]), expected, codes)
         torch.testing.assert_close(merged[layer.a_key], glob[layer.a_key])  # A untouched
 
@@ -261,7 +268,9 @@ def test_b_round_code_grams_give_the_products_of_full_grams():
     want = gram_products(wire.GRAMS_LORM_B, tensors, full, layers, weight_key)
     assert got.keys() == want.keys()
     for k in want:
-        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-4 * want[k].abs().max().item())
+        torch.testing.assert_close(
+            got[k], want[k], rtol=1e-4, atol=1e-4 * want[k].abs().max().item()
+        )
 
 
 @pytest.mark.parametrize("round_in_task", [0, 1])  # a B-round and an A-round

@@ -79,7 +79,9 @@ def test_merge_lora_b_matches_lstsq(diagonal, rank_deficient, weighted):
     ins = _diag_inputs(xs) if diagonal else xs
     codes = [A @ x for x in ins]  # the B-step is a regression on the codes A X_i
     expected = _oracle([b @ c for b, c in zip(Bs, codes)], codes, w)
-    got = merge_lora_b([torch.from_numpy(b) for b in Bs], torch.from_numpy(A), _grams(xs, diagonal), w)
+    got = merge_lora_b(
+        [torch.from_numpy(b) for b in Bs], torch.from_numpy(A), _grams(xs, diagonal), w
+    )
     assert got.shape == (d, r) and torch.isfinite(got).all()
     np.testing.assert_allclose(got.numpy(), expected, atol=1e-8, rtol=1e-8)
 
@@ -115,7 +117,10 @@ def test_single_client_returns_its_matrices():
     rng = np.random.default_rng(4)
     k, r, d = 16, 4, 7
     x = rng.standard_normal((k, 40))
-    A, B = torch.from_numpy(rng.standard_normal((r, k))), torch.from_numpy(rng.standard_normal((d, r)))
+    A, B = (
+        torch.from_numpy(rng.standard_normal((r, k))),
+        torch.from_numpy(rng.standard_normal((d, r))),
+    )
     g = torch.from_numpy(x @ x.T)
     torch.testing.assert_close(merge_lora_a([A], [g]), A)
     torch.testing.assert_close(merge_lora_b([B], A, [g]), B)
@@ -211,7 +216,10 @@ def test_cross_task_factor_form_equals_dense_r_s_pinv():
         x = rng.standard_normal((k, 5 + 2 * t))
         x[:2] = 0.0  # rank-deficient total Gram
         g = torch.from_numpy(x @ x.T)
-        A, B = torch.from_numpy(rng.standard_normal((r, k))), torch.from_numpy(rng.standard_normal((d, r)))
+        A, B = (
+            torch.from_numpy(rng.standard_normal((r, k))),
+            torch.from_numpy(rng.standard_normal((d, r))),
+        )
         bs.append(s * B), ags.append(A @ g), grams.append(g)
     S = sum(grams)
     R = sum(b @ ag for b, ag in zip(bs, ags))  # sum_t s B_t A_t G_t

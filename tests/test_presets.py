@@ -13,7 +13,9 @@ from lorm_flwr.plan import make_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted((ROOT / "configs").glob("*.toml"))
-APP_KEYS = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
+APP_KEYS = set(
+    tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+)
 
 
 def _load(path: Path) -> dict:
@@ -23,7 +25,13 @@ def _load(path: Path) -> dict:
 
 def test_the_expected_presets_exist():
     names = {p.stem for p in PRESETS}
-    assert {"lorm-cifar100", "lorm-eurosat", "fedsa-rte", "offline-mnist", "offline-bbc-news"} <= names
+    assert {
+        "lorm-cifar100",
+        "lorm-eurosat",
+        "fedsa-rte",
+        "offline-mnist",
+        "offline-bbc-news",
+    } <= names
 
 
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)

@@ -28,7 +28,13 @@ def _wait_for_checkpoint(out, proc, predicate, timeout=600.0):
         for path in out.glob(f"*/{CHECKPOINT_FILE}"):
             try:
                 ckpt = load_checkpoint(path)
-            except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError):  # not there yet
+            except (
+                OSError,
+                EOFError,
+                RuntimeError,
+                ValueError,
+                pickle.UnpicklingError,
+            ):  # not there yet
                 continue
             if predicate(ckpt):
                 return path.parent, ckpt
@@ -52,7 +58,9 @@ def test_a_killed_run_resumes_to_the_uninterrupted_results(tmp_path):
         runner = subprocess.Popen(cmd, env=fed.env, cwd=fed.home, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL)  # fmt: skip
         try:
-            folder, ckpt = _wait_for_checkpoint(out, runner, lambda c: c.task == 1 and c.round_in_task >= 1)
+            folder, ckpt = _wait_for_checkpoint(
+                out, runner, lambda c: c.task == 1 and c.round_in_task >= 1
+            )
             assert fed.kill() > 0
         finally:
             runner.kill()
@@ -82,15 +90,21 @@ def test_a_killed_run_resumes_to_the_uninterrupted_results(tmp_path):
 
     # 3. Resumed for real: the same results as the uninterrupted run.
     with simulation_superlink(tmp_path / "resumed") as fed:
-        proc = fed.run({**CFG, "output-dir": str(out), "resume-from": str(folder)}, num_supernodes=CLIENTS)
+        proc = fed.run(
+            {**CFG, "output-dir": str(out), "resume-from": str(folder)}, num_supernodes=CLIENTS
+        )
         assert proc.returncode == 0, proc.stdout[-3000:]
     resumed = json.loads((folder / "results.json").read_text())
     assert resumed["status"] == "completed", proc.stdout[-3000:]
     # The failed resume finished no round, so its checkpoint (and history) was the old one.
-    assert [(r["task"], r["round_in_task"]) for r in resumed["resumed"]] == [(ckpt.task, ckpt.round_in_task)]
+    assert [(r["task"], r["round_in_task"]) for r in resumed["resumed"]] == [
+        (ckpt.task, ckpt.round_in_task)
+    ]
     # Exact: a LoRM client holds no state between rounds, every client's training
     # seed comes from the server's config, and the server restored its sums, its
     # tensors and its RNGs bit for bit, so every float is computed the same way.
     assert resumed["accuracy_matrix"] == reference["accuracy_matrix"]
-    assert [r["train_loss"] for r in resumed["rounds"]] == [r["train_loss"] for r in reference["rounds"]]
+    assert [r["train_loss"] for r in resumed["rounds"]] == [
+        r["train_loss"] for r in reference["rounds"]
+    ]
     assert resumed["final_average_accuracy"] == reference["final_average_accuracy"]

@@ -14,7 +14,14 @@ def _labels(num_classes=10, per_class=60, seed=0):
 
 
 def _scenario(labels, **kw):
-    args = {"num_tasks": 5, "num_clients": 3, "beta": 0.5, "min_samples": 6, "order": "natural", "seed": 0}
+    args = {
+        "num_tasks": 5,
+        "num_clients": 3,
+        "beta": 0.5,
+        "min_samples": 6,
+        "order": "natural",
+        "seed": 0,
+    }
     args.update(kw)
     return build_scenario(labels, 10, **args)
 

@@ -40,8 +40,11 @@ RUN = {
 def _contexts(run_config, n=2):
     return [
         Context(
-            run_id=1, node_id=10 + k, node_config={"partition-id": k, "num-partitions": n},
-            state=RecordDict(), run_config=run_config,
+            run_id=1,
+            node_id=10 + k,
+            node_config={"partition-id": k, "num-partitions": n},
+            state=RecordDict(),
+            run_config=run_config,
         )
         for k in range(n)
     ]
@@ -55,7 +58,9 @@ def test_fedsa_keeps_b_and_head_per_client_and_averages_a_over_two_rounds():
     glob = strategy.begin_task(0, dict(initial_tensors(cfg)))
     for round_in_task in (0, 1):
         before = [
-            wire.arrays_to_tensors(c.state[wire.LOCAL_STATE]) if wire.LOCAL_STATE in c.state else None
+            wire.arrays_to_tensors(c.state[wire.LOCAL_STATE])
+            if wire.LOCAL_STATE in c.state
+            else None
             for c in contexts
         ]
         script = {c.node_id: (lambda m, c=c: client_app.train(m, c).content) for c in contexts}
@@ -73,7 +78,9 @@ def test_fedsa_keeps_b_and_head_per_client_and_averages_a_over_two_rounds():
         glob = merged.tensors
         weights = [r.num_examples for r in replies]
         for layer in strategy.layout.layers:
-            expected = sum(w * r.arrays[layer.a_key] for w, r in zip(weights, replies)) / sum(weights)
+            expected = sum(w * r.arrays[layer.a_key] for w, r in zip(weights, replies)) / sum(
+                weights
+            )
             torch.testing.assert_close(glob[layer.a_key], expected)
         # Each client's B and head are its own: not overwritten, not averaged.
         for layer in strategy.layout.layers:
@@ -126,7 +133,9 @@ def test_regmean_single_client_returns_its_delta_exactly():
     model = model_of(cfg)
     strategy = strategy_class("regmean")(cfg, model_layout(model))
     gen = torch.Generator().manual_seed(0)
-    tensors = {k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in initial_tensors(cfg).items()}
+    tensors = {
+        k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in initial_tensors(cfg).items()
+    }
     layers = adapter_layout(model)
     grams = {}
     for layer in layers + [None]:
@@ -134,11 +143,21 @@ def test_regmean_single_client_returns_its_delta_exactly():
         x = torch.randn(3 * k, k, generator=gen, dtype=torch.float64)  # full-rank inputs
         grams[layer.name if layer else HEAD] = x.T @ x
     stats = gram_products(wire.GRAMS_REGMEAN, tensors, grams, layers, strategy.layout.head_weight)
-    content = train_content({strategy.layout.head_bias: tensors[strategy.layout.head_bias]}, 5, stats)
+    content = train_content(
+        {strategy.layout.head_bias: tensors[strategy.layout.head_bias]}, 5, stats
+    )
     _, result, _, _ = train_exchange(ScriptedGrid([1], [{1: content}]), strategy, dict(tensors), 0)
     merged = result.tensors
     assert result.report["truncation_error_max"] < 1e-6  # a rank-r delta is re-factored exactly
     for layer in layers:
-        delta = layer.scaling * matrix(tensors[layer.b_key]).double() @ matrix(tensors[layer.a_key]).double()
-        got = layer.scaling * matrix(merged[layer.b_key]).double() @ matrix(merged[layer.a_key]).double()
+        delta = (
+            layer.scaling
+            * matrix(tensors[layer.b_key]).double()
+            @ matrix(tensors[layer.a_key]).double()
+        )
+        got = (
+            layer.scaling
+            * matrix(merged[layer.b_key]).double()
+            @ matrix(merged[layer.a_key]).double()
+        )
         torch.testing.assert_close(got, delta, rtol=1e-4, atol=1e-5)

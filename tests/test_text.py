@@ -32,20 +32,31 @@ def test_encoding_marks_padding_and_batches_drop_empty_columns(tokenizer):
     batch = TokenInputs()(ids[[0, 2]], torch.device("cpu"))
     assert batch.shape == (2, max(lengths[0], lengths[2]))  # trailing all-padding columns dropped
     pairs = np.array([["Is it raining?", "It is sunny."]], dtype=object)
-    assert (encode_texts(pairs, tokenizer, 16) >= 0).sum() > (encode_texts(pairs[:, 0], tokenizer, 16) >= 0).sum()
+    assert (encode_texts(pairs, tokenizer, 16) >= 0).sum() > (
+        encode_texts(pairs[:, 0], tokenizer, 16) >= 0
+    ).sum()
 
 
 def test_padding_tokens_never_enter_the_grams(tokenizer):
     """Grams of a padded batch equal the sum of each text's Grams computed alone (no padding)."""
     torch.manual_seed(0)
-    model = attach_lora(build_classifier("minilm", 0, 5, 0), rank=2, alpha=2.0, targets=["query", "value"])
+    model = attach_lora(
+        build_classifier("minilm", 0, 5, 0), rank=2, alpha=2.0, targets=["query", "value"]
+    )
     model.eval()
     layers = adapter_layout(model)
-    targets = {ly.name: (model.get_submodule("base_model.model." + ly.name), False) for ly in layers[:2]}
+    targets = {
+        ly.name: (model.get_submodule("base_model.model." + ly.name), False) for ly in layers[:2]
+    }
     targets[HEAD] = (model.get_submodule("base_model.model." + HEAD), False)
     alphas = {n: 1.0 for n in targets}
     ids = encode_texts(TEXTS, tokenizer, max_length=24)
-    kw = {"inputs": TokenInputs(), "device": torch.device("cpu"), "alphas": alphas, "unmasked": frozenset({HEAD})}
+    kw = {
+        "inputs": TokenInputs(),
+        "device": torch.device("cpu"),
+        "alphas": alphas,
+        "unmasked": frozenset({HEAD}),
+    }
     together, n = layer_grams(model, targets, ids, batch_size=3, **kw)
     alone = [layer_grams(model, targets, ids[i : i + 1], batch_size=1, **kw)[0] for i in range(3)]
     assert n == 3
@@ -53,7 +64,9 @@ def test_padding_tokens_never_enter_the_grams(tokenizer):
         expected = sum(g[name] for g in alone)
         torch.testing.assert_close(together[name], expected, rtol=1e-4, atol=1e-3)
     # and the padded positions would have changed them: the unmasked sum differs
-    unmasked, _ = layer_grams(model, targets, ids, batch_size=3, **{**kw, "unmasked": frozenset(targets)})
+    unmasked, _ = layer_grams(
+        model, targets, ids, batch_size=3, **{**kw, "unmasked": frozenset(targets)}
+    )
     first = layers[0].name
     assert not torch.allclose(unmasked[first], together[first], rtol=1e-3)
 
@@ -103,6 +116,8 @@ def test_every_strategy_client_reply_on_text_is_what_its_server_accepts(strategy
         replies, merged, log, _ = train_exchange(grid, server, glob, round_in_task)
         assert not log.rejected and log.replies == 1
         (reply,) = replies
-        assert set(reply.arrays) == set(spec.arrays or {}) and set(reply.grams) == set(spec.grams or {})
+        assert set(reply.arrays) == set(spec.arrays or {}) and set(reply.grams) == set(
+            spec.grams or {}
+        )
         assert {group_of(k) for k in reply.arrays}.isdisjoint(server.local_groups)
         glob = merged.tensors

@@ -14,7 +14,9 @@ from lorm_flwr.layout import AdaptedLayer, ModelLayout
 from lorm_flwr.rounds import handshake
 from tests.messages import ScriptedGrid, reply_to
 
-LAYER = AdaptedLayer("l", "l.lora_A.weight", "l.lora_B.weight", d_in=3, d_out=4, rank=2, scaling=1.0, is_conv=False)
+LAYER = AdaptedLayer(
+    "l", "l.lora_A.weight", "l.lora_B.weight", d_in=3, d_out=4, rank=2, scaling=1.0, is_conv=False
+)
 LAYOUT = ModelLayout(
     (LAYER,), "linear_head.weight", "linear_head.bias",
     {"l.lora_A.weight": (2, 3), "l.lora_B.weight": (4, 2), "linear_head.weight": (5, 4), "linear_head.bias": (5,)},
@@ -37,17 +39,37 @@ def test_each_plan_declares_the_reply_for_both_sides():
     lorm_a = wire.train_reply_spec(LAYOUT, wire.Instructions(0, 1, train_a=True, train_head=True,
                                                              grams=wire.GRAMS_LORM_A), 1.0, 0.0)  # fmt: skip
     assert dict(lorm_a.arrays) == {"linear_head.bias": (5,)}
-    assert dict(lorm_a.grams) == {"l|AG": (2, 3), "l|G": (3, 3), "linear_head|WG": (5, 4), "linear_head|G": (4,)}
+    assert dict(lorm_a.grams) == {
+        "l|AG": (2, 3),
+        "l|G": (3, 3),
+        "linear_head|WG": (5, 4),
+        "linear_head|G": (4,),
+    }
     fedsa = wire.train_reply_spec(
-        LAYOUT, wire.Instructions(0, train_a=True, train_b=True, train_head=True, local=frozenset({"B", "head"})), 1, 1
+        LAYOUT,
+        wire.Instructions(
+            0, train_a=True, train_b=True, train_head=True, local=frozenset({"B", "head"})
+        ),
+        1,
+        1,
     )
     assert set(fedsa.arrays) == {"l.lora_A.weight"} and fedsa.grams is None
     task = wire.train_reply_spec(LAYOUT, wire.Instructions(0, grams=wire.GRAMS_TASK), 0.0, 1.0)
-    assert task.arrays is None and dict(task.grams) == {"l|G": (3,)} and task.metrics == (wire.NUM_EXAMPLES,)
+    assert (
+        task.arrays is None
+        and dict(task.grams) == {"l|G": (3,)}
+        and task.metrics == (wire.NUM_EXAMPLES,)
+    )
 
 
 def _evaluation(**values) -> RecordDict:
-    base = {wire.NUM_EXAMPLES: 9, "correct-task-0": 4, "total-task-0": 5, "correct-task-1": 3, "total-task-1": 4}
+    base = {
+        wire.NUM_EXAMPLES: 9,
+        "correct-task-0": 4,
+        "total-task-0": 5,
+        "correct-task-1": 3,
+        "total-task-1": 4,
+    }
     return RecordDict({wire.METRICS: MetricRecord({**base, **values})})
 
 
@@ -76,9 +98,14 @@ def test_an_end_of_task_reply_without_its_statistics_is_refused():
                        wire.GRAMS: wire.tensors_to_arrays({"l|G": torch.eye(3)})})  # fmt: skip
     assert wire.decode_reply(reply_to(2, good), spec, num_examples=6).grams["l|G"].shape == (3, 3)
     missing = RecordDict({wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 6})})
-    with pytest.raises(wire.PayloadError, match=r"node 2: reply has records \['metrics'\], expected \['grams', 'metrics'\]"):
+    with pytest.raises(
+        wire.PayloadError,
+        match=r"node 2: reply has records \['metrics'\], expected \['grams', 'metrics'\]",
+    ):
         wire.decode_reply(reply_to(2, missing), spec)
-    wrong_type = RecordDict({wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 6}), wire.GRAMS: ConfigRecord({"a": 1})})
+    wrong_type = RecordDict(
+        {wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 6}), wire.GRAMS: ConfigRecord({"a": 1})}
+    )
     with pytest.raises(wire.PayloadError, match="'grams' is a ConfigRecord"):
         wire.decode_reply(reply_to(2, wrong_type), spec)
     negative = RecordDict({wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 6}),
@@ -94,7 +121,9 @@ def test_the_handshake_maps_nodes_to_partitions_and_refuses_bad_hellos():
     assert mapping == {7: 1, 9: 0} and log.replies == 2 and log.bytes_up > 0
     bad = RecordDict({wire.METRICS: MetricRecord({wire.PARTITION_ID: 5, wire.NUM_PARTITIONS: 2})})
     grid = ScriptedGrid([7, 9], [{7: wire.hello_reply(1, 2), 9: bad}])
-    with pytest.raises(ExchangeFailed, match=r"node 9: partition-id=5 outside \[0, num-partitions=2\)"):
+    with pytest.raises(
+        ExchangeFailed, match=r"node 9: partition-id=5 outside \[0, num-partitions=2\)"
+    ):
         handshake(grid, cfg)
     grid = ScriptedGrid([7, 9], [{7: wire.hello_reply(1, 2), 9: wire.hello_reply(1, 2)}])
     with pytest.raises(RuntimeError, match="not 0..N-1 once each"):

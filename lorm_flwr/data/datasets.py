@@ -228,7 +228,9 @@ DATASETS: dict[str, DatasetSpec] = {
     ),
     **{
         f"glue-{task}": DatasetSpec(
-            n, _glue(task), f"HF hub nyu-mll/glue {task}, validation split as test (internet)",
+            n,
+            _glue(task),
+            f"HF hub nyu-mll/glue {task}, validation split as test (internet)",
             "text",
         )
         for task, (_, n) in GLUE_TASKS.items()

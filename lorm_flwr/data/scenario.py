@@ -159,7 +159,9 @@ def build_scenario(
     shards, test_shards = [], []
     for t, classes in enumerate(tasks):
         in_task = np.flatnonzero(np.isin(train_labels, classes))  # (n_t,)
-        parts = dirichlet_split(train_labels[in_task], num_clients, beta, min_samples, task_split_seed(seed, t))
+        parts = dirichlet_split(
+            train_labels[in_task], num_clients, beta, min_samples, task_split_seed(seed, t)
+        )
         shards.append(tuple(np.sort(in_task[p]) for p in parts))
         if test_labels is not None:
             test_in = np.flatnonzero(np.isin(test_labels, classes))

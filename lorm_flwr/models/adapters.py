@@ -108,7 +108,11 @@ def attach_lora(
         peft_model = get_peft_model(model, config)
     except ValueError as exc:
         leaf = sorted(
-            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)}
+            {
+                n.rsplit(".", 1)[-1]
+                for n, m in model.named_modules()
+                if isinstance(m, nn.Conv2d | nn.Linear)
+            }
         )
         raise ValueError(
             f"lora-targets={','.join(targets)!r} matched no supported layer ({exc}); "
@@ -164,7 +168,9 @@ def set_tensors(model: PeftModel, tensors: dict[str, torch.Tensor], strict: bool
 # builds a whole state dict to list them, which a statistics pass did three times
 # (the layout twice, the head keys once) before these caches.
 _KEYS: weakref.WeakKeyDictionary[PeftModel, frozenset[str]] = weakref.WeakKeyDictionary()
-_LAYOUTS: weakref.WeakKeyDictionary[PeftModel, tuple[AdaptedLayer, ...]] = weakref.WeakKeyDictionary()
+_LAYOUTS: weakref.WeakKeyDictionary[PeftModel, tuple[AdaptedLayer, ...]] = (
+    weakref.WeakKeyDictionary()
+)
 _MODEL_LAYOUTS: weakref.WeakKeyDictionary[PeftModel, ModelLayout] = weakref.WeakKeyDictionary()
 
 
@@ -234,7 +240,9 @@ def head_keys(model: PeftModel) -> tuple[str, str]:
     return weight[0], bias[0]
 
 
-def set_trainable(model: PeftModel, *, train_a: bool, train_b: bool, train_head: bool = True) -> None:
+def set_trainable(
+    model: PeftModel, *, train_a: bool, train_b: bool, train_head: bool = True
+) -> None:
     """Choose which of A, B and the head receive gradients; the backbone never does."""
     on = {"A": train_a, "B": train_b}
     for name, p in model.named_parameters():
@@ -287,7 +295,11 @@ def merged_for_inference(model: PeftModel) -> Iterator[PeftModel]:
     try:
         for layer in layers:
             base = layer.get_base_layer()
-            kept = {name: getattr(base, name) for name in ("weight", "bias") if getattr(base, name, None) is not None}
+            kept = {
+                name: getattr(base, name)
+                for name in ("weight", "bias")
+                if getattr(base, name, None) is not None
+            }
             originals.append((layer, base, kept))
             for name, p in kept.items():
                 setattr(base, name, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))

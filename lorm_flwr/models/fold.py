@@ -42,10 +42,16 @@ _PROBE_RTOL = 1e-4
 def _foldable_norm(module: nn.Module) -> bool:
     """Plain BatchNorm2d, or timm's BatchNormAct2d (norm, then drop, then act), affine, with running stats."""
     plain = type(module) is nn.BatchNorm2d
-    timm_act = type(module).__name__ == "BatchNormAct2d" and hasattr(module, "act") and hasattr(module, "drop")
+    timm_act = (
+        type(module).__name__ == "BatchNormAct2d"
+        and hasattr(module, "act")
+        and hasattr(module, "drop")
+    )
     if not (plain or timm_act):
         return False
-    return all(t is not None for t in (module.running_mean, module.running_var, module.weight, module.bias))
+    return all(
+        t is not None for t in (module.running_mean, module.running_var, module.weight, module.bias)
+    )
 
 
 def conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
@@ -108,11 +114,20 @@ class _Fold:
         place (a frozen backbone's never do).
         """
         n = self.norm
-        versions = (n.weight._version, n.bias._version, n.running_mean._version, n.running_var._version, dtype)
+        versions = (
+            n.weight._version,
+            n.bias._version,
+            n.running_mean._version,
+            n.running_var._version,
+            dtype,
+        )
         if self.affine is None or versions != self.versions:
             gain = n.weight.double() / torch.sqrt(n.running_var.double() + n.eps)
             shift = n.bias.double() - gain * n.running_mean.double()
-            self.affine, self.versions = (gain.view(-1, 1, 1, 1).to(dtype), shift.to(dtype)), versions
+            self.affine, self.versions = (
+                (gain.view(-1, 1, 1, 1).to(dtype), shift.to(dtype)),
+                versions,
+            )
         return self.affine
 
 
@@ -134,7 +149,9 @@ def _plan_of(model: nn.Module, example: torch.Tensor) -> _Plan:
     adapters = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
     if not all(m.merged for m in adapters):
         # The probe must see merged layers: an unmerged one hides its conv's output from the norm.
-        raise RuntimeError("fold BatchNorm only inside merged_for_inference: an adapter is not merged")
+        raise RuntimeError(
+            "fold BatchNorm only inside merged_for_inference: an adapter is not merged"
+        )
     owner = {id(m.get_base_layer()): m for m in adapters}  # base conv -> its peft layer
     with torch.no_grad():
         reference = model(example).float()
@@ -144,7 +161,9 @@ def _plan_of(model: nn.Module, example: torch.Tensor) -> _Plan:
         norm = model.get_submodule(norm_name)
         rest = nn.Identity() if type(norm) is nn.BatchNorm2d else nn.Sequential(norm.drop, norm.act)
         conv = model.get_submodule(conv_name)
-        folds.append(_Fold(conv, norm, model.get_submodule(parent_name), child, rest, owner.get(id(conv))))
+        folds.append(
+            _Fold(conv, norm, model.get_submodule(parent_name), child, rest, owner.get(id(conv)))
+        )
     plan = _Plan(folds)
     with _applied(plan), torch.no_grad():
         folded = model(example).float()
@@ -166,7 +185,9 @@ def _applied(plan: _Plan) -> Iterator[None]:
         with torch.no_grad():
             for f in plan.folds:
                 if f.adapter is not None and not f.adapter.merged:
-                    raise RuntimeError("fold BatchNorm only inside merged_for_inference: an adapter is not merged")
+                    raise RuntimeError(
+                        "fold BatchNorm only inside merged_for_inference: an adapter is not merged"
+                    )
                 w, b = f.conv.weight, f.conv.bias
                 gain, shift = f.gain_shift(w.dtype)
                 originals.append((f, w, b))

@@ -50,7 +50,9 @@ def is_pointwise(module: nn.Module) -> bool:
 def _forward(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """``conv(x)``, as a matrix product where that is the faster way (see the module docstring)."""
     small = x.dim() == 4 and x.shape[2] * x.shape[3] <= _MAX_PIXELS
-    if not (small and x.device.type == "cpu" and x.is_contiguous(memory_format=torch.channels_last)):
+    if not (
+        small and x.device.type == "cpu" and x.is_contiguous(memory_format=torch.channels_last)
+    ):
         return nn.Conv2d.forward(conv, x)
     n, c, h, w = x.shape
     out_channels = conv.weight.shape[0]
@@ -73,7 +75,9 @@ def pointwise_as_matmul(model: nn.Module) -> Iterator[nn.Module]:
         convs = tuple(m for m in model.modules() if is_pointwise(m))
         _CONVS[model] = convs
     if any("forward" in vars(m) for m in convs):
-        raise RuntimeError("pointwise_as_matmul is already active on this model (or a conv's forward was replaced)")
+        raise RuntimeError(
+            "pointwise_as_matmul is already active on this model (or a conv's forward was replaced)"
+        )
     patched = []
     try:
         for m in convs:

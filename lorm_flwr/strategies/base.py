@@ -125,7 +125,9 @@ class LoraStrategy(FedAvg):
         )
 
     def reply_spec(self, plan: wire.Instructions) -> wire.ReplySpec:
-        return wire.train_reply_spec(self.layout, plan, self.cfg.gram_alpha, self.cfg.head_gram_alpha)
+        return wire.train_reply_spec(
+            self.layout, plan, self.cfg.gram_alpha, self.cfg.head_gram_alpha
+        )
 
     def shared(self, tensors: Mapping[str, torch.Tensor]) -> Tensors:
         """The tensors the server sends: all but the clients' own parts."""
@@ -135,7 +137,9 @@ class LoraStrategy(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Flower's train messages for round ``server_round - 1`` of the current task."""
-        config = ConfigRecord({**dict(config), **dict(self.instructions(server_round - 1).to_config())})
+        config = ConfigRecord(
+            {**dict(config), **dict(self.instructions(server_round - 1).to_config())}
+        )
         return super().configure_train(server_round, arrays, config, grid)
 
     def configure_evaluate(
@@ -144,7 +148,9 @@ class LoraStrategy(FedAvg):
         """Personalised evaluation (strategies with local parts only)."""
         if not self.local_groups:
             return []
-        config = ConfigRecord({**dict(config), **dict(wire.Instructions(task=self.task).to_config())})
+        config = ConfigRecord(
+            {**dict(config), **dict(wire.Instructions(task=self.task).to_config())}
+        )
         return super().configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_train(
@@ -184,7 +190,9 @@ class LoraStrategy(FedAvg):
         self.task = int(state["task"])
 
     # --------------------------------------- helpers of the Gram-based merges
-    def merge_head(self, replies: list[wire.Reply], current: Tensors, anchor: bool = False) -> Tensors:
+    def merge_head(
+        self, replies: list[wire.Reply], current: Tensors, anchor: bool = False
+    ) -> Tensors:
         """RegMean of the head from ``W_i G_i`` and ``G_i``; sample-weighted mean of its bias."""
         head = wire.HEAD
         w = current[self.layout.head_weight]

@@ -18,5 +18,7 @@ class FedIT(LoraStrategy):
         # FedAvg's arithmetic over what was sent; the rest (frozen or client-local
         # parts) keeps its current value.
         weights = [r.num_examples for r in replies]
-        merged = {k: fedavg_mean([r.arrays[k] for r in replies], weights) for k in replies[0].arrays}
+        merged = {
+            k: fedavg_mean([r.arrays[k] for r in replies], weights) for k in replies[0].arrays
+        }
         return Merged({**current, **merged})

@@ -89,7 +89,9 @@ class LoRM(LoraStrategy):
     def end_task(self, task: int, tensors: Tensors, query: TaskQuery) -> TaskModel:
         """Gather each client's Grams on the task's model and fold the task in."""
         record_on, rank, alpha = self._gram_model(tensors)
-        replies = query(record_on, wire.Instructions(task=task, grams=self.task_grams, rank=rank, alpha=alpha))
+        replies = query(
+            record_on, wire.Instructions(task=task, grams=self.task_grams, rank=rank, alpha=alpha)
+        )
         out = dict(tensors)
         rank = 0
         for layer in self.layout.layers:

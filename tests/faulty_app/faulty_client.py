@@ -25,7 +25,9 @@ CORRUPTIONS = ("nan", "extra-record", "forged-count", "list-metric", "wrong-type
 
 
 def _nan_record(record: ArrayRecord) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.full(v.numpy().shape, np.nan, dtype=np.float32)) for k, v in record.items()})
+    return ArrayRecord(
+        {k: Array(np.full(v.numpy().shape, np.nan, dtype=np.float32)) for k, v in record.items()}
+    )
 
 
 def corrupt(msg: Message, context: Context, call_next) -> Message:
