@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from lorm_flwr import wire
+from lorm_flwr import keys as wire
 from lorm_flwr.layout import HEAD, AdaptedLayer
 from lorm_flwr.merge import project_gram, times_gram
 

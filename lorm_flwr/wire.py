@@ -24,6 +24,40 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
+from lorm_flwr.keys import (  # noqa: F401 - re-exported: wire.ARRAYS, wire.gram_key, ...
+    AG,
+    AGA,
+    ARRAYS,
+    BAGA,
+    CONFIG,
+    CORRECT,
+    DG,
+    GRAM_KINDS,
+    GRAMS,
+    GRAMS_LORM_A,
+    GRAMS_LORM_B,
+    GRAMS_NONE,
+    GRAMS_REGMEAN,
+    GRAMS_SECONDS,
+    GRAMS_TASK,
+    LOCAL_STATE,
+    MAX_EXAMPLES,
+    METRICS,
+    NUM_EXAMPLES,
+    NUM_PARTITIONS,
+    PARTITION_ID,
+    PRODUCT_KINDS,
+    QUERY_HELLO,
+    QUERY_TASK_GRAMS,
+    SYMMETRIC_PARTS,
+    TOTAL,
+    TRAIN_LOSS,
+    TRAIN_METRICS,
+    TRAIN_SECONDS,
+    WG,
+    G,
+    gram_key,
+)
 from lorm_flwr.layout import HEAD, ModelLayout
 
 __all__ = [
@@ -46,56 +80,6 @@ __all__ = [
 ]
 
 Shapes = Mapping[str, tuple[int, ...]]
-
-# Record names inside a message's RecordDict.
-ARRAYS = "arrays"
-CONFIG = "config"
-GRAMS = "grams"
-METRICS = "metrics"
-
-# Message types of the two queries (train and evaluate use Flower's own types).
-QUERY_HELLO = "query.hello"  # node -> partition-id / num-partitions
-QUERY_TASK_GRAMS = "query.task_grams"  # end of task: Grams on the task's merged model
-
-# Which Gram statistics a client replies with (``Instructions.grams``).
-GRAMS_NONE = "none"
-GRAMS_LORM_A = "lorm-a"  # A_i G_i and G_i per layer; W_i G_i and G_i for the head
-GRAMS_LORM_B = "lorm-b"  # B_i A G_i A^T and A G_i A^T per layer; head as above
-GRAMS_REGMEAN = "regmean"  # s B_i A_i G_i and G_i per layer; head as LoRM
-GRAMS_TASK = "task"  # G_i per layer on the model sent (LoRM's end of task)
-GRAM_KINDS = (GRAMS_NONE, GRAMS_LORM_A, GRAMS_LORM_B, GRAMS_REGMEAN, GRAMS_TASK)
-# Kinds whose reply carries the products instead of the trained tensors (and the head's bias).
-PRODUCT_KINDS = (GRAMS_LORM_A, GRAMS_LORM_B, GRAMS_REGMEAN)
-
-# Keys in the ``grams`` record: f"{layer}|{part}" (see ``gram_key``).
-G = "G"  # G_i, (k, k) or (k,) when the smoothing alpha is 0
-AG = "AG"  # A_i G_i, (r, k)
-BAGA = "BAGA"  # B_i A G_i A^T, (d, r)
-AGA = "AGA"  # A G_i A^T, (r, r)
-WG = "WG"  # head W_i G_i, (C, F)
-DG = "DG"  # whole LoRA delta times Gram, s B_i A_i G_i, (d, k)
-SYMMETRIC_PARTS = (G, AGA)  # must be X X^T of some X
-
-
-def gram_key(layer: str, part: str) -> str:
-    return f"{layer}|{part}"
-
-
-# MetricRecord keys.
-NUM_EXAMPLES = "num-examples"
-TRAIN_LOSS = "train-loss"
-TRAIN_SECONDS = "train-seconds"  # local training time of this reply
-GRAMS_SECONDS = "grams-seconds"  # Gram pass and products after training
-PARTITION_ID = "partition-id"
-NUM_PARTITIONS = "num-partitions"
-CORRECT = "correct-task-{}"  # personalised evaluation: per seen task k
-TOTAL = "total-task-{}"
-TRAIN_METRICS = (NUM_EXAMPLES, TRAIN_LOSS, TRAIN_SECONDS, GRAMS_SECONDS)
-
-LOCAL_STATE = "lorm-flwr-local"  # context.state key of a client's own tensors
-
-# Largest sample count a reply may claim: float64 represents integers exactly up to here.
-MAX_EXAMPLES = 2**53
 
 
 class PayloadError(ValueError):
