@@ -82,7 +82,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 
 @app.query("task_grams")
-def task_stats(msg: Message, context: Context) -> Message:
+def task_grams_query(msg: Message, context: Context) -> Message:
     """End of task: Grams of the adapted layers' inputs on the model sent, on this task's data."""
     cfg = RunConfig.from_mapping(context.run_config)
     pid, num = _partition(context)

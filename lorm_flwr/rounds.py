@@ -44,6 +44,9 @@ __all__ = ["FederatedRun", "handshake", "run_federated", "train_exchange", "wait
 log = logging.getLogger("flwr.lorm")
 
 NODE_WAIT_SECONDS = 300.0
+# A node's first reply waits for its ClientApp to start (imports, data, model): far longer
+# than a round's reply may take on a warm node, so the handshake has its own timeout.
+HELLO_TIMEOUT_SECONDS = 600.0
 
 
 def wait_for_nodes(grid: Grid, count: int) -> list[int]:
@@ -73,7 +76,7 @@ def handshake(grid: Grid, cfg: RunConfig) -> tuple[dict[int, int], ExchangeLog]:
 
     replies, hello = exchange(
         grid, messages, decode, kind="hello", min_replies=len(nodes),
-        retries=cfg.round_retries, timeout=min(cfg.round_timeout, 600.0),
+        retries=cfg.round_retries, timeout=HELLO_TIMEOUT_SECONDS,
     )  # fmt: skip
     totals = {num for _, _, num in replies}
     if len(totals) != 1:

@@ -12,3 +12,30 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 import torch
 
 torch.set_num_threads(1)
+
+
+# ---------------------------------------------------------------- simulations
+# One SuperLink and one 2-task run per strategy for the whole session: every test
+# that only reads a run's outputs (test_simulation, the resume and deployment
+# references) shares these instead of starting its own.
+import pytest
+
+from tests.simulations import ALL_STRATEGIES, SHARED_CLIENTS, SHARED_RUN, run_app
+
+
+@pytest.fixture(scope="session")
+def federation(tmp_path_factory):
+    from lorm_flwr.local_federation import simulation_superlink
+
+    with simulation_superlink(tmp_path_factory.mktemp("federation")) as fed:
+        yield fed
+
+
+@pytest.fixture(scope="session")
+def per_strategy(federation, tmp_path_factory):
+    """strategy -> (folder, results, process) of its shared run (``SHARED_RUN``)."""
+    out = {}
+    for strategy in ALL_STRATEGIES:
+        runs = tmp_path_factory.mktemp(strategy) / "runs"
+        out[strategy] = run_app(federation, runs, SHARED_CLIENTS, SHARED_RUN[strategy])
+    return out

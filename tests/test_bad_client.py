@@ -16,7 +16,7 @@ import torch
 
 from lorm_flwr.checkpoint import load_checkpoint
 from lorm_flwr.local_federation import ROOT, load_results, simulation_superlink
-from tests.test_simulation import TINY
+from tests.simulations import TINY
 
 pytestmark = pytest.mark.slow
 

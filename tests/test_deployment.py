@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from lorm_flwr.local_federation import BIN, ROOT, load_results, simulation_superlink
-from tests.test_simulation import TINY
+from lorm_flwr.local_federation import BIN, ROOT, load_results
+from tests.simulations import SHARED_CLIENTS, SHARED_RUN
 
 pytestmark = pytest.mark.slow
 
@@ -71,14 +71,6 @@ def _deployed_run(tmp_path: Path, cfg: dict, tls: bool) -> dict:
         assert not pids.exists(), "the deployment was not stopped"
 
 
-def _simulated_run(tmp_path: Path, cfg: dict) -> dict:
-    with simulation_superlink(tmp_path / "sim") as fed:
-        out = tmp_path / "sim-runs"
-        proc = fed.run({**cfg, "output-dir": str(out)}, num_supernodes=2)
-        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-        return load_results(out)[1]
-
-
 def _same(a: dict, b: dict) -> None:
     assert a["tasks"] == b["tasks"] and a["shard_sizes"] == b["shard_sizes"]
     for row_a, row_b in zip(a["accuracy_matrix"], b["accuracy_matrix"], strict=True):
@@ -91,8 +83,8 @@ def _same(a: dict, b: dict) -> None:
 
 
 @pytest.mark.parametrize(("strategy", "tls"), [("lorm", False), ("fedsa", True)])
-def test_deployment_matches_simulation(tmp_path, strategy, tls):
-    cfg = {**TINY, "strategy": strategy}
-    deployed = _deployed_run(tmp_path, cfg, tls)
-    assert deployed["clients"] == 2
-    _same(deployed, _simulated_run(tmp_path, cfg))
+def test_deployment_matches_simulation(tmp_path, per_strategy, strategy, tls):
+    """Against the session's shared simulated run of the same config (2 clients)."""
+    deployed = _deployed_run(tmp_path, SHARED_RUN[strategy], tls)
+    assert deployed["clients"] == SHARED_CLIENTS
+    _same(deployed, per_strategy[strategy][1])

@@ -12,14 +12,16 @@ import time
 import pytest
 
 from lorm_flwr.checkpoint import CHECKPOINT_FILE, load_checkpoint
-from lorm_flwr.local_federation import load_results, simulation_superlink
-from tests.test_simulation import TINY
+from lorm_flwr.local_federation import simulation_superlink
+from tests.simulations import SHARED_CLIENTS, SHARED_RUN
 
 pytestmark = pytest.mark.slow
 
-# Two rounds per task, so a kill can land inside a task with one round merged.
-CFG = {**TINY, "strategy": "lorm", "rounds-per-task": 2}
-CLIENTS = 2
+# The session's shared LoRM run is the uninterrupted reference: two rounds per task, so
+# a kill can land inside a task with one round merged.
+CFG = SHARED_RUN["lorm"]
+CLIENTS = SHARED_CLIENTS
+assert CFG["rounds-per-task"] == 2
 
 
 def _wait_for_checkpoint(out, proc, predicate, timeout=600.0):
@@ -44,11 +46,8 @@ def _wait_for_checkpoint(out, proc, predicate, timeout=600.0):
     raise AssertionError("no checkpoint reached the awaited point in time")
 
 
-def test_a_killed_run_resumes_to_the_uninterrupted_results(tmp_path):
-    with simulation_superlink(tmp_path / "reference") as fed:
-        proc = fed.run({**CFG, "output-dir": str(tmp_path / "ref-runs")}, num_supernodes=CLIENTS)
-        assert proc.returncode == 0, proc.stdout[-3000:]
-    _, reference = load_results(tmp_path / "ref-runs")
+def test_a_killed_run_resumes_to_the_uninterrupted_results(tmp_path, per_strategy):
+    _, reference, _ = per_strategy["lorm"]
     assert reference["status"] == "completed"
 
     # 1. Killed mid-task: after the first round of task 1, before its second round ends.
@@ -72,24 +71,23 @@ def test_a_killed_run_resumes_to_the_uninterrupted_results(tmp_path):
     # 2. Resumed with a round timeout no client can meet: the round is sent
     # round-retries + 1 times, then the run fails, keeping results and checkpoint.
     before = (folder / CHECKPOINT_FILE).read_bytes()
-    with simulation_superlink(tmp_path / "impatient") as fed:
+    with simulation_superlink(tmp_path / "resumes") as fed:
         proc = fed.run(
             {**CFG, "output-dir": str(out), "resume-from": str(folder),
              "round-timeout": 0.5, "round-retries": 1},
             num_supernodes=CLIENTS,
         )  # fmt: skip
         statuses = [r["status"] for r in fed.run_status()]
-    failed = json.loads((folder / "results.json").read_text())
-    assert failed["status"] == "failed", proc.stdout[-3000:]
-    assert "gave up after 2 attempts" in failed["error"]
-    assert failed["failed_round"]["attempts"] == 2
-    assert len(failed["failed_round"]["timeouts"]) == 2 * CLIENTS
-    assert failed["accuracy_matrix"] == partial["accuracy_matrix"]  # nothing lost
-    assert (folder / CHECKPOINT_FILE).read_bytes() == before  # the last good state
-    assert statuses == ["finished:failed"], statuses  # the ServerApp exited non-zero
+        failed = json.loads((folder / "results.json").read_text())
+        assert failed["status"] == "failed", proc.stdout[-3000:]
+        assert "gave up after 2 attempts" in failed["error"]
+        assert failed["failed_round"]["attempts"] == 2
+        assert len(failed["failed_round"]["timeouts"]) == 2 * CLIENTS
+        assert failed["accuracy_matrix"] == partial["accuracy_matrix"]  # nothing lost
+        assert (folder / CHECKPOINT_FILE).read_bytes() == before  # the last good state
+        assert statuses == ["finished:failed"], statuses  # the ServerApp exited non-zero
 
-    # 3. Resumed for real: the same results as the uninterrupted run.
-    with simulation_superlink(tmp_path / "resumed") as fed:
+        # 3. Resumed for real (same SuperLink): the same results as the uninterrupted run.
         proc = fed.run(
             {**CFG, "output-dir": str(out), "resume-from": str(folder)}, num_supernodes=CLIENTS
         )

@@ -81,7 +81,6 @@ class LoraStrategy(FedAvg):
     parts has no global model, so it is evaluated on the clients (personalised).
     """
 
-    name = "base"
     local_groups: frozenset[str] = frozenset()
     # The statistics a strategy gathers at each task end (LoRM's Grams), if any.
     task_grams: str = wire.GRAMS_NONE

@@ -12,8 +12,6 @@ from lorm_flwr.strategies.base import LoraStrategy, Merged, Tensors
 
 
 class FedIT(LoraStrategy):
-    name = "fedit"
-
     def merge(self, plan: wire.Instructions, replies: list[wire.Reply], current: Tensors) -> Merged:
         # FedAvg's arithmetic over what was sent; the rest (frozen or client-local
         # parts) keeps its current value.

@@ -15,8 +15,6 @@ from lorm_flwr.strategies.base import LoraStrategy, Merged, Tensors
 
 
 class FedSA(LoraStrategy):
-    name = "fedsa"
-
     def __init__(self, cfg, layout) -> None:
         # Read by LoraStrategy.__init__ (personalised evaluation), so set first.
         self.local_groups = frozenset({"B", "head"} if cfg.fedsa_head == "local" else {"B"})

@@ -9,7 +9,5 @@ from lorm_flwr.strategies.fedit import FedIT
 
 
 class FFA(FedIT):
-    name = "ffa"
-
     def round_plan(self, round_in_task: int) -> RoundPlan:
         return RoundPlan(train_a=False, train_b=True)

@@ -34,7 +34,6 @@ __all__ = ["LoRM"]
 
 
 class LoRM(LoraStrategy):
-    name = "lorm"
     task_grams = wire.GRAMS_TASK
 
     def __init__(self, cfg, layout) -> None:

@@ -16,8 +16,6 @@ __all__ = ["RegMean"]
 
 
 class RegMean(LoraStrategy):
-    name = "regmean"
-
     def round_plan(self, round_in_task: int) -> RoundPlan:
         return RoundPlan(train_a=True, train_b=True, grams=wire.GRAMS_REGMEAN)
 
