@@ -6,7 +6,7 @@ Client code only: nothing here (or below it) imports the server's strategies.
 
 from __future__ import annotations
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from lorm_flwr import wire
@@ -35,9 +35,31 @@ def _reply(content: RecordDict, msg: Message, cfg: RunConfig) -> Message:
 
 
 def _local(context: Context) -> dict | None:
+    """This client's own parts as they stand (FedSA's B and head), if it has any yet."""
     if wire.LOCAL_STATE in context.state:
         return wire.arrays_to_tensors(context.state[wire.LOCAL_STATE])
     return None
+
+
+def _local_at_round_start(plan: wire.Instructions, context: Context) -> dict | None:
+    """The local parts this round starts from, also when the server sends it again.
+
+    A round the server retries (too few valid replies) must start where its first
+    attempt started, not from what that attempt trained: the parts from before the
+    round are kept under ``LOCAL_BEFORE`` until the next round begins.
+    """
+    state = context.state
+    this_round = {"task": plan.task, "round-in-task": plan.round_in_task}
+    if wire.LOCAL_ROUND in state and dict(state[wire.LOCAL_ROUND]) == this_round:
+        return (
+            wire.arrays_to_tensors(state[wire.LOCAL_BEFORE]) if wire.LOCAL_BEFORE in state else None
+        )
+    state[wire.LOCAL_ROUND] = ConfigRecord(this_round)
+    if wire.LOCAL_STATE in state:
+        state[wire.LOCAL_BEFORE] = state[wire.LOCAL_STATE]
+    elif wire.LOCAL_BEFORE in state:
+        del state[wire.LOCAL_BEFORE]
+    return _local(context)
 
 
 @app.query("hello")
@@ -51,8 +73,9 @@ def train(msg: Message, context: Context) -> Message:
     cfg = RunConfig.from_mapping(context.run_config)
     pid, num = _partition(context)
     plan = wire.Instructions.from_config(msg.content[wire.CONFIG])
+    local = _local_at_round_start(plan, context) if plan.local else None
     result = train_round(
-        cfg, pid, num, wire.arrays_to_tensors(msg.content[wire.ARRAYS]), plan, _local(context)
+        cfg, pid, num, wire.arrays_to_tensors(msg.content[wire.ARRAYS]), plan, local
     )
     if result.local is not None:
         # The client's own parts (FedSA's B and head) stay here, across rounds and tasks.

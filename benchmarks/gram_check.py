@@ -19,8 +19,8 @@ from benchmarks.compare import _parse_sets
 from lorm_flwr import wire
 from lorm_flwr.config import RunConfig
 from lorm_flwr.models.adapters import model_layout
+from lorm_flwr.registry import strategy_class
 from lorm_flwr.runtime import model_of
-from lorm_flwr.strategies import strategy_class
 from tests.messages import reply_to
 
 

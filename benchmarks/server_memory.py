@@ -39,9 +39,9 @@ def measure(clients: int, strategy_name: str) -> dict:
     from lorm_flwr import wire
     from lorm_flwr.config import RunConfig
     from lorm_flwr.models.adapters import model_layout
+    from lorm_flwr.registry import strategy_class
     from lorm_flwr.rounds import train_exchange
     from lorm_flwr.runtime import initial_tensors, model_of
-    from lorm_flwr.strategies import strategy_class
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = (
         1,

@@ -35,6 +35,9 @@ __all__ = [
 
 CHECKPOINT_FILE = "checkpoint.pt"
 FORMAT_VERSION = 2
+# Version 1 differs only in what a reader ignores (the strategy's round log, the
+# recorder's message sizes) or defaults (the handshakes), so it still loads.
+READABLE_VERSIONS = (1, 2)
 
 # Run-config keys a resumed run may change: they decide where and how patiently a
 # run goes, not what it computes. Any other difference is refused.
@@ -100,10 +103,10 @@ def save_checkpoint(folder: Path, checkpoint: Checkpoint) -> Path:
 def load_checkpoint(path: str | Path) -> Checkpoint:
     file = checkpoint_path(path)
     state = torch.load(file, map_location="cpu", weights_only=True)
-    if state.get("version") != FORMAT_VERSION:
+    if state.get("version") not in READABLE_VERSIONS:
         raise ValueError(
             f"{file} has checkpoint format {state.get('version')!r}; this version reads "
-            f"{FORMAT_VERSION}"
+            f"{', '.join(map(str, READABLE_VERSIONS))}"
         )
     return Checkpoint(**state)
 

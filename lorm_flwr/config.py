@@ -104,7 +104,7 @@ class RunConfig:
         # config module must stay importable without them.
         from lorm_flwr.data.datasets import DATASETS
         from lorm_flwr.models.backbones import BACKBONES
-        from lorm_flwr.strategies import STRATEGIES
+        from lorm_flwr.registry import STRATEGIES
 
         _one_of("strategy", self.strategy, STRATEGIES)
         _one_of("dataset", self.dataset, DATASETS)

@@ -92,7 +92,12 @@ def exchange(
         entry.bytes_down += sum(record_bytes(m.content) for m in sent)
         answered: set[int] = set()
         valid: list[_Valid[T]] = []
-        for reply in grid.send_and_receive(sent, timeout=timeout):
+        replies = list(grid.send_and_receive(sent, timeout=timeout))
+        replies.reverse()
+        while replies:
+            # Each raw reply is dropped once decoded: the server holds the decoded,
+            # checked tensors, not a second copy of every reply.
+            reply = replies.pop()
             node = reply.metadata.src_node_id
             answered.add(node)
             if reply.has_error():

@@ -47,6 +47,8 @@ TOTAL = "total-task-{}"
 TRAIN_METRICS = (NUM_EXAMPLES, TRAIN_LOSS, TRAIN_SECONDS, GRAMS_SECONDS)
 
 LOCAL_STATE = "lorm-flwr-local"  # context.state key of a client's own tensors
+LOCAL_BEFORE = "lorm-flwr-local-before"  # ... as they were before the current round
+LOCAL_ROUND = "lorm-flwr-local-round"  # ... which round that is (task, round in task)
 
 # Largest sample count a reply may claim: float64 represents integers exactly up to here.
 MAX_EXAMPLES = 2**53

@@ -140,7 +140,7 @@ def _messages(cfg: RunConfig, layout, plan: Plan) -> None:
     from lorm_flwr.joint import JOINT_STRATEGIES
     from lorm_flwr.limits import message_shapes
     from lorm_flwr.models.adapters import group_of
-    from lorm_flwr.strategies import strategy_class
+    from lorm_flwr.registry import strategy_class
 
     def size(shapes) -> int:
         return sum(math.prod(s) for s in shapes)

@@ -142,7 +142,8 @@ class RunRecorder:
 
     def load_state(self, state: dict[str, Any]) -> None:
         for k in self._STATE:
-            setattr(self, k, state[k])
+            if k in state:  # a checkpoint of format 1 has no handshakes
+                setattr(self, k, state[k])
 
     def add_round(self, row: RoundRow) -> None:
         self.rounds.append(row.to_dict())

@@ -32,11 +32,12 @@ from lorm_flwr.continual import pool_personal
 from lorm_flwr.data.scenario import Scenario
 from lorm_flwr.evaluation import evaluate_global
 from lorm_flwr.exchange import ExchangeFailed, ExchangeLog, exchange
+from lorm_flwr.layout import group_of
 from lorm_flwr.limits import check_message_sizes
 from lorm_flwr.models.adapters import model_layout
+from lorm_flwr.registry import strategy_class
 from lorm_flwr.results import RoundRow, RunRecorder, export_adapter, run_folder
 from lorm_flwr.runtime import initial_tensors, model_of, scenario_of
-from lorm_flwr.strategies import strategy_class
 from lorm_flwr.strategies.base import LoraStrategy, Merged, Tensors
 
 __all__ = ["FederatedRun", "handshake", "run_federated", "train_exchange", "wait_for_nodes"]
@@ -74,16 +75,28 @@ def handshake(grid: Grid, cfg: RunConfig) -> tuple[dict[int, int], ExchangeLog]:
         pid, num = wire.decode_hello(msg)
         return msg.metadata.src_node_id, pid, num
 
+    # Every partition must answer, but a node listed and gone (a SuperNode restarted
+    # under a new id) is only a timeout, not a reason to stop.
     replies, hello = exchange(
-        grid, messages, decode, kind="hello", min_replies=len(nodes),
+        grid, messages, decode, kind="hello", min_replies=cfg.min_clients,
         retries=cfg.round_retries, timeout=HELLO_TIMEOUT_SECONDS,
     )  # fmt: skip
     totals = {num for _, _, num in replies}
     if len(totals) != 1:
         raise RuntimeError(f"nodes disagree on num-partitions: {sorted(totals)}")
+    num = totals.pop()
     mapping = {node: pid for node, pid, _ in replies}
-    if sorted(mapping.values()) != list(range(totals.pop())):
-        raise RuntimeError(f"partition ids {sorted(mapping.values())} are not 0..N-1 once each")
+    pids = sorted(mapping.values())
+    if len(pids) != num or pids != list(range(num)):
+        missing = (
+            sorted(set(range(num)) - set(pids))
+            if num <= 10 * len(pids)
+            else f"{num - len(set(pids))}"
+        )
+        raise RuntimeError(
+            f"partition ids {pids} of num-partitions={num} are not 0..N-1 once each "
+            f"(missing: {missing}; failures: {hello.failures})"
+        )
     return mapping, hello
 
 
@@ -190,8 +203,8 @@ class FederatedRun:
         try:
             counts, evaluation = self._exchange(messages, decode, "evaluate")
         except ExchangeFailed as exc:
-            exc.where = {"task": task, "round_in_task": round_in_task}
-            row.add(exc.log)
+            row.add(exc.log)  # the round's training exchange and the failed evaluation
+            exc.where = row.to_dict()
             raise
         row.add(evaluation)
         return pool_personal(counts)
@@ -295,23 +308,14 @@ def train_exchange(
 
 def _changes(strategy: LoraStrategy, before: Tensors, after: Tensors) -> dict[str, float]:
     """Largest absolute change of A, B and head in a round (shows the schedule)."""
-    layout = strategy.layout
-    groups = {
-        "change_a": [l.a_key for l in layout.layers],
-        "change_b": [l.b_key for l in layout.layers],
-        "change_head": [layout.head_weight, layout.head_bias],
-    }
-    return {
-        name: max(
-            (
-                float((after[k].double() - before[k].double()).abs().max())
-                for k in keys
-                if k in after and k in before
-            ),
-            default=0.0,
-        )
-        for name, keys in groups.items()
-    }
+    out = {"change_a": 0.0, "change_b": 0.0, "change_head": 0.0}
+    for key in strategy.layout.shapes:
+        if key in after and key in before:
+            name = f"change_{group_of(key).lower()}"
+            out[name] = max(
+                out[name], float((after[key].double() - before[key].double()).abs().max())
+            )
+    return out
 
 
 def run_federated(grid: Grid, cfg: RunConfig) -> None:
@@ -358,7 +362,9 @@ def run_federated(grid: Grid, cfg: RunConfig) -> None:
         log.info("lorm-flwr: resuming task %d round %d from %s", first_task, first_round,
                  checkpoint_path(cfg.resume_from))  # fmt: skip
     recorder.message_bytes = message_bytes
-    recorder.handshakes.append(hello.to_dict())
+    recorder.handshakes.append(
+        {**hello.to_dict(), "partitions": {str(n): p for n, p in partition_of.items()}}
+    )
     log.info("lorm-flwr: writing results to %s", folder)
     start = time.perf_counter() - elapsed
     run = FederatedRun(grid, cfg, strategy, scenario, recorder, partition_of, start)
@@ -386,8 +392,12 @@ def run_federated(grid: Grid, cfg: RunConfig) -> None:
     except BaseException as exc:
         recorder.status = "failed"
         recorder.error = f"{type(exc).__name__}: {exc}"
-        if isinstance(exc, ExchangeFailed):
-            recorder.failed_round = {**getattr(exc, "where", {}), **exc.log.to_dict()}
+        if isinstance(exc, ExchangeFailed):  # the failed exchange, and the round it belongs to
+            recorder.failed_round = {
+                **exc.log.to_dict(),
+                **exc.where,
+                "failed_exchange": exc.log.kind,
+            }
         recorder.write()
         log.error(
             "lorm-flwr: run stopped: %s. Results so far are in %s; continue with "

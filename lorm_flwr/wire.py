@@ -40,6 +40,8 @@ from lorm_flwr.keys import (  # noqa: F401 - re-exported: wire.ARRAYS, wire.gram
     GRAMS_REGMEAN,
     GRAMS_SECONDS,
     GRAMS_TASK,
+    LOCAL_BEFORE,
+    LOCAL_ROUND,
     LOCAL_STATE,
     MAX_EXAMPLES,
     METRICS,

@@ -7,7 +7,7 @@ contexts, so the local state goes through ``context.state`` as in a run.
 from __future__ import annotations
 
 import torch
-from flwr.app import Context, RecordDict
+from flwr.app import ConfigRecord, Context, RecordDict
 
 import client_app
 from lorm_flwr import wire
@@ -24,9 +24,9 @@ from lorm_flwr.models.adapters import (
 )
 from lorm_flwr.models.backbones import build_classifier
 from lorm_flwr.products import gram_products
+from lorm_flwr.registry import strategy_class
 from lorm_flwr.rounds import train_exchange
 from lorm_flwr.runtime import initial_tensors, model_of
-from lorm_flwr.strategies import strategy_class
 from tests.messages import ScriptedGrid, train_content
 
 matrix = AdaptedLayer.matrix
@@ -161,3 +161,33 @@ def test_regmean_single_client_returns_its_delta_exactly():
             @ matrix(merged[layer.a_key]).double()
         )
         torch.testing.assert_close(got, delta, rtol=1e-4, atol=1e-5)
+
+
+def test_a_retried_round_starts_from_the_local_parts_of_its_first_attempt():
+    """The server sends a round again when too few replies were valid; a FedSA client
+    that already trained it must not train its B and head on top of that attempt."""
+    run_config = {**RUN, "strategy": "fedsa", "min-clients": 1}
+    cfg = RunConfig.from_mapping(run_config)
+    strategy = strategy_class("fedsa")(cfg, model_layout(model_of(cfg)))
+    ctx = _contexts(run_config)[0]
+    glob = strategy.begin_task(0, dict(initial_tensors(cfg)))
+    replies = []
+    for round_in_task, attempt in ((0, 1), (1, 1), (1, 2), (1, 3)):
+        script = {ctx.node_id: lambda m: client_app.train(m, ctx).content}
+        grid = ScriptedGrid([ctx.node_id], [script])
+        messages = list(strategy.configure_train(round_in_task + 1, wire.tensors_to_arrays(strategy.shared(glob)),
+                                                 ConfigRecord(), grid))  # fmt: skip
+        (reply,) = grid.send_and_receive(messages)
+        local = wire.arrays_to_tensors(ctx.state[wire.LOCAL_STATE])
+        replies.append(
+            (round_in_task, attempt, wire.arrays_to_tensors(reply.content[wire.ARRAYS]), local)
+        )
+    first, second, third = (r for r in replies if r[0] == 1)
+    for k in first[2]:  # the shared A: the same training from the same start, bit for bit
+        assert torch.equal(first[2][k], second[2][k]) and torch.equal(first[2][k], third[2][k])
+    for k in first[3]:  # and the kept B and head
+        assert torch.equal(first[3][k], second[3][k]) and torch.equal(first[3][k], third[3][k])
+    round0_local = replies[0][3]
+    assert any(
+        not torch.equal(first[3][k], round0_local[k]) for k in round0_local
+    )  # round 1 trained on

@@ -97,9 +97,9 @@ def test_every_strategy_client_reply_on_text_is_what_its_server_accepts(strategy
 
     import client_app
     from lorm_flwr.models.adapters import group_of, model_layout
+    from lorm_flwr.registry import strategy_class
     from lorm_flwr.rounds import train_exchange
     from lorm_flwr.runtime import initial_tensors, model_of
-    from lorm_flwr.strategies import strategy_class
     from tests.messages import ScriptedGrid
 
     cfg = RunConfig(strategy=strategy, dataset="bbc-news", backbone="minilm", num_tasks=1,

@@ -1,31 +1,5 @@
-"""Strategy registry: the run-config ``strategy`` name -> strategy class.
+"""The server's strategies, one module each; chosen by name in :mod:`lorm_flwr.registry`."""
 
-A new strategy is one module plus one line here. Strategy classes are imported
-lazily so that ``lorm_flwr.config`` can validate names without importing Flower.
-"""
+from lorm_flwr.registry import STRATEGIES, strategy_class
 
-from __future__ import annotations
-
-import importlib
-
-# name -> "module:Class"
-STRATEGIES: dict[str, str] = {
-    "fedit": "lorm_flwr.strategies.fedit:FedIT",
-    "lorm": "lorm_flwr.strategies.lorm:LoRM",
-    "fedsa": "lorm_flwr.strategies.fedsa:FedSA",
-    "fedsa-rslora": "lorm_flwr.strategies.fedsa:FedSA",
-    "fedsa-vera": "lorm_flwr.strategies.fedsa:FedSA",
-    "ffa": "lorm_flwr.strategies.ffa:FFA",
-    "regmean": "lorm_flwr.strategies.regmean:RegMean",
-    # Not federated: run by lorm_flwr.joint in the ServerApp process. FedIT's
-    # layout-only use of the class keeps the registry uniform.
-    "joint": "lorm_flwr.strategies.fedit:FedIT",
-    "joint-incremental": "lorm_flwr.strategies.fedit:FedIT",
-}
-
-
-def strategy_class(name: str) -> type:
-    if name not in STRATEGIES:
-        raise KeyError(f"unknown strategy {name!r}; known: {', '.join(sorted(STRATEGIES))}")
-    module, cls = STRATEGIES[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+__all__ = ["STRATEGIES", "strategy_class"]
