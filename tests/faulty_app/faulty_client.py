@@ -2,7 +2,8 @@
 
 Partition 0 answers every training round with a malformed reply, a different kind
 each round (NaN tensors, an extra NaN record, a forged sample count, a metric that
-is a list, a record of the wrong type); the others answer normally. Used by
+is a list, a record of the wrong type), and LoRM's end-of-task query with NaN Grams;
+the others answer normally. Used by
 tests/test_bad_client.py through a copy of the app whose clientapp is this module.
 """
 
@@ -32,11 +33,14 @@ def _nan_record(record: ArrayRecord) -> ArrayRecord:
 
 def corrupt(msg: Message, context: Context, call_next) -> Message:
     reply = call_next(msg, context)
-    if msg.metadata.message_type != "train" or int(context.node_config["partition-id"]) != 0:
-        return reply
-    if reply.has_error():
+    if int(context.node_config["partition-id"]) != 0 or reply.has_error():
         return reply
     content = reply.content
+    if msg.metadata.message_type == "query.task_grams":  # LoRM's end of task: NaN Grams
+        content["grams"] = _nan_record(content["grams"])
+        return reply
+    if msg.metadata.message_type != "train":
+        return reply
     count = int(context.state["bad-replies"]["n"]) if "bad-replies" in context.state else 0
     context.state["bad-replies"] = ConfigRecord({"n": count + 1})
     kind = CORRUPTIONS[count % len(CORRUPTIONS)]
