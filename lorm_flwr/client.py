@@ -39,7 +39,7 @@ from lorm_flwr.runtime import (
 from lorm_flwr.seeds import client_shuffle_seed
 from lorm_flwr.train import autocast, pick_device, predict, train_local
 
-__all__ = ["ClientResult", "evaluate_personal", "task_grams", "train_round"]
+__all__ = ["ClientResult", "evaluate_personal", "input_grams", "task_grams", "train_round"]
 
 PEFT_PREFIX = "base_model.model."
 
@@ -121,7 +121,9 @@ def train_round(
         projections = (
             {ly.name: AdaptedLayer.matrix(tensors[ly.a_key]) for ly in layers} if codes else None
         )
-        inputs = _grams(cfg, model, data.train_x[shard], with_head=True, projections=projections)
+        inputs = input_grams(
+            cfg, model, data.train_x[shard], with_head=True, projections=projections
+        )
         weight_key, _ = head_keys(model)
         grams = gram_products(plan.grams, tensors, inputs, layers, weight_key, codes=codes)
     local = {k: v for k, v in tensors.items() if group_of(k) in plan.local}
@@ -164,7 +166,7 @@ def evaluate_personal(
     return correct, total
 
 
-def _grams(
+def input_grams(
     cfg: RunConfig,
     model,
     images,
@@ -228,6 +230,6 @@ def task_grams(
     shard = scenario_of(cfg, num_partitions).shards[plan.task][partition_id]
     model = model_of(cfg, rank=plan.rank or None, alpha=plan.alpha if plan.rank else None)
     set_tensors(model, tensors)
-    grams = _grams(cfg, model, data.train_x[shard], with_head=False)
+    grams = input_grams(cfg, model, data.train_x[shard], with_head=False)
     stats = {wire.gram_key(name, wire.G): g.float() for name, g in grams.items()}
     return stats, len(shard)

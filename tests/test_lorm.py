@@ -243,7 +243,7 @@ def test_diagonal_grams_upload_only_diagonals():
 def test_b_round_code_grams_give_the_products_of_full_grams():
     """A B-round client records A G~ A^T directly (merged forward, codes' Gram); the
     products it sends equal those computed from the full Grams of an unmerged pass."""
-    from lorm_flwr.client import _grams
+    from lorm_flwr.client import input_grams
 
     cfg = RunConfig.from_mapping(
         {"strategy": "lorm", "backbone": "vit-tiny", "image-size": 16, "gram-alpha": 0.7,
@@ -258,9 +258,9 @@ def test_b_round_code_grams_give_the_products_of_full_grams():
     images = np.random.default_rng(0).integers(0, 256, size=(12, 16, 16, 3), dtype=np.uint8)
     set_tensors(model, tensors)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    codes = _grams(cfg, model, images, with_head=True,
+    codes = input_grams(cfg, model, images, with_head=True,
                    projections={ly.name: matrix(tensors[ly.a_key]) for ly in layers})  # fmt: skip
-    full = _grams(cfg, model, images, with_head=True)
+    full = input_grams(cfg, model, images, with_head=True)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # merge undone bit for bit
     weight_key = f"{HEAD}.weight"

@@ -94,7 +94,6 @@ class LoraStrategy(FedAvg):
             min_train_nodes=cfg.min_clients,
             min_evaluate_nodes=cfg.min_clients,
             min_available_nodes=cfg.min_clients,
-            weighted_by_key=wire.NUM_EXAMPLES,
             arrayrecord_key=wire.ARRAYS,
             configrecord_key=wire.CONFIG,
         )
@@ -159,6 +158,15 @@ class LoraStrategy(FedAvg):
         in :func:`lorm_flwr.rounds.run_federated`, which merges checked replies only."""
         raise NotImplementedError(
             f"{type(self).__name__} merges only checked replies: run it with lorm_flwr.rounds"
+        )
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Disabled for the same reason: personalised evaluation replies are checked and
+        pooled in :mod:`lorm_flwr.rounds`."""
+        raise NotImplementedError(
+            f"{type(self).__name__} pools only checked replies: run it with lorm_flwr.rounds"
         )
 
     # ------------------------------------------------------------- to override
