@@ -39,15 +39,13 @@ PINV_RCOND = 1e-6
 
 __all__ = [
     "PINV_RCOND",
+    "client_weights",
     "cross_task_factors",
     "fedavg_mean",
     "gram_sum",
     "merge_from_sums",
-    "merge_lora_a",
-    "merge_lora_b",
     "project_gram",
     "psd_solve_right",
-    "regmean",
     "regmean_head",
     "smooth_gram",
     "times_gram",
@@ -56,7 +54,8 @@ __all__ = [
 ]
 
 
-def _weights(n: int, weights: Sequence[float] | Tensor | None) -> list[float]:
+def client_weights(n: int, weights: Sequence[float] | Tensor | None) -> list[float]:
+    """``n`` per-client weights as floats (all 1 for None); finite and non-negative."""
     if weights is None:
         return [1.0] * n
     w = [float(x) for x in (weights.tolist() if isinstance(weights, Tensor) else weights)]
@@ -65,21 +64,6 @@ def _weights(n: int, weights: Sequence[float] | Tensor | None) -> list[float]:
     if any(not torch.isfinite(torch.tensor(x)) or x < 0 for x in w):
         raise ValueError(f"weights must be finite and non-negative, got {w}")
     return w
-
-
-def _check_grams(grams: Sequence[Tensor], k: int) -> bool:
-    """Return True when the Grams are diagonals ``(k,)``, False when full ``(k, k)``."""
-    if not grams:
-        raise ValueError("at least one client is needed")
-    diagonal = grams[0].dim() == 1
-    for g in grams:
-        expected = (k,) if diagonal else (k, k)
-        if tuple(g.shape) != expected:
-            raise ValueError(
-                f"Gram of shape {tuple(g.shape)} does not match {expected}; "
-                "Grams must all be full (k, k) or all diagonal (k,)"
-            )
-    return diagonal
 
 
 def smooth_gram(gram: Tensor, alpha: float) -> Tensor:
@@ -105,7 +89,7 @@ def smooth_gram(gram: Tensor, alpha: float) -> Tensor:
 
 def gram_sum(grams: Sequence[Tensor], weights: Sequence[float] | None = None) -> Tensor:
     """``S = sum_i w_i G_i`` in float64; shape follows the inputs, (k, k) or (k,)."""
-    w = _weights(len(grams), weights)
+    w = client_weights(len(grams), weights)
     total = torch.zeros_like(grams[0], dtype=torch.float64)
     for wi, g in zip(w, grams):
         total.add_(g.to(torch.float64), alpha=wi)
@@ -190,7 +174,7 @@ def psd_solve_right(rhs: Tensor, s: Tensor, ridge: float = 0.0) -> Tensor:
 
 def weighted_mean(tensors: Sequence[Tensor], weights: Sequence[float] | None = None) -> Tensor:
     """``sum_i w_i T_i / sum_i w_i`` in float64, returned in the first input's dtype."""
-    w = _weights(len(tensors), weights)
+    w = client_weights(len(tensors), weights)
     total = sum(w)
     if total <= 0:
         raise ValueError("weights must not all be zero")
@@ -203,34 +187,6 @@ def weighted_mean(tensors: Sequence[Tensor], weights: Sequence[float] | None = N
 def times_gram(m: Tensor, g: Tensor) -> Tensor:
     """``m @ G`` for a full ``(k, k)`` or diagonal ``(k,)`` Gram; m: (rows, k)."""
     return m * g.unsqueeze(0) if g.dim() == 1 else m @ g
-
-
-def regmean(
-    Ws: Sequence[Tensor],
-    grams: Sequence[Tensor],
-    weights: Sequence[float] | None = None,
-    ridge: float = 0.0,
-) -> Tensor:
-    """RegMean: ``argmin_W sum_i w_i ||(W - W_i) X_i||^2 = (sum w_i W_i G_i)(sum w_i G_i)^+``.
-
-    Parameters
-    ----------
-    Ws : list of (d, k) weight matrices, one per client.
-    grams : list of (k, k) or (k,) input Grams ``G_i = X_i X_i^T``.
-    weights : optional non-negative per-client weights ``w_i``.
-    ridge : relative ridge on the summed Gram (0: exact minimum-norm optimum).
-
-    Returns
-    -------
-    (d, k) tensor in the dtype of ``Ws[0]``.
-    """
-    k = Ws[0].shape[1]
-    _check_grams(grams, k)
-    w = _weights(len(Ws), weights)
-    rhs = torch.zeros(Ws[0].shape, dtype=torch.float64, device=Ws[0].device)
-    for wi, Wi, g in zip(w, Ws, grams):
-        rhs.add_(times_gram(Wi.to(torch.float64), g.to(torch.float64)), alpha=wi)
-    return psd_solve_right(rhs, gram_sum(grams, w), ridge).to(Ws[0].dtype)
 
 
 def _anchored(product_sum: Tensor, gram_total: Tensor, anchor: Tensor | None) -> Tensor:
@@ -269,63 +225,10 @@ def merge_from_sums(
     return out if anchor is None else out + anchor.to(torch.float64)
 
 
-def merge_lora_a(
-    As: Sequence[Tensor],
-    grams: Sequence[Tensor],
-    weights: Sequence[float] | None = None,
-    ridge: float = 0.0,
-) -> Tensor:
-    """LoRM A-step: ``argmin_A sum_i w_i ||(A - A_i) X_i||^2 = (sum w_i A_i G_i)(sum w_i G_i)^+``.
-
-    For any fixed B the same A minimises ``sum_i w_i ||B (A - A_i) X_i||^2``.
-
-    Parameters
-    ----------
-    As : list of (r, k) LoRA down-projections.
-    grams : list of (k, k) or (k,) input Grams.
-
-    Returns
-    -------
-    (r, k) tensor in the dtype of ``As[0]``.
-    """
-    return regmean(As, grams, weights, ridge)
-
-
 def project_gram(A: Tensor, gram: Tensor) -> Tensor:
     """``A G A^T``: (r, r) Gram of the rank-r codes ``A X``; gram (k, k) or (k,)."""
     a = A.to(torch.float64)
     return times_gram(a, gram.to(torch.float64)) @ a.T
-
-
-def merge_lora_b(
-    Bs: Sequence[Tensor],
-    A: Tensor,
-    grams: Sequence[Tensor],
-    weights: Sequence[float] | None = None,
-    ridge: float = 0.0,
-) -> Tensor:
-    """LoRM B-step: ``argmin_B sum_i w_i ||(B - B_i) A X_i||^2``.
-
-    Equal to ``(sum w_i B_i A G_i A^T)(A (sum w_i G_i) A^T)^+``: only an (r, r)
-    pseudo-inverse is needed.
-
-    Parameters
-    ----------
-    Bs : list of (d, r) LoRA up-projections.
-    A : (r, k), the down-projection shared by all clients this round.
-    grams : list of (k, k) or (k,) input Grams.
-
-    Returns
-    -------
-    (d, r) tensor in the dtype of ``Bs[0]``.
-    """
-    _check_grams(grams, A.shape[1])
-    w = _weights(len(Bs), weights)
-    projected = [project_gram(A, g) for g in grams]  # each (r, r)
-    rhs = torch.zeros(Bs[0].shape, dtype=torch.float64, device=Bs[0].device)
-    for wi, Bi, q in zip(w, Bs, projected):
-        rhs.add_(Bi.to(torch.float64) @ q, alpha=wi)
-    return merge_from_sums(rhs, gram_sum(projected, w), ridge).to(Bs[0].dtype)
 
 
 def cross_task_factors(
@@ -365,7 +268,7 @@ def fedavg_mean(tensors: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
     product and the running sum stay in the tensors' dtype (fp32 for LoRA factors),
     in client order. FedIT and FFA use it so that their numbers are FedAvg's.
     """
-    w = _weights(len(tensors), weights)
+    w = client_weights(len(tensors), weights)
     total = sum(w)
     if total <= 0:
         raise ValueError("weights must not all be zero")

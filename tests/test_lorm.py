@@ -10,7 +10,7 @@ from lorm_flwr import wire
 from lorm_flwr.config import RunConfig
 from lorm_flwr.gram import GramRecorder
 from lorm_flwr.layout import AdaptedLayer
-from lorm_flwr.merge import merge_lora_a, merge_lora_b, regmean, smooth_gram, weighted_mean
+from lorm_flwr.merge import smooth_gram, weighted_mean
 from lorm_flwr.models.adapters import (
     HEAD,
     adapter_layout,
@@ -24,6 +24,7 @@ from lorm_flwr.products import gram_products
 from lorm_flwr.rounds import train_exchange
 from lorm_flwr.strategies.lorm import LoRM
 from tests.messages import ScriptedGrid, train_content
+from tests.oracles import merge_lora_a, merge_lora_b, regmean
 
 matrix = AdaptedLayer.matrix
 
