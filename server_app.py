@@ -24,9 +24,10 @@ def _dry_run(grid: Grid, cfg: RunConfig) -> None:
     """Print the plan (tasks, shards, message sizes) and stop; nothing is trained."""
     from lorm_flwr.plan import make_plan
 
-    num_clients = (
-        1 if cfg.strategy in JOINT_STRATEGIES else len(wait_for_nodes(grid, cfg.min_clients))
-    )
+    if cfg.strategy in JOINT_STRATEGIES:
+        num_clients = 1
+    else:  # the experiment's client count; without one, the nodes connected
+        num_clients = cfg.num_clients or len(wait_for_nodes(grid, cfg.min_clients))
     for line in make_plan(cfg, num_clients).lines():
         log.info("lorm-flwr: %s", line)
 
@@ -37,6 +38,6 @@ def main(grid: Grid, context: Context) -> None:
     if cfg.dry_run:
         _dry_run(grid, cfg)
     elif cfg.strategy in JOINT_STRATEGIES:
-        main_joint(cfg)
+        main_joint(cfg, context.run_id)
     else:
-        run_federated(grid, cfg)
+        run_federated(grid, cfg, context.run_id)

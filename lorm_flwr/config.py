@@ -15,6 +15,11 @@ from typing import Any
 
 __all__ = ["ConfigError", "RunConfig"]
 
+# Every derived seed (lorm_flwr.seeds) must stay an int64 on the wire and a valid
+# numpy/torch seed: seed * 100_003 + ... fits int64 far beyond this.
+MAX_SEED = 2**32 - 1
+MAX_IMAGE_SIZE = 1024
+
 
 class ConfigError(ValueError):
     """A run-config value is invalid. The message names the key, the value and what is allowed."""
@@ -54,6 +59,7 @@ class RunConfig:
     precision: str = "fp32"
     output_dir: str = "~/lorm-flwr-runs"
     min_clients: int = 2
+    num_clients: int = 3
     gram_alpha: float = 1.0
     head_gram_alpha: float = 0.5
     merge_ridge: float = 0.0
@@ -82,7 +88,9 @@ class RunConfig:
         for key, raw in run_config.items():
             if key not in by_key:
                 allowed = ", ".join(sorted(by_key))
-                raise ConfigError(f"unknown run-config key '{key}'; known keys: {allowed}")
+                raise ConfigError(
+                    f"unknown run-config key '{key}'{_did_you_mean(key, by_key)}; known keys: {allowed}"
+                )
             name = by_key[key]
             values[name] = _coerce(key, raw, fields[name].type)
         cfg = cls(**values)
@@ -143,11 +151,18 @@ class RunConfig:
         _positive("lora_alpha", self.lora_alpha)
         _positive("dirichlet_beta", self.dirichlet_beta)
         _non_negative("weight_decay", self.weight_decay)
-        _non_negative("min_samples_per_client", self.min_samples_per_client)
+        _positive("min_samples_per_client", self.min_samples_per_client)
         _non_negative("max_samples_per_class", self.max_samples_per_class)
         _non_negative("merge_ridge", self.merge_ridge)
         _non_negative("client_threads", self.client_threads)
         _non_negative("seed", self.seed)
+        if self.seed > MAX_SEED:
+            raise ConfigError(f"seed={self.seed} is invalid: must be in [0, {MAX_SEED}]")
+        _non_negative("num_clients", self.num_clients)
+        if self.num_clients and self.min_clients > self.num_clients:
+            raise ConfigError(
+                f"min-clients={self.min_clients} is invalid: more than num-clients={self.num_clients}"
+            )
         _non_negative("round_retries", self.round_retries)
         _positive("round_timeout", self.round_timeout)
         _non_negative("max_message_mb", self.max_message_mb)
@@ -158,8 +173,15 @@ class RunConfig:
                 raise ConfigError(f"{_key(name)}={value!r} is invalid: must be in [0, 1]")
         if not 0.0 < self.test_fraction < 1.0:
             raise ConfigError(f"test-fraction={self.test_fraction!r} is invalid: must be in (0, 1)")
-        if self.image_size < 8:
-            raise ConfigError(f"image-size={self.image_size} is invalid: must be >= 8")
+        if not 8 <= self.image_size <= MAX_IMAGE_SIZE:
+            raise ConfigError(
+                f"image-size={self.image_size} is invalid: must be in [8, {MAX_IMAGE_SIZE}]"
+            )
+        if self.lora_targets.strip() not in ("", "auto") and not self.lora_target_list:
+            raise ConfigError(
+                f"lora-targets={self.lora_targets!r} names no module: give comma-separated "
+                "module names, or 'auto' for the backbone's defaults"
+            )
         num_classes = DATASETS[self.dataset].num_classes
         if self.num_tasks > num_classes:
             raise ConfigError(
@@ -219,11 +241,31 @@ def _coerce(key: str, raw: Any, annotation: Any) -> Any:
     return raw
 
 
+# Names users reach for that mean one of ours (the closest spelling would miss them).
+ALIASES = {"fedavg": "fedit", "learning-rate": "lr", "rank": "lora-rank", "alpha": "lora-alpha"}
+
+
+def _did_you_mean(word: str, candidates: Any) -> str:
+    """``"; did you mean 'x'?"`` for the closest candidate, or ``""``."""
+    import difflib
+
+    known = list(candidates)
+    normal = word.replace("_", "-").lower()
+    if ALIASES.get(normal) in known:
+        return f"; did you mean '{ALIASES[normal]}'?"
+    if normal in known:
+        return f"; did you mean '{normal}'?"
+    close = difflib.get_close_matches(normal, known, n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
 def _one_of(key: str, value: str, allowed: Any, prefix_ok: tuple[str, ...] = ()) -> None:
     if value in allowed or any(value.startswith(p) for p in prefix_ok):
         return
     names = ", ".join(sorted(allowed))
-    raise ConfigError(f"{key}={value!r} is not known; allowed: {names}")
+    raise ConfigError(
+        f"{key}={value!r} is not known{_did_you_mean(value, allowed)}; allowed: {names}"
+    )
 
 
 def _positive(name: str, value: float) -> None:

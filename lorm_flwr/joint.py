@@ -22,7 +22,14 @@ from lorm_flwr.config import RunConfig
 from lorm_flwr.data.scenario import Scenario
 from lorm_flwr.evaluation import evaluate_global
 from lorm_flwr.models.adapters import get_tensors, set_tensors, set_trainable
-from lorm_flwr.results import RoundRow, RunRecorder, export_adapter, run_folder
+from lorm_flwr.results import (
+    RoundRow,
+    RunRecorder,
+    check_output_dir,
+    export_adapter,
+    provenance,
+    run_folder,
+)
 from lorm_flwr.runtime import data_of, initial_tensors, input_spec, model_of, set_threads
 from lorm_flwr.seeds import joint_phase_seed
 from lorm_flwr.train import pick_device, train_local
@@ -84,7 +91,7 @@ def run_joint(
         )
 
 
-def main_joint(cfg: RunConfig) -> None:
+def main_joint(cfg: RunConfig, run_id: int | None = None) -> None:
     """``joint`` / ``joint-incremental`` in the ServerApp process, no federation.
 
     The pooled data is every client's shard, i.e. the whole training set of each
@@ -92,10 +99,12 @@ def main_joint(cfg: RunConfig) -> None:
     """
     from lorm_flwr.runtime import scenario_of
 
+    check_output_dir(cfg)
     scenario = scenario_of(cfg, 1)
     folder = run_folder(cfg)
     recorder = RunRecorder(cfg, folder, [list(t) for t in scenario.tasks], scenario.shard_sizes())
     recorder.accuracy_kind = "global"
+    recorder.provenance = provenance(run_id)
     log.info("lorm-flwr: %s (no federation), writing results to %s", cfg.strategy, folder)
     start = time.perf_counter()
     try:

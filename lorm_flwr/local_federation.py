@@ -72,6 +72,8 @@ class Federation:
     ) -> list[str]:
         """The ``flwr run`` command line of ``app`` (this app by default) with
         ``run_config`` (after any preset ``run_config_files``)."""
+        if not run_config_files:  # the experiment's client count follows the federation's
+            run_config = {"num-clients": num_supernodes, **run_config}
         items = " ".join(
             f"{k}='{v}'"
             if isinstance(v, str)

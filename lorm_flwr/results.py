@@ -18,12 +18,36 @@ from lorm_flwr.config import RunConfig
 from lorm_flwr.continual import average_forgetting, final_average_accuracy, reference_forgetting
 from lorm_flwr.models.adapters import set_tensors
 
-__all__ = ["RoundRow", "RunRecorder", "export_adapter", "run_folder"]
+__all__ = [
+    "RoundRow",
+    "RunRecorder",
+    "check_output_dir",
+    "export_adapter",
+    "provenance",
+    "run_folder",
+]
 
 log = logging.getLogger("flwr.lorm")
 
 RESULTS_FILE = "results.json"
 PLOT_FILE = "accuracy.png"
+
+
+def check_output_dir(cfg: RunConfig) -> None:
+    """Stop before any work when ``output-dir`` cannot hold a run folder."""
+    from lorm_flwr.config import ConfigError
+
+    root = cfg.output_root
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".lorm-flwr-write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"output-dir={cfg.output_dir!r} cannot hold the run's outputs ({root}: {exc.strerror or exc}); "
+            "give a writable folder"
+        ) from None
 
 
 def run_folder(cfg: RunConfig) -> Path:
@@ -36,6 +60,38 @@ def run_folder(cfg: RunConfig) -> Path:
         path = base.with_name(f"{base.name}-{n}")
     path.mkdir(parents=True)
     return path
+
+
+PACKAGES = ("lorm-flwr", "flwr", "torch", "peft", "timm", "transformers")
+
+
+def provenance(run_id: int | None) -> dict[str, Any]:
+    """What produced a run: package versions, the checkout's commit, Flower's run id."""
+    import subprocess
+    from importlib import metadata
+
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    checkout = Path(__file__).resolve().parents[1]
+    commit = None
+    if (checkout / ".git").exists():
+        try:
+            head = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True,
+                                  text=True, timeout=10, check=True).stdout.strip()  # fmt: skip
+            dirty = subprocess.run(["git", "-C", str(checkout), "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=10, check=True).stdout.strip()  # fmt: skip
+            commit = head + ("-dirty" if dirty else "")
+        except (OSError, subprocess.SubprocessError):
+            commit = None
+    return {
+        "versions": versions,
+        "commit": commit,
+        "flower_run_ids": [run_id] if run_id is not None else [],
+    }
 
 
 def _clean(value: Any) -> Any:
@@ -134,7 +190,15 @@ class RunRecorder:
         default_factory=list
     )  # the hello exchange of each start
 
-    _STATE = ("rounds", "accuracy_matrix", "task_end", "accuracy_kind", "resumed", "handshakes")
+    _STATE = (
+        "rounds",
+        "accuracy_matrix",
+        "task_end",
+        "accuracy_kind",
+        "resumed",
+        "handshakes",
+        "provenance",
+    )
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint keeps of the results so far."""
@@ -171,6 +235,7 @@ class RunRecorder:
             "message_bytes_per_client": self.message_bytes,
             "resumed": self.resumed,
             "handshakes": self.handshakes,
+            "provenance": self.provenance,
             **({"error": self.error} if self.error else {}),
             **({"failed_round": self.failed_round} if self.failed_round else {}),
             **self.final,
@@ -191,6 +256,9 @@ class RunRecorder:
         last = self.task_end[-1]
         self.final = {
             "final_average_accuracy": final_average_accuracy(last["correct"], last["total"]),
+            # The mean over tasks of the accuracy on all classes seen after each task.
+            "average_incremental_accuracy": sum(t["accuracy"] for t in self.task_end)
+            / len(self.task_end),
             "average_forgetting": average_forgetting(self.accuracy_matrix),
             "reference_forgetting": reference_forgetting(self.accuracy_matrix),
             "forgetting_definition": "mean over k<T-1 of max_{t<T-1} a[t][k] - a[T-1][k]",
@@ -211,29 +279,72 @@ class RunRecorder:
         write_json_atomic(self.folder / RESULTS_FILE, self.payload())
 
     def plot(self) -> Path:
-        """Accuracy on each task's classes over global rounds, plus the seen-class average."""
+        """``accuracy.png``: what papers report, and the accuracy matrix.
+
+        Left: accuracy on all seen classes and on each task's classes after each task
+        (the accuracy matrix, for LoRM after the cross-task merge), at the task
+        boundaries (dotted), over the within-task per-round curve of the round's model
+        (thin, grey). Right: the accuracy matrix as a heatmap.
+        """
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig, (ax, heat) = plt.subplots(
+            1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [3, 2]}
+        )
         xs = list(range(1, len(self.rounds) + 1))
+        ends = []  # the last round of each finished task
+        for t in range(len(self.accuracy_matrix)):
+            in_task = [x for x, r in zip(xs, self.rounds) if r["task"] <= t]
+            ends.append(max(in_task) if in_task else t + 1)
+        if self.rounds:
+            ax.plot(xs, [r["accuracy"] for r in self.rounds], color="0.6", lw=1, marker=".", ms=3,
+                    label="within task: the round's model, seen classes")  # fmt: skip
+        for x in ends:
+            ax.axvline(x, color="0.8", ls=":", lw=1)
         for k in range(len(self.tasks)):
             pts = [
-                (x, r["per_task_accuracy"][k])
-                for x, r in zip(xs, self.rounds)
-                if k < len(r["per_task_accuracy"]) and r["per_task_accuracy"][k] is not None
+                (ends[t], row[k])
+                for t, row in enumerate(self.accuracy_matrix)
+                if row[k] is not None
             ]
             if pts:
-                ax.plot(*zip(*pts), marker="o", ms=3, label=f"task {k} {self.tasks[k]}")
-        ax.plot(xs, [r["accuracy"] for r in self.rounds], "k--", lw=2, label="all seen classes")
-        ax.set_xlabel("global round")
+                ax.plot(
+                    *zip(*pts),
+                    marker="o",
+                    ms=4,
+                    lw=1.2,
+                    label=f"after each task: task {k} {self.tasks[k]}",
+                )
+        after = [e["accuracy"] for e in self.task_end]
+        ax.plot(
+            ends[: len(after)],
+            after,
+            "k-",
+            marker="s",
+            lw=2.2,
+            label="after each task: all seen classes",
+        )
+        ax.set_xlabel("global round (dotted: task ends)")
         ax.set_ylabel("class-incremental accuracy")
         ax.set_ylim(0, 1)
         ax.set_title(f"{self.cfg.strategy} on {self.cfg.dataset} ({self.cfg.backbone})")
-        ax.legend(fontsize=7, loc="best")
+        ax.legend(fontsize=6, loc="best")
         ax.grid(alpha=0.3)
+        matrix = [[float("nan") if v is None else v for v in row] for row in self.accuracy_matrix]
+        if matrix:
+            image = heat.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
+            for t, row in enumerate(matrix):
+                for k, v in enumerate(row):
+                    if not math.isnan(v):
+                        heat.text(k, t, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                                  color="white" if v < 0.5 else "black")  # fmt: skip
+            fig.colorbar(image, ax=heat, fraction=0.046)
+        heat.set_xlabel("accuracy on task k's classes")
+        heat.set_ylabel("after training task t")
+        heat.set_title("accuracy matrix a[t][k]")
         fig.tight_layout()
         path = self.folder / PLOT_FILE
         fig.savefig(path, dpi=120)

@@ -36,7 +36,14 @@ from lorm_flwr.layout import group_of
 from lorm_flwr.limits import check_message_sizes
 from lorm_flwr.models.adapters import model_layout
 from lorm_flwr.registry import strategy_class
-from lorm_flwr.results import RoundRow, RunRecorder, export_adapter, run_folder
+from lorm_flwr.results import (
+    RoundRow,
+    RunRecorder,
+    check_output_dir,
+    export_adapter,
+    provenance,
+    run_folder,
+)
 from lorm_flwr.runtime import initial_tensors, model_of, scenario_of
 from lorm_flwr.strategies.base import LoraStrategy, Merged, Tensors
 
@@ -85,6 +92,14 @@ def handshake(grid: Grid, cfg: RunConfig) -> tuple[dict[int, int], ExchangeLog]:
     if len(totals) != 1:
         raise RuntimeError(f"nodes disagree on num-partitions: {sorted(totals)}")
     num = totals.pop()
+    if cfg.num_clients and num != cfg.num_clients:
+        raise ConfigError(
+            f"num-clients={cfg.num_clients}, but the federation has {num} partitions: start "
+            f"{cfg.num_clients} clients (simulation: flwr run . --federation-config "
+            f'"num-supernodes={cfg.num_clients}"; deployment: {cfg.num_clients} SuperNodes with '
+            f"--node-config 'partition-id=K num-partitions={cfg.num_clients}'), or run with "
+            f"num-clients={num} (num-clients=0 takes whatever the federation has)"
+        )
     mapping = {node: pid for node, pid, _ in replies}
     pids = sorted(mapping.values())
     if len(pids) != num or pids != list(range(num)):
@@ -318,9 +333,11 @@ def _changes(strategy: LoraStrategy, before: Tensors, after: Tensors) -> dict[st
     return out
 
 
-def run_federated(grid: Grid, cfg: RunConfig) -> None:
+def run_federated(grid: Grid, cfg: RunConfig, run_id: int | None = None) -> None:
     """The whole federated run; results and a checkpoint are written after every round."""
     checkpoint = resume_point(cfg)  # a resume it cannot honour stops here
+    if checkpoint is None:
+        check_output_dir(cfg)  # so does an output folder it cannot write
     partition_of, hello = handshake(grid, cfg)
     num_clients = len(partition_of)
     scenario = scenario_of(cfg, num_clients)  # impossible splits stop here
@@ -362,6 +379,10 @@ def run_federated(grid: Grid, cfg: RunConfig) -> None:
         log.info("lorm-flwr: resuming task %d round %d from %s", first_task, first_round,
                  checkpoint_path(cfg.resume_from))  # fmt: skip
     recorder.message_bytes = message_bytes
+    if recorder.provenance:  # a resume: same code? the commit says; one more Flower run
+        recorder.provenance["flower_run_ids"].append(run_id)
+    else:
+        recorder.provenance = provenance(run_id)
     recorder.handshakes.append(
         {**hello.to_dict(), "partitions": {str(n): p for n, p in partition_of.items()}}
     )

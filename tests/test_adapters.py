@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -168,3 +169,11 @@ def test_layout_is_cached_per_model_and_callers_get_their_own_list():
     first.clear()
     assert len(adapter_layout(model)) == 8
     assert adapter_layout(_model()) == adapter_layout(model)  # another model object, same layout
+
+
+def test_a_target_that_matches_nothing_is_named_not_dropped():
+    base = build_classifier("vit-tiny", 16, 10, 0)
+    with pytest.raises(
+        ValueError, match=r"lora-targets='qkv,nope': nope matches no module.*layer names: .*qkv"
+    ):
+        attach_lora(base, rank=2, alpha=2.0, targets=["qkv", "nope"])

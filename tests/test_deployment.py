@@ -51,7 +51,7 @@ def _deployed_run(tmp_path: Path, cfg: dict, tls: bool) -> dict:
         out = tmp_path / "runs"
         proc = subprocess.run(
             [str(BIN / "flwr"), "run", str(ROOT), "local-deploy", "--stream",
-             "--run-config", _items({**cfg, "output-dir": str(out)})],
+             "--run-config", _items({**cfg, "num-clients": 2, "output-dir": str(out)})],
             env={**env, "FLWR_HOME": str(state / "flwr-home")}, capture_output=True, text=True,
             timeout=900, cwd=tmp_path, check=False,
         )  # fmt: skip

@@ -210,3 +210,18 @@ def test_the_server_refuses_a_resume_it_cannot_honour_before_any_work(tmp_path):
         resume_point(RunConfig(resume_from=str(tmp_path)))
     ok = resume_point(RunConfig(lr=0.002, resume_from=str(tmp_path), output_dir="/other"))
     assert ok.round_in_task == 1
+
+
+def test_an_output_dir_that_cannot_be_written_stops_before_any_work(tmp_path):
+    from lorm_flwr.config import ConfigError
+    from lorm_flwr.results import check_output_dir
+
+    check_output_dir(RunConfig(output_dir=str(tmp_path / "new" / "runs")))  # created
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(
+        ConfigError, match=r"output-dir='.*a-file/runs' cannot hold the run's outputs"
+    ):
+        check_output_dir(RunConfig(output_dir=str(blocker / "runs")))
+    with pytest.raises(ConfigError, match=r"output-dir='/proc/x'"):
+        check_output_dir(RunConfig(output_dir="/proc/x"))

@@ -38,6 +38,7 @@ def test_the_expected_presets_exist():
 def test_preset_parses_validates_and_uses_only_app_keys(path):
     values = _load(path)
     assert set(values) <= APP_KEYS  # flwr --run-config only overrides keys the app declares
+    assert values["num-clients"] >= values.get("min-clients", 2)  # presets pin the client count
     RunConfig.from_mapping(values)
 
 

@@ -61,6 +61,12 @@ def test_fedit_simulation_writes_results_and_a_reloadable_adapter(per_strategy):
         h["bytes_up"] for h in results["handshakes"]
     )
     assert (folder / "accuracy.png").stat().st_size > 1000
+    assert results["average_incremental_accuracy"] == pytest.approx(
+        sum(t["accuracy"] for t in results["task_end"]) / 2
+    )
+    prov = results["provenance"]
+    assert prov["versions"]["flwr"].startswith("1.42") and prov["versions"]["torch"] == "2.14.1"
+    assert len(prov["flower_run_ids"]) == 1 and prov["flower_run_ids"][0] > 0
     # The exported adapter, reloaded with peft, reproduces the server's evaluation.
     assert _reloaded_accuracy(folder, results) == pytest.approx(
         results["final_average_accuracy"], abs=1e-12

@@ -115,7 +115,7 @@ def test_an_end_of_task_reply_without_its_statistics_is_refused():
 
 
 def test_the_handshake_maps_nodes_to_partitions_and_refuses_bad_hellos():
-    cfg = RunConfig(min_clients=2, round_retries=0)
+    cfg = RunConfig(min_clients=2, num_clients=0, round_retries=0)
     grid = ScriptedGrid([7, 9], [{7: wire.hello_reply(1, 2), 9: wire.hello_reply(0, 2)}])
     mapping, log = handshake(grid, cfg)
     assert mapping == {7: 1, 9: 0} and log.replies == 2 and log.bytes_up > 0
@@ -128,3 +128,18 @@ def test_the_handshake_maps_nodes_to_partitions_and_refuses_bad_hellos():
     grid = ScriptedGrid([7, 9], [{7: wire.hello_reply(1, 2), 9: wire.hello_reply(1, 2)}])
     with pytest.raises(RuntimeError, match="not 0..N-1 once each"):
         handshake(grid, cfg)
+    grid = ScriptedGrid([7, 9], [{7: wire.hello_reply(1, 3), 9: wire.hello_reply(0, 3)}, {}])
+    with pytest.raises(RuntimeError, match=r"missing: \[2\]"):  # partition 2 never answered
+        handshake(grid, cfg)
+
+
+def test_a_federation_of_another_size_than_num_clients_stops_with_the_remedy():
+    from lorm_flwr.config import ConfigError
+
+    grid = ScriptedGrid([7, 9], [{7: wire.hello_reply(1, 2), 9: wire.hello_reply(0, 2)}])
+    with pytest.raises(
+        ConfigError, match=r"num-clients=3, but the federation has 2 partitions.*num-supernodes=3"
+    ):
+        handshake(grid, RunConfig(num_clients=3))
+    mapping, _ = handshake(grid, RunConfig(num_clients=0))  # 0: whatever the federation has
+    assert sorted(mapping.values()) == [0, 1]

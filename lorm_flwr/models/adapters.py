@@ -75,6 +75,20 @@ def attach_lora(
     """
     if kind not in ADAPTER_KINDS:
         raise ValueError(f"adapter kind {kind!r} unknown; allowed: {ADAPTER_KINDS}")
+    names = [n for n, _ in model.named_modules()]
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:  # peft would adapt the others and drop these without a word
+        leaf = sorted(
+            {
+                n.rsplit(".", 1)[-1]
+                for n, m in model.named_modules()
+                if isinstance(m, nn.Conv2d | nn.Linear)
+            }
+        )
+        raise ValueError(
+            f"lora-targets={','.join(targets)!r}: {', '.join(unmatched)} matches no module of this "
+            f"backbone; layer names: {', '.join(leaf)}"
+        )
     if kind == "vera":
         from peft import VeraConfig
 
