@@ -10,7 +10,10 @@ opening a checkpoint never runs code from it.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
+import pickle
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,10 +37,11 @@ __all__ = [
 ]
 
 CHECKPOINT_FILE = "checkpoint.pt"
-FORMAT_VERSION = 2
-# Version 1 differs only in what a reader ignores (the strategy's round log, the
-# recorder's message sizes) or defaults (the handshakes), so it still loads.
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+# Version 3 wraps the state with its SHA-256. Versions 1 and 2 (no checksum) differ
+# only in what a reader ignores (the strategy's round log, the recorder's message
+# sizes) or defaults (handshakes, provenance), so they still load.
+READABLE_VERSIONS = (1, 2, 3)
 
 # Run-config keys a resumed run may change: they decide where and how patiently a
 # run goes, not what it computes. Any other difference is refused.
@@ -89,11 +93,21 @@ def checkpoint_path(path: str | Path) -> Path:
 
 
 def save_checkpoint(folder: Path, checkpoint: Checkpoint) -> Path:
-    """Write ``folder/checkpoint.pt`` atomically."""
+    """Write ``folder/checkpoint.pt`` atomically, with the SHA-256 of its contents."""
+    buffer = io.BytesIO()
+    torch.save(asdict(checkpoint), buffer)
+    payload = buffer.getvalue()
     path = folder / CHECKPOINT_FILE
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        torch.save(asdict(checkpoint), f)
+        torch.save(
+            {
+                "version": FORMAT_VERSION,
+                "sha256": hashlib.sha256(payload).hexdigest(),
+                "state": payload,
+            },
+            f,
+        )
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -101,14 +115,36 @@ def save_checkpoint(folder: Path, checkpoint: Checkpoint) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read and verify a checkpoint; ``ValueError`` says what is wrong with a damaged one."""
     file = checkpoint_path(path)
-    state = torch.load(file, map_location="cpu", weights_only=True)
-    if state.get("version") not in READABLE_VERSIONS:
-        raise ValueError(
-            f"{file} has checkpoint format {state.get('version')!r}; this version reads "
-            f"{', '.join(map(str, READABLE_VERSIONS))}"
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict):
+            raise TypeError("it holds no checkpoint")
+        if state.get("version") == FORMAT_VERSION:
+            payload = state["state"]
+            if hashlib.sha256(payload).hexdigest() != state["sha256"]:
+                raise ValueError("its checksum does not match its contents (the file is corrupt)")
+            state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+        if state.get("version") not in READABLE_VERSIONS:
+            raise ValueError(
+                f"it has checkpoint format {state.get('version')!r}; this version reads "
+                f"{', '.join(map(str, READABLE_VERSIONS))}"
+            )
+        return Checkpoint(**state)
+    except (
+        ValueError,
+        TypeError,
+        KeyError,
+        EOFError,
+        OSError,
+        RuntimeError,
+        pickle.UnpicklingError,
+    ) as exc:
+        reason = (
+            str(exc) if isinstance(exc, ValueError) and str(exc) else f"{type(exc).__name__}: {exc}"
         )
-    return Checkpoint(**state)
+        raise ValueError(f"{file} is damaged or not a lorm-flwr checkpoint: {reason}") from None
 
 
 def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

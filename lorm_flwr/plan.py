@@ -36,6 +36,7 @@ class Plan:
     messages: dict[int, tuple[int, int]] = field(default_factory=dict)
     end_of_task: tuple[int, int] | None = None  # LoRM's statistics exchange: (down, up) per client
     unreachable: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # what would stop the run
 
     def lines(self) -> list[str]:
         c = self.cfg
@@ -72,6 +73,8 @@ class Plan:
             out.append(
                 f"whole run, all clients: about {_mb(per_task * c.num_tasks * self.num_clients)}"
             )
+        for problem in self.problems:
+            out.append(f"the run would stop: {problem}")
         for what in self.unreachable:
             out.append(f"could not reach {what}")
         if self.unreachable:
@@ -138,7 +141,7 @@ def _layout(cfg: RunConfig, plan: Plan):
 
 def _messages(cfg: RunConfig, layout, plan: Plan) -> None:
     from lorm_flwr.joint import JOINT_STRATEGIES
-    from lorm_flwr.limits import message_shapes
+    from lorm_flwr.limits import MessageTooLarge, check_message_sizes, message_shapes
     from lorm_flwr.models.adapters import group_of
     from lorm_flwr.registry import strategy_class
 
@@ -150,7 +153,12 @@ def _messages(cfg: RunConfig, layout, plan: Plan) -> None:
     plan.adapter_parameters = size(s for k, s in layout.shapes.items() if group_of(k) != "head")
     if cfg.strategy in JOINT_STRATEGIES:
         return  # no federation, no messages
-    shapes = message_shapes(strategy_class(cfg.strategy)(cfg, layout))
+    strategy = strategy_class(cfg.strategy)(cfg, layout)
+    try:  # the run itself would refuse to start
+        check_message_sizes(strategy, cfg.max_message_bytes)
+    except MessageTooLarge as exc:
+        plan.problems.append(str(exc))
+    shapes = message_shapes(strategy)
     floats = {name: sum(math.prod(t) for t in s.values()) for name, s in shapes.items()}
     for r in range(min(cfg.rounds_per_task, 2)):  # rounds alternate with period <= 2
         plan.messages[r] = (floats[f"round {r} down"], floats[f"round {r} up"])

@@ -27,3 +27,13 @@ def test_hub_dataset_offline_raises_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     with pytest.raises(D.DataUnavailableError, match="uoft-cs/cifar100"):
         D._load_cifar100(0.2, 0)
+
+
+def test_a_test_fraction_that_empties_a_split_names_the_key():
+    from lorm_flwr.config import ConfigError, RunConfig
+    from lorm_flwr.runtime import scenario_of
+
+    with pytest.raises(
+        ConfigError, match=r"test-fraction=0.9999 leaves the training split of 'mnist'"
+    ):
+        scenario_of(RunConfig(test_fraction=0.9999, max_samples_per_class=10), 3)

@@ -225,3 +225,31 @@ def test_an_output_dir_that_cannot_be_written_stops_before_any_work(tmp_path):
         check_output_dir(RunConfig(output_dir=str(blocker / "runs")))
     with pytest.raises(ConfigError, match=r"output-dir='/proc/x'"):
         check_output_dir(RunConfig(output_dir="/proc/x"))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped byte", "not a checkpoint", "empty"])
+def test_a_damaged_checkpoint_names_resume_from_and_what_is_wrong(tmp_path, damage):
+    save_checkpoint(tmp_path, Checkpoint(config=RunConfig().to_dict(), task=0, round_in_task=1,
+                                         tensors={"a": torch.ones(100)}, strategy={}, recorder={},
+                                         rng=capture_rng(), elapsed_seconds=0.0))  # fmt: skip
+    path = tmp_path / CHECKPOINT_FILE
+    data = bytearray(path.read_bytes())
+    if damage == "truncated":
+        path.write_bytes(bytes(data[: len(data) // 2]))
+    elif damage == "flipped byte":  # one byte of the stored state: only the checksum can tell
+        outer = torch.load(path, weights_only=True)
+        state = bytearray(outer["state"])
+        state[len(state) // 2] ^= 0x01
+        torch.save({**outer, "state": bytes(state)}, path)
+    elif damage == "not a checkpoint":
+        torch.save([1, 2, 3], path)
+    else:
+        path.write_bytes(b"")
+    from lorm_flwr.config import ConfigError
+
+    with pytest.raises(
+        ConfigError, match=r"resume-from=.*damaged or not a lorm-flwr checkpoint"
+    ) as info:
+        resume_point(RunConfig(resume_from=str(tmp_path)))
+    if damage == "flipped byte":
+        assert "checksum does not match" in str(info.value)

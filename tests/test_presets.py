@@ -74,3 +74,15 @@ def test_dry_run_of_a_text_hub_preset_offline():
     reasons = "\n".join(plan.unreachable)
     assert "glue-rte" in reasons and "roberta-large" in reasons
     assert plan.tasks is None
+
+
+def test_the_dry_run_says_when_a_message_would_exceed_max_message_mb():
+    from lorm_flwr.plan import make_plan
+
+    plan = make_plan(
+        RunConfig(dataset="digits", backbone="vit-tiny", image_size=16, max_message_mb=0.01), 3
+    )
+    assert any(line.startswith("the run would stop: each client's") for line in plan.lines())
+    assert not make_plan(
+        RunConfig(dataset="digits", backbone="vit-tiny", image_size=16), 3
+    ).problems

@@ -262,4 +262,14 @@ def load_dataset(name: str, test_fraction: float, seed: int) -> LabelledData:
     data = DATASETS[name].load(test_fraction, seed)
     if data.num_classes != DATASETS[name].num_classes:
         raise RuntimeError(f"{name}: expected {DATASETS[name].num_classes} classes")
+    for split, labels in (("training", data.train_y), ("test", data.test_y)):
+        missing = sorted(set(range(data.num_classes)) - {int(c) for c in np.unique(labels)})
+        if missing:
+            from lorm_flwr.config import ConfigError
+
+            raise ConfigError(
+                f"test-fraction={test_fraction} leaves the {split} split of '{name}' without "
+                f"samples of classes {missing[:10]}: choose a test-fraction that keeps every "
+                "class on both sides"
+            )
     return data
