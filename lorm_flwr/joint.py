@@ -21,12 +21,12 @@ import numpy as np
 from lorm_flwr.config import RunConfig
 from lorm_flwr.data.scenario import Scenario
 from lorm_flwr.evaluation import evaluate_global
+from lorm_flwr.export import export_adapter
 from lorm_flwr.models.adapters import get_tensors, set_tensors, set_trainable
 from lorm_flwr.results import (
     RoundRow,
     RunRecorder,
     check_output_dir,
-    export_adapter,
     provenance,
     run_folder,
 )
@@ -84,7 +84,18 @@ def run_joint(
             {"accuracy": ev.accuracy, "correct": ev.correct, "total": ev.total,
              "adapter_rank": cfg.lora_rank},
         )  # fmt: skip
-        export_adapter(model, tensors, recorder.folder / "adapter")
+        metrics = {
+            f"accuracy on classes seen after task {last_task}": ev.accuracy,
+            "accuracy per task": ev.per_task,
+        }
+        export_adapter(
+            model,
+            tensors,
+            recorder.folder / "adapter",
+            cfg,
+            [list(t) for t in scenario.tasks],
+            metrics,
+        )
         report(
             f"lorm-flwr: {cfg.strategy} phase {phase + 1}/{len(phases)} (tasks {tasks}): "
             f"accuracy on seen classes {ev.accuracy:.3f}"

@@ -11,18 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from peft import PeftModel
-
 from lorm_flwr.config import RunConfig
 from lorm_flwr.continual import average_forgetting, final_average_accuracy, reference_forgetting
-from lorm_flwr.models.adapters import set_tensors
 
 __all__ = [
     "RoundRow",
     "RunRecorder",
     "check_output_dir",
-    "export_adapter",
     "provenance",
     "run_folder",
 ]
@@ -350,16 +345,3 @@ class RunRecorder:
         fig.savefig(path, dpi=120)
         plt.close(fig)
         return path
-
-
-def export_adapter(model: PeftModel, tensors: dict[str, torch.Tensor], folder: Path) -> Path:
-    """Save tensors as a standard peft adapter (adapter_config.json + safetensors).
-
-    The head is saved with it (peft ``modules_to_save``), so
-    ``PeftModel.from_pretrained(build_classifier(...), folder)`` restores the whole
-    classifier.
-    """
-    set_tensors(model, tensors)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(folder))
-    return folder

@@ -32,6 +32,7 @@ from lorm_flwr.continual import pool_personal
 from lorm_flwr.data.scenario import Scenario
 from lorm_flwr.evaluation import evaluate_global
 from lorm_flwr.exchange import ExchangeFailed, ExchangeLog, exchange
+from lorm_flwr.export import export_adapter
 from lorm_flwr.layout import group_of
 from lorm_flwr.limits import check_message_sizes
 from lorm_flwr.models.adapters import model_layout
@@ -40,7 +41,6 @@ from lorm_flwr.results import (
     RoundRow,
     RunRecorder,
     check_output_dir,
-    export_adapter,
     provenance,
     run_folder,
 )
@@ -265,8 +265,14 @@ class FederatedRun:
                 "adapter_rank": final.rank,
             }  # fmt: skip
             model = model_of(cfg, rank=final.rank, alpha=final.alpha)
-            export_adapter(model, final.tensors, self.recorder.folder / "adapters" / f"task-{task}")
-            export_adapter(model, final.tensors, self.recorder.folder / "adapter")
+            metrics = {f"accuracy on classes seen after task {task}": ev.accuracy,
+                        "accuracy per task": ev.per_task}  # fmt: skip
+            tasks = [list(t) for t in self.scenario.tasks]
+            for where in (
+                self.recorder.folder / "adapters" / f"task-{task}",
+                self.recorder.folder / "adapter",
+            ):
+                export_adapter(model, final.tensors, where, cfg, tasks, metrics)
         else:
             # No global model: the clients' own models, evaluated on their own test splits.
             personal = self.recorder.rounds[-1]["personalised"]

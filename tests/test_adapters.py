@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from lorm_flwr.config import RunConfig
+from lorm_flwr.export import ADAPTER_INFO, export_adapter, load_classifier
 from lorm_flwr.models.adapters import (
     adapter_layout,
     attach_lora,
@@ -17,7 +21,6 @@ from lorm_flwr.models.adapters import (
     set_trainable,
 )
 from lorm_flwr.models.backbones import build_classifier
-from lorm_flwr.results import export_adapter
 
 
 def _model(seed=0):
@@ -55,17 +58,39 @@ def test_extract_load_round_trip_changes_no_output():
     torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
 
 
-def test_peft_save_and_from_pretrained_round_trip(tmp_path):
+CFG = RunConfig(strategy="fedit", dataset="digits", backbone="vit-tiny", image_size=32, lora_rank=2,
+                lora_alpha=4.0, lora_targets="qkv,attn.proj,fc1,fc2")  # fmt: skip
+
+
+def test_the_exported_adapter_describes_itself_and_reloads_exactly(tmp_path):
     x = torch.randn(4, 3, 32, 32)
     source = _model()
     _randomise(source, 2)
-    export_adapter(source, get_tensors(source), tmp_path / "adapter")
-    assert (tmp_path / "adapter" / "adapter_config.json").exists()
-    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
-    reloaded = PeftModel.from_pretrained(
-        build_classifier("vit-tiny", 32, 10, 0), tmp_path / "adapter"
+    folder = tmp_path / "adapter"
+    export_adapter(source, get_tensors(source), folder, CFG, [[0, 1], [2, 3]], {"accuracy": 0.5})
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"].startswith("timm/vit_tiny_patch16_224")
+    card = (folder / "README.md").read_text()
+    assert (
+        "Classes per task, in training order: [[0, 1], [2, 3]]" in card and "accuracy: 0.5" in card
     )
+    assert "normalised with mean [0.5, 0.5, 0.5]" in card and "timm.create_model" in card
+    # peft alone, onto the same classifier, and lorm-flwr's loader, from the folder alone
+    reloaded = PeftModel.from_pretrained(build_classifier("vit-tiny", 32, 10, 0), folder)
     torch.testing.assert_close(reloaded.eval()(x), source(x), rtol=0, atol=0)
+    torch.testing.assert_close(load_classifier(folder)(x), source(x), rtol=0, atol=0)
+
+
+def test_loading_refuses_a_folder_whose_tensors_do_not_all_land(tmp_path):
+    source = _model()
+    folder = tmp_path / "adapter"
+    export_adapter(source, get_tensors(source), folder, CFG, [[0, 1]])
+    info = json.loads((folder / ADAPTER_INFO).read_text())
+    (folder / ADAPTER_INFO).write_text(json.dumps({**info, "num_classes": 7}))  # another head
+    with pytest.raises((ValueError, RuntimeError)):
+        load_classifier(folder)
+    with pytest.raises(ValueError, match="no lorm_flwr.json"):
+        load_classifier(tmp_path / "elsewhere")
 
 
 def test_set_trainable_and_reset():

