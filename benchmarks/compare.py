@@ -23,6 +23,7 @@ import threading
 import time
 from pathlib import Path
 
+from lorm_flwr import report
 from lorm_flwr.local_federation import load_results, simulation_superlink
 
 
@@ -50,8 +51,9 @@ def _fmt(values: list[float | None], digits: int = 3) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def run_one(fed, cfg: dict, clients: int) -> dict:
-    out = Path(tempfile.mkdtemp(prefix="lfr-bench-"))
+def run_one(fed, cfg: dict, clients: int, runs_dir: Path) -> dict:
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    out = Path(tempfile.mkdtemp(prefix="run-", dir=runs_dir))  # kept: the report reads it
     peak = 0
     done = threading.Event()
 
@@ -157,7 +159,7 @@ def main() -> None:
                 own = _parse_sets([o for o in overrides.split(",") if o])
                 cfg = {**extra, **own, "strategy": name, "seed": seed}
                 print(f"running {cfg} ...", flush=True)
-                r = run_one(fed, cfg, args.clients)
+                r = run_one(fed, cfg, args.clients, out.parent / f"{out.name}-runs")
                 r["seed"] = seed
                 runs[strategy].append(r)
                 print(
@@ -168,32 +170,33 @@ def main() -> None:
                 out.with_suffix(".json").write_text(
                     json.dumps({"config": extra, "runs": runs}, indent=2)
                 )
-    lines = [
+    command = (
         f"Command: `python benchmarks/compare.py --strategies {' '.join(args.strategies)} "
         f"--seeds {' '.join(map(str, args.seeds))} --clients {args.clients}"
         + (f" --set {' '.join(args.set)}" if args.set else "")
-        + "`",
+        + "`"
+    )
+    folders = [r["folder"] for rs in runs.values() for r in rs if Path(r["folder"]).exists()]
+    lines = [
+        command,
         f"Date: {time.strftime('%Y-%m-%d')}; machine: 2-core CPU, no GPU.",
         "",
-        "Final average accuracy is of the global model where the strategy has one, else the",
-        "sample-weighted mean over clients of each client's own model on its own test split",
-        "(personalised).",
+        "Accuracy and traffic (`python -m lorm_flwr.report` over the runs' folders). Final average",
+        "accuracy is of the global model where the strategy has one, else the sample-weighted mean",
+        "over clients of each client's own model on its own test split (personalised).",
         "",
-        (
-            "| strategy | final avg accuracy, global | final avg accuracy, personalised | forgetting "
-            "| bytes up / round | bytes down / round "
-            "| wall s | outside local training | peak memory MB | per-seed accuracy |"
-        ),
-        "|---|---|---|---|---|---|---|---|---|---|",
+        report.markdown(report.group_runs(report.find_runs(folders)))
+        if folders
+        else "(no run folders kept)",
+        "",
+        "Speed and memory:",
+        "",
+        "| strategy | wall s | outside local training | peak memory MB | per-seed accuracy |",
+        "|---|---|---|---|---|",
     ]
     for strategy, rs in runs.items():
-        acc = _fmt([r["final_average_accuracy"] for r in rs])
-        personal = any(r.get("accuracy_kind", "global") != "global" for r in rs)
         lines.append(
-            f"| {strategy} | {'n/a' if personal else acc} | {acc if personal else 'n/a'} "
-            f"| {_fmt([r['average_forgetting'] for r in rs])} "
-            f"| {statistics.mean(r['bytes_up_per_round'] for r in rs):,.0f} "
-            f"| {statistics.mean(r['bytes_down_per_round'] for r in rs):,.0f} "
+            f"| {strategy} "
             f"| {_fmt([r['wall_seconds'] for r in rs], 0)} "
             f"| {_fmt([1 - r['local_training_seconds'] / r['wall_seconds'] for r in rs], 2)} "
             f"| {_fmt([r['peak_memory_bytes'] / 2**20 for r in rs], 0)} "
@@ -201,36 +204,14 @@ def main() -> None:
         )
     table = "\n".join(lines)
     out.with_suffix(".md").write_text(table + "\n")
-    _plot(runs, out.with_suffix(".png"))
+    if folders:
+        report.plot(report.group_runs(report.find_runs(folders)), out.with_suffix(".png"))
     print(table)
 
 
 @contextlib.contextmanager
 def _nothing():
     yield None
-
-
-def _plot(runs: dict[str, list[dict]], path: Path) -> None:
-    """Final average accuracy per entry, mean and std over seeds, seeds as dots."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(runs)
-    fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(names)), 3.5))
-    for i, name in enumerate(names):
-        acc = [r["final_average_accuracy"] for r in runs[name]]
-        sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
-        ax.bar(i, statistics.mean(acc), yerr=sd, capsize=4, color="#8fb3d9")
-        ax.plot([i] * len(acc), acc, "k.", ms=4)
-    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("final average accuracy")
-    ax.set_ylim(0, 1)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 if __name__ == "__main__":
