@@ -181,9 +181,9 @@ class RunRecorder:
     failed_round: dict[str, Any] = field(default_factory=dict)  # the round that stopped the run
     message_bytes: dict[str, int] = field(default_factory=dict)  # per client, by message
     resumed: list[dict[str, Any]] = field(default_factory=list)  # one entry per resume
-    handshakes: list[dict[str, Any]] = field(
-        default_factory=list
-    )  # the hello exchange of each start
+    # The hello exchange of each start; versions, commit and Flower run ids.
+    handshakes: list[dict[str, Any]] = field(default_factory=list)
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     _STATE = (
         "rounds",
