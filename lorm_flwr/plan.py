@@ -17,7 +17,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
-from lorm_flwr.config import RunConfig
+from lorm_flwr.config import ConfigError, RunConfig
 from lorm_flwr.limits import BYTES_PER_FLOAT
 
 __all__ = ["Plan", "make_plan"]
@@ -182,7 +182,11 @@ def main(argv: list[str] | None = None) -> None:
             values[key] = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
             values[key] = raw  # a bare string
-    for line in make_plan(RunConfig.from_mapping(values), args.clients).lines():
+    try:
+        cfg = RunConfig.from_mapping(values)
+    except ConfigError as exc:  # the app's own message, e.g. the closest key to a misspelt one
+        raise SystemExit(f"error: {exc}") from None
+    for line in make_plan(cfg, args.clients).lines():
         print(line)
 
 

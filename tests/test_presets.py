@@ -86,3 +86,10 @@ def test_the_dry_run_says_when_a_message_would_exceed_max_message_mb():
     assert not make_plan(
         RunConfig(dataset="digits", backbone="vit-tiny", image_size=16), 3
     ).problems
+
+
+def test_the_plan_command_prints_the_apps_message_for_a_misspelt_key():
+    with pytest.raises(
+        SystemExit, match="unknown run-config key 'lora_rank'; did you mean 'lora-rank'"
+    ):
+        plan_main(["--clients", "3", "lora_rank=8"])
