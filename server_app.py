@@ -25,10 +25,16 @@ def _dry_run(grid: Grid, cfg: RunConfig) -> None:
     from lorm_flwr.plan import make_plan
 
     if cfg.strategy in JOINT_STRATEGIES:
-        num_clients = 1
+        plan = make_plan(cfg, 1)
     else:  # the experiment's client count; without one, the nodes connected
-        num_clients = cfg.num_clients or len(wait_for_nodes(grid, cfg.min_clients))
-    for line in make_plan(cfg, num_clients).lines():
+        connected = len(wait_for_nodes(grid, cfg.min_clients))
+        plan = make_plan(cfg, cfg.num_clients or connected)
+        if cfg.num_clients and connected != cfg.num_clients:
+            plan.problems.append(
+                f"num-clients={cfg.num_clients}, but {connected} SuperNodes are connected "
+                f'(simulation: --federation-config "num-supernodes={cfg.num_clients}")'
+            )
+    for line in plan.lines():
         log.info("lorm-flwr: %s", line)
 
 

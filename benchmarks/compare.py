@@ -177,6 +177,11 @@ def main() -> None:
         + "`"
     )
     folders = [r["folder"] for rs in runs.values() for r in rs if Path(r["folder"]).exists()]
+    gone = sum(len(rs) for rs in runs.values()) - len(folders)
+    if gone:
+        print(
+            f"warning: {gone} runs' folders are gone; the accuracy table covers the other {len(folders)}"
+        )
     lines = [
         command,
         f"Date: {time.strftime('%Y-%m-%d')}; machine: 2-core CPU, no GPU.",

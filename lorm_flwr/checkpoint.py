@@ -54,6 +54,7 @@ RESUMABLE_CHANGES = frozenset(
         "round-retries",
         "round-timeout",
         "min-clients",
+        "num-clients",  # checks the federation; the shards themselves are compared on resume
         "max-message-mb",
         "dry-run",
     }
@@ -149,6 +150,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 
 def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Run-config keys whose value differs and may not differ on resume, as ``key: old -> new``."""
+    saved = {**RunConfig().to_dict(), **saved}  # a key added since the checkpoint: its default
     keys = (set(saved) | set(current)) - RESUMABLE_CHANGES
     return [
         f"{k}: {saved.get(k)!r} -> {current.get(k)!r}"

@@ -55,6 +55,13 @@ def export_adapter(
         "mean": list(spec.mean),
         "std": list(spec.std),
         "max_length": cfg.max_length,
+        # What the classifier's forward takes (text: not a tokenizer's usual output).
+        "input": (
+            f"float images (N, 3, {cfg.image_size}, {cfg.image_size}), normalised with mean and std"
+            if spec.modality == "image"
+            else "int64 token ids (N, L) of the base model's tokenizer, with -1 (not the pad id) at "
+            "padding positions, as lorm_flwr.data.text.encode writes them"
+        ),
         "strategy": cfg.strategy,
         "dataset": cfg.dataset,
         "classes_per_task": tasks,
@@ -71,8 +78,10 @@ def _model_card(info: dict[str, Any], source: str) -> str:
         f"images resized to {info['image_size']} x {info['image_size']}, scaled to [0, 1], "
         f"normalised with mean {info['mean']} and std {info['std']}"
         if info["modality"] == "image"
-        else f"text tokenised with the base model's tokenizer, at most {info['max_length']} tokens; "
-        "the head reads the mean of the last hidden states over real tokens"
+        else f"text tokenised with the base model's tokenizer, at most {info['max_length']} tokens, "
+        "given as int64 ids with -1 (not the pad id) at padding positions "
+        "(`lorm_flwr.data.text.encode`); the head reads the mean of the last hidden states over "
+        "real tokens. Padded ids from the tokenizer as they come would be averaged in."
     )
     metrics = "\n".join(f"- {k}: {v}" for k, v in info["metrics"].items()) or "- (none recorded)"
     return f"""# LoRA adapter from lorm-flwr ({info["strategy"]} on {info["dataset"]})

@@ -168,7 +168,9 @@ def _messages(cfg: RunConfig, layout, plan: Plan) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Print the plan of a run without training.")
-    p.add_argument("--clients", type=int, default=3)
+    p.add_argument(
+        "--clients", type=int, default=0, help="clients to plan for (default: num-clients, else 3)"
+    )
     p.add_argument("--run-config", default="", help="a TOML file of run-config keys (a preset)")
     p.add_argument("overrides", nargs="*", help="key=value run-config overrides")
     args = p.parse_args(argv)
@@ -186,7 +188,11 @@ def main(argv: list[str] | None = None) -> None:
         cfg = RunConfig.from_mapping(values)
     except ConfigError as exc:  # the app's own message, e.g. the closest key to a misspelt one
         raise SystemExit(f"error: {exc}") from None
-    for line in make_plan(cfg, args.clients).lines():
+    try:
+        plan = make_plan(cfg, args.clients or cfg.num_clients or 3)
+    except ValueError as exc:  # ConfigError (an impossible split), unmatched lora-targets
+        raise SystemExit(f"error: {exc}") from None
+    for line in plan.lines():
         print(line)
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lorm_flwr.checkpoint import RESUMABLE_CHANGES
+from lorm_flwr.config import RunConfig
 
 __all__ = ["Run", "find_runs", "group_runs", "main", "markdown", "plot"]
 
@@ -46,7 +47,7 @@ class Run:
         res = json.loads((folder / "results.json").read_text())
         if res.get("status") != "completed":
             raise ValueError(f"{folder}: run {res.get('status')!r}, not completed")
-        cfg = res["config"]
+        cfg = {**RunConfig().to_dict(), **res["config"]}  # keys added since: their defaults
         task_end = res.get("task_end", [])
         incremental = res.get("average_incremental_accuracy")
         if incremental is None and task_end:  # runs written before the field existed
@@ -101,6 +102,9 @@ def group_runs(runs: Sequence[Run]) -> list[Group]:
     )  # fmt: skip
     groups: dict[str, Group] = {}
     for run, key in zip(runs, settings):
+        if key in groups and any(r.seed == run.seed for r in groups[key].runs):
+            print(f"skipped {run.folder}: a second run of seed {run.seed} of the same setting")
+            continue
         if key not in groups:
             extra = " ".join(f"{k}={run.setting.get(k)}" for k in varying)
             groups[key] = Group(f"{run.strategy}{' ' + extra if extra else ''}")

@@ -60,6 +60,28 @@ def run_folder(cfg: RunConfig) -> Path:
 PACKAGES = ("lorm-flwr", "flwr", "torch", "peft", "timm", "transformers")
 
 
+def _checkout() -> Path | None:
+    """The source checkout of an editable install (where ``git`` can tell the commit).
+
+    Under ``flwr run`` this package is imported from the app bundle's copy, which is no
+    git checkout, so the install's own record (PEP 610 ``direct_url.json``) is read.
+    """
+    import json as _json
+    from importlib import metadata
+    from urllib.parse import unquote, urlparse
+
+    candidates = [Path(__file__).resolve().parents[1]]
+    try:
+        url = _json.loads(
+            metadata.distribution("lorm-flwr").read_text("direct_url.json") or "{}"
+        ).get("url", "")
+        if url.startswith("file://"):
+            candidates.append(Path(unquote(urlparse(url).path)))
+    except (metadata.PackageNotFoundError, ValueError):
+        pass
+    return next((c for c in candidates if (c / ".git").exists()), None)
+
+
 def provenance(run_id: int | None) -> dict[str, Any]:
     """What produced a run: package versions, the checkout's commit, Flower's run id."""
     import subprocess
@@ -71,9 +93,9 @@ def provenance(run_id: int | None) -> dict[str, Any]:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
-    checkout = Path(__file__).resolve().parents[1]
     commit = None
-    if (checkout / ".git").exists():
+    checkout = _checkout()
+    if checkout is not None:
         try:
             head = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True,
                                   text=True, timeout=10, check=True).stdout.strip()  # fmt: skip

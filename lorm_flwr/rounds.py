@@ -57,7 +57,9 @@ NODE_WAIT_SECONDS = 300.0
 HELLO_TIMEOUT_SECONDS = 600.0
 
 
-def wait_for_nodes(grid: Grid, count: int) -> list[int]:
+def wait_for_nodes(grid: Grid, count: int, key: str = "min-clients") -> list[int]:
+    """The connected nodes once there are ``count``; after ``NODE_WAIT_SECONDS``, an error
+    naming the run-config ``key`` that asked for them."""
     deadline = time.monotonic() + NODE_WAIT_SECONDS
     while True:
         nodes = sorted(grid.get_node_ids())
@@ -65,16 +67,14 @@ def wait_for_nodes(grid: Grid, count: int) -> list[int]:
             return nodes
         if time.monotonic() > deadline:
             raise RuntimeError(
-                f"only {len(nodes)} SuperNodes connected after {NODE_WAIT_SECONDS:.0f} s; "
-                f"min-clients={count}"
+                f"only {len(nodes)} SuperNodes connected after {NODE_WAIT_SECONDS:.0f} s; {key}={count}"
             )
         time.sleep(1.0)
 
 
-def handshake(grid: Grid, cfg: RunConfig) -> tuple[dict[int, int], ExchangeLog]:
-    """Ask every node for its partition: node id -> partition id, ``0..N-1`` once each."""
-    nodes = wait_for_nodes(grid, cfg.min_clients)
-
+def _hello(
+    grid: Grid, cfg: RunConfig, nodes: list[int]
+) -> tuple[list[tuple[int, int, int]], ExchangeLog]:
     def messages() -> list[Message]:
         return [Message(RecordDict(), dst_node_id=n, message_type=wire.QUERY_HELLO) for n in nodes]
 
@@ -84,10 +84,13 @@ def handshake(grid: Grid, cfg: RunConfig) -> tuple[dict[int, int], ExchangeLog]:
 
     # Every partition must answer, but a node listed and gone (a SuperNode restarted
     # under a new id) is only a timeout, not a reason to stop.
-    replies, hello = exchange(
-        grid, messages, decode, kind="hello", min_replies=cfg.min_clients,
+    return exchange(
+        grid, messages, decode, kind="hello", min_replies=min(cfg.min_clients, len(nodes)),
         retries=cfg.round_retries, timeout=HELLO_TIMEOUT_SECONDS,
     )  # fmt: skip
+
+
+def _federation_size(cfg: RunConfig, replies: list[tuple[int, int, int]]) -> int:
     totals = {num for _, _, num in replies}
     if len(totals) != 1:
         raise RuntimeError(f"nodes disagree on num-partitions: {sorted(totals)}")
@@ -100,6 +103,30 @@ def handshake(grid: Grid, cfg: RunConfig) -> tuple[dict[int, int], ExchangeLog]:
             f"--node-config 'partition-id=K num-partitions={cfg.num_clients}'), or run with "
             f"num-clients={num} (num-clients=0 takes whatever the federation has)"
         )
+    return num
+
+
+def handshake(grid: Grid, cfg: RunConfig) -> tuple[dict[int, int], ExchangeLog]:
+    """Ask every node for its partition: node id -> partition id, ``0..N-1`` once each.
+
+    The first replies tell the federation's size (a mismatch with ``num-clients`` stops
+    here, at once); while fewer nodes than partitions are connected (a deployment still
+    starting), it waits for the rest and asks again.
+    """
+    nodes = wait_for_nodes(grid, cfg.min_clients)
+    replies, hello = _hello(grid, cfg, nodes)
+    num = _federation_size(cfg, replies)
+    if len(nodes) < num:
+        nodes = wait_for_nodes(grid, num, key=f"num-partitions (num-clients={cfg.num_clients})")
+        replies, again = _hello(grid, cfg, nodes)
+        num = _federation_size(cfg, replies)
+        for name in ("bytes_down", "bytes_up"):
+            setattr(hello, name, getattr(hello, name) + getattr(again, name))
+        hello.failures += again.failures
+        hello.rejected += again.rejected
+        hello.timeouts += again.timeouts
+        hello.attempts += again.attempts
+        hello.replies = again.replies
     mapping = {node: pid for node, pid, _ in replies}
     pids = sorted(mapping.values())
     if len(pids) != num or pids != list(range(num)):
@@ -385,8 +412,12 @@ def run_federated(grid: Grid, cfg: RunConfig, run_id: int | None = None) -> None
         log.info("lorm-flwr: resuming task %d round %d from %s", first_task, first_round,
                  checkpoint_path(cfg.resume_from))  # fmt: skip
     recorder.message_bytes = message_bytes
-    if recorder.provenance:  # a resume: same code? the commit says; one more Flower run
+    if recorder.provenance:  # a resume: one more Flower run, maybe on other code or versions
+        now = provenance(run_id)
         recorder.provenance["flower_run_ids"].append(run_id)
+        recorder.provenance.setdefault("resumed_with", []).append(
+            {"commit": now["commit"], "versions": now["versions"]}
+        )
     else:
         recorder.provenance = provenance(run_id)
     recorder.handshakes.append(

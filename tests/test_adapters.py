@@ -69,7 +69,7 @@ def test_the_exported_adapter_describes_itself_and_reloads_exactly(tmp_path):
     folder = tmp_path / "adapter"
     export_adapter(source, get_tensors(source), folder, CFG, [[0, 1], [2, 3]], {"accuracy": 0.5})
     config = json.loads((folder / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"].startswith("timm/vit_tiny_patch16_224")
+    assert config["base_model_name_or_path"] == "lorm-flwr/vit-tiny"
     card = (folder / "README.md").read_text()
     assert (
         "Classes per task, in training order: [[0, 1], [2, 3]]" in card and "accuracy: 0.5" in card

@@ -40,4 +40,6 @@ def test_the_readme_is_short_and_its_links_resolve():
         assert (ROOT / target).exists(), target
     for doc in (ROOT / "docs").glob("*.md"):
         text = doc.read_text()
+        for target in re.findall(r"\]\((\.\./[^)#]+|[a-z_]+\.md)", text):
+            assert (doc.parent / target).exists(), (doc.name, target)
         assert not re.search(r"commit `[0-9a-f]{7,}`", text), doc  # no history in the docs

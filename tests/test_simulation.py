@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +71,8 @@ def test_fedit_simulation_writes_results_and_a_reloadable_adapter(per_strategy):
         sum(t["accuracy"] for t in results["task_end"]) / 2
     )
     prov = results["provenance"]
+    if (Path(__file__).resolve().parents[1] / ".git").exists():  # run from a checkout
+        assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", prov["commit"] or ""), prov["commit"]
     assert prov["versions"]["flwr"].startswith("1.42") and prov["versions"]["torch"] == "2.14.1"
     assert len(prov["flower_run_ids"]) == 1 and prov["flower_run_ids"][0] > 0
     # The exported adapter, reloaded with peft, reproduces the server's evaluation.
@@ -197,6 +200,8 @@ def test_a_preset_file_reaches_the_app_and_its_dry_run_trains_nothing(federation
     assert proc.returncode == 0, log[-3000:]
     assert "dry run: strategy lorm, dataset bbc-news, backbone minilm" in log, log[-3000:]
     assert "nothing is trained" in log and "12 adapted layers, rank 4" in log
+    # the preset pins num-clients=3; this federation has 2: the plan says the run would stop
+    assert "the run would stop: num-clients=3, but 2 SuperNodes are connected" in log
     assert "samples per client" in log and "round 0 of each task, per client" in log
     assert "end-of-task statistics, per client" in log and "whole run, all clients" in log
     assert not (tmp_path / "runs").exists()  # no run folder: nothing was trained or written

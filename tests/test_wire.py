@@ -128,8 +128,10 @@ def test_the_handshake_maps_nodes_to_partitions_and_refuses_bad_hellos():
     grid = ScriptedGrid([7, 9], [{7: wire.hello_reply(1, 2), 9: wire.hello_reply(1, 2)}])
     with pytest.raises(RuntimeError, match="not 0..N-1 once each"):
         handshake(grid, cfg)
-    grid = ScriptedGrid([7, 9], [{7: wire.hello_reply(1, 3), 9: wire.hello_reply(0, 3)}, {}])
-    with pytest.raises(RuntimeError, match=r"missing: \[2\]"):  # partition 2 never answered
+    grid = ScriptedGrid(
+        [7, 9, 11], [{7: wire.hello_reply(1, 3), 9: wire.hello_reply(0, 3), 11: "silent"}]
+    )
+    with pytest.raises(RuntimeError, match=r"missing: \[2\]"):  # partition 2's node never answered
         handshake(grid, cfg)
 
 
@@ -143,3 +145,14 @@ def test_a_federation_of_another_size_than_num_clients_stops_with_the_remedy():
         handshake(grid, RunConfig(num_clients=3))
     mapping, _ = handshake(grid, RunConfig(num_clients=0))  # 0: whatever the federation has
     assert sorted(mapping.values()) == [0, 1]
+
+
+def test_the_handshake_waits_for_partitions_still_connecting():
+    class Connecting(ScriptedGrid):
+        def get_node_ids(self):  # node 9 connects after the first look
+            self.looks = getattr(self, "looks", 0) + 1
+            return [7] if self.looks == 1 else [7, 9]
+
+    grid = Connecting([7, 9], [{7: wire.hello_reply(1, 2), 9: wire.hello_reply(0, 2)}])
+    mapping, log = handshake(grid, RunConfig(min_clients=1, num_clients=2))
+    assert mapping == {7: 1, 9: 0} and log.attempts == 2 and grid.calls == 2

