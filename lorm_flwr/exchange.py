@@ -45,6 +45,17 @@ class ExchangeLog:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def merge(self, later: ExchangeLog) -> None:
+        """Add a later exchange of the same kind (its bytes, attempts and what went wrong);
+        ``replies`` becomes the later one's."""
+        self.attempts += later.attempts
+        self.bytes_down += later.bytes_down
+        self.bytes_up += later.bytes_up
+        self.failures += later.failures
+        self.rejected += later.rejected
+        self.timeouts += later.timeouts
+        self.replies = later.replies
+
 
 class ExchangeFailed(RuntimeError):
     """Fewer than the needed valid replies after every retry; ``log`` says why."""

@@ -120,13 +120,7 @@ def handshake(grid: Grid, cfg: RunConfig) -> tuple[dict[int, int], ExchangeLog]:
         nodes = wait_for_nodes(grid, num, key=f"num-partitions (num-clients={cfg.num_clients})")
         replies, again = _hello(grid, cfg, nodes)
         num = _federation_size(cfg, replies)
-        for name in ("bytes_down", "bytes_up"):
-            setattr(hello, name, getattr(hello, name) + getattr(again, name))
-        hello.failures += again.failures
-        hello.rejected += again.rejected
-        hello.timeouts += again.timeouts
-        hello.attempts += again.attempts
-        hello.replies = again.replies
+        hello.merge(again)
     mapping = {node: pid for node, pid, _ in replies}
     pids = sorted(mapping.values())
     if len(pids) != num or pids != list(range(num)):

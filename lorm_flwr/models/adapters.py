@@ -52,6 +52,16 @@ def adapter_kind(strategy: str) -> str:
     return ADAPTER_OF_STRATEGY.get(strategy, "lora")
 
 
+def _layer_names(model: nn.Module) -> str:
+    """The names (last path part) of the layers LoRA can adapt, for error messages."""
+    leaf = {
+        n.rsplit(".", 1)[-1]
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Conv2d | nn.Linear)
+    }
+    return ", ".join(sorted(leaf))
+
+
 def attach_lora(
     model: Classifier,
     *,
@@ -78,16 +88,9 @@ def attach_lora(
     names = [n for n, _ in model.named_modules()]
     unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
     if unmatched:  # peft would adapt the others and drop these without a word
-        leaf = sorted(
-            {
-                n.rsplit(".", 1)[-1]
-                for n, m in model.named_modules()
-                if isinstance(m, nn.Conv2d | nn.Linear)
-            }
-        )
         raise ValueError(
             f"lora-targets={','.join(targets)!r}: {', '.join(unmatched)} matches no module of this "
-            f"backbone; layer names: {', '.join(leaf)}"
+            f"backbone; layer names: {_layer_names(model)}"
         )
     if kind == "vera":
         from peft import VeraConfig
@@ -121,16 +124,9 @@ def attach_lora(
     try:
         peft_model = get_peft_model(model, config)
     except ValueError as exc:
-        leaf = sorted(
-            {
-                n.rsplit(".", 1)[-1]
-                for n, m in model.named_modules()
-                if isinstance(m, nn.Conv2d | nn.Linear)
-            }
-        )
         raise ValueError(
             f"lora-targets={','.join(targets)!r} matched no supported layer ({exc}); "
-            f"layer names in this backbone: {', '.join(leaf)}"
+            f"layer names in this backbone: {_layer_names(model)}"
         ) from exc
     if kind != "vera":
         # peft draws A from the global RNG, which differs between processes: the
