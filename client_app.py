@@ -74,15 +74,15 @@ def train(msg: Message, context: Context) -> Message:
     pid, num = _partition(context)
     plan = wire.Instructions.from_config(msg.content[wire.CONFIG])
     local = _local_at_round_start(plan, context) if plan.local else None
+    layout = model_layout(model_of(cfg))
+    past = wire.decode_past_tasks(msg.content, layout, plan.task)  # LoRM, mean-delta Grams
     result = train_round(
-        cfg, pid, num, wire.arrays_to_tensors(msg.content[wire.ARRAYS]), plan, local
+        cfg, pid, num, wire.arrays_to_tensors(msg.content[wire.ARRAYS]), plan, local, past
     )
     if result.local is not None:
         # The client's own parts (FedSA's B and head) stay here, across rounds and tasks.
         context.state[wire.LOCAL_STATE] = wire.tensors_to_arrays(result.local)
-    spec = wire.train_reply_spec(
-        model_layout(model_of(cfg)), plan, cfg.gram_alpha, cfg.head_gram_alpha
-    )
+    spec = wire.train_reply_spec(layout, plan, cfg.gram_alpha, cfg.head_gram_alpha)
     metrics = {
         wire.NUM_EXAMPLES: result.num_examples,
         wire.TRAIN_LOSS: result.train_loss,

@@ -36,7 +36,8 @@ from lorm_flwr.runtime import (
     scenario_of,
     set_threads,
 )
-from lorm_flwr.seeds import client_shuffle_seed
+from lorm_flwr.cross_task import mean_delta
+from lorm_flwr.seeds import client_shuffle_seed, gram_pass_seed, task_grams_seed
 from lorm_flwr.train import autocast, pick_device, predict, train_local
 
 __all__ = ["ClientResult", "evaluate_personal", "input_grams", "task_grams", "train_round"]
@@ -81,8 +82,15 @@ def train_round(
     global_tensors: dict[str, torch.Tensor],
     plan: wire.Instructions,
     local_tensors: dict[str, torch.Tensor] | None = None,
+    past: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> ClientResult:
-    """Load the global tensors, train on this client's shard of the task, report back."""
+    """Load the global tensors, train on this client's shard of the task, report back.
+
+    ``past`` (LoRM, ``lorm-round-grams=mean-delta``, task t > 0): the past tasks'
+    merged factors per layer (:func:`lorm_flwr.wire.decode_past_tasks`); the Grams are
+    then recorded on ``W0 + (sum_{k<t} s B_k A_k + s B_i A_i) / (t+1)``, as the
+    reference code does, instead of on the trained model.
+    """
     set_threads(cfg)
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id={partition_id} outside [0, {num_partitions})")
@@ -95,20 +103,23 @@ def train_round(
     _load(cfg, model, global_tensors, local_tensors)
     set_trainable(model, train_a=plan.train_a, train_b=plan.train_b, train_head=plan.train_head)
     start = time.perf_counter()
+    seed = client_shuffle_seed(plan.seed, partition_id)
     stats = train_local(
         model,
         data.train_x[shard],
         data.train_y[shard],
         task_classes=scenario.tasks[plan.task],
-        inputs=input_spec(cfg),
+        inputs=input_spec(cfg, train=True),
         epochs=cfg.local_epochs,
+        steps=cfg.local_steps,
         batch_size=cfg.batch_size,
-        lr=cfg.lr,
+        lr={"A": cfg.lr_of("A"), "B": cfg.lr_of("B"), "head": cfg.lr},
+        warmup_steps=cfg.warmup_steps,
         weight_decay=cfg.weight_decay,
         optimizer=cfg.optimizer,
         precision=cfg.precision,
         device=pick_device(cfg.device),
-        seed=client_shuffle_seed(plan.seed, partition_id),
+        seed=seed,
     )
     train_seconds = time.perf_counter() - start
     tensors = get_tensors(model)
@@ -121,9 +132,11 @@ def train_round(
         projections = (
             {ly.name: AdaptedLayer.matrix(tensors[ly.a_key]) for ly in layers} if codes else None
         )
+        record_on = model if past is None else _mean_delta_model(cfg, layers, tensors, past)
         inputs = input_grams(
-            cfg, model, data.train_x[shard], with_head=True, projections=projections
-        )
+            cfg, record_on, data.train_x[shard], with_head=True, projections=projections,
+            seed=gram_pass_seed(seed),
+        )  # fmt: skip
         weight_key, _ = head_keys(model)
         grams = gram_products(plan.grams, tensors, inputs, layers, weight_key, codes=codes)
     local = {k: v for k, v in tensors.items() if group_of(k) in plan.local}
@@ -166,6 +179,26 @@ def evaluate_personal(
     return correct, total
 
 
+def _mean_delta_model(
+    cfg: RunConfig,
+    layers: list[AdaptedLayer],
+    tensors: dict[str, torch.Tensor],
+    past: dict[str, tuple[torch.Tensor, torch.Tensor]],
+):
+    """The reference's model for a round's Grams at task t > 0: the mean of the past tasks'
+    deltas and this client's, a LoRA of rank (t+1) r with scaling 1 (folded into B)."""
+    out = dict(tensors)
+    for layer in layers:
+        past_b, past_a = past[layer.name]
+        scaled_b = layer.scaling * layer.matrix(tensors[layer.b_key]).float()
+        a_cat, b_cat = mean_delta(past_b, past_a, scaled_b, layer.matrix(tensors[layer.a_key]))
+        out[layer.a_key], out[layer.b_key] = layer.stored(a_cat, b_cat)
+    rank = next(iter(past.values()))[1].shape[0] + cfg.lora_rank  # (t+1) r
+    model = model_of(cfg, rank=rank, alpha=float(rank))
+    set_tensors(model, out)
+    return model
+
+
 def input_grams(
     cfg: RunConfig,
     model,
@@ -173,8 +206,12 @@ def input_grams(
     *,
     with_head: bool,
     projections: dict[str, torch.Tensor] | None = None,
+    seed: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Smoothed input Grams of every adapted layer (and the head) over ``images``.
+
+    With ``augment`` the pass sees the training augmentation, ``gram-passes`` times
+    over ``images``, drawn from ``seed`` (the reference's ``regmean_rounds``).
 
     The pass runs with the adapters merged into the base weights (one op per
     layer instead of three), BatchNorm folded into the convolutions before it,
@@ -190,10 +227,13 @@ def input_grams(
         targets[HEAD] = (model.get_submodule(PEFT_PREFIX + HEAD), False)
         alphas[HEAD] = cfg.head_gram_alpha
     device = pick_device(cfg.device)
-    spec = input_spec(cfg)
+    spec = input_spec(cfg, train=True)
     if model.training:  # eval() walks every module: only when needed (the fold requires it)
         model.eval()
-    probe = spec(images[:1], device)
+    probe = input_spec(cfg)(images[:1], device)  # shapes only: no augmentation drawn
+    if cfg.augment:
+        torch.manual_seed(seed)
+        images = np.concatenate([images] * cfg.gram_passes)
     with (
         merged_for_inference(model),
         batchnorm_folded(model, probe),
@@ -230,6 +270,7 @@ def task_grams(
     shard = scenario_of(cfg, num_partitions).shards[plan.task][partition_id]
     model = model_of(cfg, rank=plan.rank or None, alpha=plan.alpha if plan.rank else None)
     set_tensors(model, tensors)
-    grams = input_grams(cfg, model, data.train_x[shard], with_head=False)
+    seed = task_grams_seed(cfg.seed, plan.task, partition_id)
+    grams = input_grams(cfg, model, data.train_x[shard], with_head=False, seed=seed)
     stats = {wire.gram_key(name, wire.G): g.float() for name, g in grams.items()}
     return stats, len(shard)

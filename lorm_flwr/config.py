@@ -42,17 +42,26 @@ class RunConfig:
     batch_size: int = 32
     eval_batch_size: int = 256
     lr: float = 1e-3
+    lr_a: float = 0.0
+    lr_b: float = 0.0
+    warmup_steps: int = 0
+    local_steps: int = 0
     weight_decay: float = 0.0
     optimizer: str = "adamw"
     lora_rank: int = 4
     lora_alpha: float = 4.0
     lora_targets: str = "auto"
+    lora_dropout: float = 0.0
     dirichlet_beta: float = 0.5
     min_samples_per_client: int = 6
     class_order: str = "natural"
     test_fraction: float = 0.2
+    validation_fraction: float = 0.0
     max_samples_per_class: int = 0
     image_size: int = 32
+    augment: bool = False
+    gram_passes: int = 1
+    eval_center_crop: bool = False
     max_length: int = 128
     seed: int = 0
     device: str = "auto"
@@ -66,6 +75,9 @@ class RunConfig:
     client_threads: int = 1
     merge_anchor: str = "zero"
     lorm_reference_grams: bool = False
+    lorm_round_grams: str = "trained"
+    lorm_first_task: str = "fold"
+    round_eval_model: str = "task"
     fedsa_head: str = "local"
     fedsa_weighted: bool = True
     backbone_checkpoint: str = ""
@@ -122,6 +134,9 @@ class RunConfig:
         _one_of("precision", self.precision, ("fp32", "bf16", "fp16"))
         _one_of("merge-anchor", self.merge_anchor, ("zero", "global"))
         _one_of("fedsa-head", self.fedsa_head, ("local", "shared"))
+        _one_of("lorm-round-grams", self.lorm_round_grams, ("trained", "mean-delta"))
+        _one_of("lorm-first-task", self.lorm_first_task, ("fold", "keep"))
+        _one_of("round-eval-model", self.round_eval_model, ("task", "mean-delta"))
         if self.backbone_checkpoint and not Path(self.backbone_checkpoint).expanduser().exists():
             raise ConfigError(
                 f"backbone-checkpoint={self.backbone_checkpoint!r} does not exist: give a weights "
@@ -145,8 +160,24 @@ class RunConfig:
             "min_clients",
             "image_size",
             "max_length",
+            "gram_passes",
         ):
             _positive(name, getattr(self, name))
+        for name in ("lr_a", "lr_b", "warmup_steps", "local_steps"):
+            _non_negative(name, getattr(self, name))
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora-dropout={self.lora_dropout!r} is invalid: must be in [0, 1)")
+        if self.gram_passes > 1 and not self.augment:
+            raise ConfigError(
+                f"gram-passes={self.gram_passes} needs augment=true: without augmentation every "
+                "pass sees the same inputs, so more passes only cost time"
+            )
+        image_only = {"augment": self.augment, "eval-center-crop": self.eval_center_crop}
+        if BACKBONES[self.backbone].modality != "image":
+            for key, on in image_only.items():
+                if on:
+                    raise ConfigError(f"{key}=true applies to images; backbone "
+                                      f"'{self.backbone}' is a text model")  # fmt: skip
         _positive("lr", self.lr)
         _positive("lora_alpha", self.lora_alpha)
         _positive("dirichlet_beta", self.dirichlet_beta)
@@ -173,6 +204,10 @@ class RunConfig:
                 raise ConfigError(f"{_key(name)}={value!r} is invalid: must be in [0, 1]")
         if not 0.0 < self.test_fraction < 1.0:
             raise ConfigError(f"test-fraction={self.test_fraction!r} is invalid: must be in (0, 1)")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ConfigError(
+                f"validation-fraction={self.validation_fraction!r} is invalid: must be in [0, 1)"
+            )
         if not 8 <= self.image_size <= MAX_IMAGE_SIZE:
             raise ConfigError(
                 f"image-size={self.image_size} is invalid: must be in [8, {MAX_IMAGE_SIZE}]"
@@ -198,6 +233,12 @@ class RunConfig:
         if self.lora_targets.strip() in ("", "auto"):
             return None
         return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+
+    def lr_of(self, group: str) -> float:
+        """The learning rate of a parameter group: ``lr-a``/``lr-b`` for the adapter's A/B
+        side when set (> 0), ``lr`` otherwise (and for the head)."""
+        chosen = {"A": self.lr_a, "B": self.lr_b}.get(group, 0.0)
+        return chosen if chosen > 0 else self.lr
 
     @property
     def max_message_bytes(self) -> int:

@@ -20,7 +20,7 @@ from lorm_flwr.merge import cross_task_factors
 
 Tensor = torch.Tensor
 
-__all__ = ["TaskHistory", "fold_task", "mean_delta_factors"]
+__all__ = ["TaskHistory", "fold_task", "mean_delta", "mean_delta_factors", "past_factors"]
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,28 @@ def mean_delta_factors(history: TaskHistory, scaled_b: Tensor, a: Tensor) -> tup
     and ``A_cat = [A_0; ...; A_t]``; ``scaled_b: (d, r)`` and ``a: (r, k)`` are task t's.
     Returns ``A_cat: (R, k)`` and ``B_cat: (d, R)``.
     """
-    tasks = len(history.scaled_bs) + 1
-    b_cat = torch.cat([*history.scaled_bs, scaled_b], dim=1) / tasks
-    a_cat = torch.cat([*history.a_mats, a], dim=0)
+    if not history.scaled_bs:
+        return a, scaled_b
+    past_b, past_a = past_factors(history)
+    return mean_delta(past_b, past_a, scaled_b, a)
+
+
+def past_factors(history: TaskHistory) -> tuple[Tensor, Tensor]:
+    """The past tasks' merged factors side by side: ``[s B_0 ... s B_{t-1}]: (d, t r)`` and
+    ``[A_0; ...; A_{t-1}]: (t r, k)``; the history must hold at least one task."""
+    return torch.cat(history.scaled_bs, dim=1), torch.cat(history.a_mats, dim=0)
+
+
+def mean_delta(
+    past_b: Tensor, past_a: Tensor, scaled_b: Tensor, a: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``W0 + (sum_{k<t} s B_k A_k + s B A) / (t+1)`` as factors (the reference's model).
+
+    ``past_b: (d, t r)``, ``past_a: (t r, k)`` from :func:`past_factors` (t = ``past_a``'s
+    rows / r); ``scaled_b: (d, r)``, ``a: (r, k)``. Returns ``A_cat: (R, k)`` and
+    ``B_cat: (d, R)``, R = (t+1) r, in the dtype of ``scaled_b``.
+    """
+    tasks = past_a.shape[0] // a.shape[0] + 1
+    b_cat = torch.cat([past_b.to(scaled_b.dtype), scaled_b], dim=1) / tasks
+    a_cat = torch.cat([past_a.to(a.dtype), a], dim=0)
     return a_cat, b_cat

@@ -32,12 +32,23 @@ def evaluate_global(
     *,
     rank: int | None = None,
     alpha: float | None = None,
+    split: str = "test",
 ) -> EvalResult:
-    """Accuracy after task ``task``: argmax over all seen classes, no task id."""
+    """Accuracy after task ``task``: argmax over all seen classes, no task id.
+
+    ``split``: ``test``, or ``validation`` (held out of the training data by
+    ``validation-fraction``).
+    """
     data = data_of(cfg)
     seen = scenario.seen_classes(task)
-    mask = np.isin(data.test_y, seen)
-    images, labels = data.test_x[mask], data.test_y[mask]
+    if split == "test":
+        x, y = data.test_x, data.test_y
+    elif split == "validation" and data.validation_y is not None:
+        x, y = data.validation_x, data.validation_y
+    else:
+        raise ValueError(f"no {split!r} split (validation needs validation-fraction > 0)")
+    mask = np.isin(y, seen)
+    images, labels = x[mask], y[mask]
     model = model_of(cfg, rank=rank, alpha=alpha)
     set_tensors(model, tensors)
     preds = predict(

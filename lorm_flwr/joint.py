@@ -62,8 +62,9 @@ def run_joint(
         t0 = time.perf_counter()
         stats = train_local(
             model, data.train_x[idx], data.train_y[idx], task_classes=classes,
-            inputs=input_spec(cfg), epochs=cfg.rounds_per_task * cfg.local_epochs,
-            batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
+            inputs=input_spec(cfg, train=True), epochs=cfg.rounds_per_task * cfg.local_epochs,
+            batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
+            lr={"A": cfg.lr_of("A"), "B": cfg.lr_of("B"), "head": cfg.lr},
             optimizer=cfg.optimizer, precision=cfg.precision,
             device=pick_device(cfg.device), seed=joint_phase_seed(cfg.seed, phase),
         )  # fmt: skip

@@ -10,6 +10,11 @@ ARRAYS = "arrays"
 CONFIG = "config"
 GRAMS = "grams"
 METRICS = "metrics"
+# LoRM with lorm-round-grams=mean-delta, tasks t > 0: the past tasks' merged factors,
+# f"{layer}|{PAST_B}" = [s B_0 ... s B_{t-1}] (d, t r) and f"{layer}|{PAST_A}" (t r, k).
+PAST_TASKS = "past-tasks"
+PAST_B = "sB"
+PAST_A = "A"
 
 # Message types of the two queries (train and evaluate use Flower's own types).
 QUERY_HELLO = "query.hello"  # node -> partition-id / num-partitions

@@ -105,7 +105,20 @@ def _ridge(s: Tensor, ridge: float) -> float:
     return ridge * float(trace) / s.shape[0]
 
 
+def _divide_diag(rhs: Tensor, d: Tensor) -> Tensor:
+    """``rhs @ pinv(diag(d))``, exactly: column j divided by ``d_j`` where ``d_j != 0``, zero
+    where it is 0. A diagonal system has no round-off to guard against, so no cut-off:
+    a low-energy feature keeps its (convex-combination) column. Columns that overflow,
+    which sums from honest clients cannot produce (``|rhs_j| <= max|A| d_j``), are zero.
+    """
+    nonzero = d != 0
+    out = torch.where(nonzero, rhs / torch.where(nonzero, d, torch.ones_like(d)), 0.0)
+    return torch.where(torch.isfinite(out), out, 0.0)
+
+
 def _pinv_diag(d: Tensor) -> Tensor:
+    """Pseudo-inverse of eigenvalues: values below ``PINV_RCOND`` x the largest are round-off
+    of a singular matrix's eigen-decomposition, and count as zero."""
     cutoff = PINV_RCOND * float(d.abs().max()) if d.numel() else 0.0
     safe = torch.where(d.abs() > cutoff, d, torch.ones_like(d))
     return torch.where(d.abs() > cutoff, 1.0 / safe, torch.zeros_like(d))
@@ -148,12 +161,13 @@ def psd_solve_right(rhs: Tensor, s: Tensor, ridge: float = 0.0) -> Tensor:
     -------
     (m, k) float64. Uses a Cholesky solve when S is numerically positive definite
     (many times faster than an SVD on large k) and falls back to an eigenvalue
-    pseudo-inverse with relative cut-off ``PINV_RCOND`` otherwise. Never NaN/Inf
-    for finite inputs.
+    pseudo-inverse with relative cut-off ``PINV_RCOND`` otherwise. A diagonal S is
+    divided exactly (every nonzero entry, however small). Never NaN/Inf for finite
+    inputs.
     """
     lam = _ridge(s, ridge)
     if s.dim() == 1:
-        return rhs * _pinv_diag(s + lam).unsqueeze(0)
+        return _divide_diag(rhs, s + lam)
     k = s.shape[0]
     if lam:
         s = s + lam * torch.eye(k, dtype=s.dtype, device=s.device)

@@ -283,6 +283,8 @@ class RunRecorder:
             "bytes_up_total": sum(e["bytes_up"] for e in self.exchanges()),
             "wall_seconds": time.perf_counter() - start,
         }
+        if all("validation" in t for t in self.task_end):
+            self.final["validation"] = self.validation_summary()
         self.status = "completed"
         self.write()
         self.plot()
@@ -291,6 +293,23 @@ class RunRecorder:
             self.final["final_average_accuracy"], self.final["average_forgetting"],
         )  # fmt: skip
         log.info("lorm-flwr: results in %s", self.folder)
+
+    def validation_summary(self) -> dict[str, Any]:
+        """The same figures on the validation split (``validation-fraction`` > 0)."""
+        matrix = []
+        for entry in self.task_end:
+            row: list[float | None] = [None] * len(self.tasks)
+            per_task = entry["validation"]["per_task"]
+            row[: len(per_task)] = per_task
+            matrix.append(row)
+        last = self.task_end[-1]["validation"]
+        return {
+            "accuracy_matrix": matrix,
+            "final_average_accuracy": final_average_accuracy(last["correct"], last["total"]),
+            "average_incremental_accuracy": sum(t["validation"]["accuracy"] for t in self.task_end)
+            / len(self.task_end),
+            "average_forgetting": average_forgetting(matrix),
+        }
 
     def write(self) -> None:
         write_json_atomic(self.folder / RESULTS_FILE, self.payload())

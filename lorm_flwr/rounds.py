@@ -205,7 +205,10 @@ class FederatedRun:
             row.accuracy = row.personalised.get("accuracy_weighted", float("nan"))
             row.per_task_accuracy = list(row.personalised.get("per_task_weighted", []))
         else:
-            ev = evaluate_global(cfg, self.scenario, task, new)
+            model = strategy.round_model(new)
+            ev = evaluate_global(
+                cfg, self.scenario, task, model.tensors, rank=model.rank, alpha=model.alpha
+            )
             row.accuracy, row.per_task_accuracy = ev.accuracy, ev.per_task
         row.elapsed_seconds = time.perf_counter() - self.start
         self.recorder.add_round(row)
@@ -285,6 +288,11 @@ class FederatedRun:
                 "accuracy": ev.accuracy, "correct": ev.correct, "total": ev.total,
                 "adapter_rank": final.rank,
             }  # fmt: skip
+            if cfg.validation_fraction > 0:  # for choosing settings; the test split reports
+                val = evaluate_global(cfg, self.scenario, task, final.tensors, rank=final.rank,
+                                      alpha=final.alpha, split="validation")  # fmt: skip
+                summary["validation"] = {"accuracy": val.accuracy, "per_task": val.per_task,
+                                         "correct": val.correct, "total": val.total}  # fmt: skip
             model = model_of(cfg, rank=final.rank, alpha=final.alpha)
             metrics = {f"accuracy on classes seen after task {task}": ev.accuracy,
                         "accuracy per task": ev.per_task}  # fmt: skip

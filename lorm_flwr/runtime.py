@@ -13,10 +13,16 @@ import torch
 from peft import PeftModel
 
 from lorm_flwr.config import RunConfig
-from lorm_flwr.data.datasets import LabelledData, cap_per_class, load_dataset
+from lorm_flwr.data.datasets import (
+    LabelledData,
+    cap_per_class,
+    hold_out_validation,
+    load_dataset,
+)
 from lorm_flwr.data.scenario import Scenario, build_scenario
 from lorm_flwr.models.adapters import adapter_kind, attach_lora
 from lorm_flwr.models.backbones import BACKBONES, build_classifier
+from lorm_flwr.seeds import validation_split_seed
 from lorm_flwr.train import InputSpec, TokenInputs, pick_device
 
 __all__ = ["data_of", "input_spec", "model_of", "scenario_of"]
@@ -25,15 +31,17 @@ __all__ = ["data_of", "input_spec", "model_of", "scenario_of"]
 def data_of(cfg: RunConfig) -> LabelledData:
     """The run's data set; text comes tokenised for the backbone (once per process)."""
     return _data(cfg.dataset, cfg.test_fraction, cfg.seed, cfg.max_samples_per_class,
-                 cfg.backbone, cfg.max_length, cfg.backbone_checkpoint)  # fmt: skip
+                 cfg.backbone, cfg.max_length, cfg.backbone_checkpoint,
+                 cfg.validation_fraction)  # fmt: skip
 
 
 @functools.lru_cache(maxsize=2)
 def _data(
     dataset: str, test_fraction: float, seed: int, cap: int, backbone: str, max_length: int,
-    checkpoint: str,
+    checkpoint: str, validation_fraction: float,
 ) -> LabelledData:  # fmt: skip
     data = cap_per_class(load_dataset(dataset, test_fraction, seed), cap, seed)
+    data = hold_out_validation(data, validation_fraction, validation_split_seed(seed))
     if BACKBONES[backbone].modality != "text":
         return data
     from lorm_flwr.data.text import encode
@@ -59,12 +67,19 @@ def scenario_of(cfg: RunConfig, num_clients: int) -> Scenario:
     )
 
 
-def input_spec(cfg: RunConfig) -> InputSpec | TokenInputs:
-    """How a batch of stored samples becomes the model's input."""
+def input_spec(cfg: RunConfig, *, train: bool = False) -> InputSpec | TokenInputs:
+    """How a batch of stored samples becomes the model's input.
+
+    ``train``: for local training and the Gram passes over the training shard
+    (augmented with ``augment``); otherwise for evaluation (``eval-center-crop``).
+    """
     spec = BACKBONES[cfg.backbone]
     if spec.modality == "text":
         return TokenInputs()
-    return InputSpec(cfg.image_size, spec.mean, spec.std)
+    return InputSpec(
+        cfg.image_size, spec.mean, spec.std,
+        augment=train and cfg.augment, center_crop=not train and cfg.eval_center_crop,
+    )  # fmt: skip
 
 
 def lora_targets(cfg: RunConfig) -> list[str]:
@@ -74,10 +89,12 @@ def lora_targets(cfg: RunConfig) -> list[str]:
 @functools.lru_cache(maxsize=3)
 def _cached_model(
     backbone: str, image_size: int, num_classes: int, seed: int, rank: int, alpha: float,
-    targets: tuple[str, ...], device: str, kind: str, checkpoint: str,
+    targets: tuple[str, ...], device: str, kind: str, checkpoint: str, dropout: float,
 ) -> PeftModel:  # fmt: skip
     base = build_classifier(backbone, image_size, num_classes, seed, checkpoint)
-    model = attach_lora(base, rank=rank, alpha=alpha, targets=list(targets), kind=kind, seed=seed)
+    model = attach_lora(
+        base, rank=rank, alpha=alpha, targets=list(targets), kind=kind, seed=seed, dropout=dropout
+    )
     # NHWC is 2-4x faster for EfficientNet's depthwise and 1x1 convolutions on CPU
     # (and the norm on GPUs); InputSpec hands over NHWC batches to match.
     return model.to(device=device, memory_format=torch.channels_last)
@@ -114,6 +131,7 @@ def model_of(
         str(pick_device(cfg.device)),
         kind or adapter_kind(cfg.strategy),
         cfg.backbone_checkpoint,
+        cfg.lora_dropout,
     )
 
 

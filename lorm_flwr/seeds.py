@@ -8,6 +8,9 @@ from __future__ import annotations
 
 __all__ = [
     "client_shuffle_seed",
+    "gram_pass_seed",
+    "task_grams_seed",
+    "validation_split_seed",
     "joint_phase_seed",
     "round_seed",
     "task_factors_seed",
@@ -44,3 +47,18 @@ def test_split_seed(seed: int, task: int) -> int:
 def joint_phase_seed(seed: int, phase: int) -> int:
     """Batch shuffling of the non-federated ``joint`` strategies in ``phase``."""
     return seed * 1_009 + phase
+
+
+def gram_pass_seed(train_seed: int) -> int:
+    """The augmentation of a client's Gram passes after training with ``train_seed``."""
+    return train_seed * 2 + 1
+
+
+def task_grams_seed(seed: int, task: int, partition_id: int) -> int:
+    """The augmentation of a client's end-of-task Gram passes (LoRM)."""
+    return (seed * 100_003 + task * 1_009) * 1_000 + partition_id + 999
+
+
+def validation_split_seed(seed: int) -> int:
+    """The validation samples held out of the training data (``validation-fraction``)."""
+    return seed * 3 + 20_011

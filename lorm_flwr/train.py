@@ -7,7 +7,8 @@ Images stay uint8 in memory and are resized and normalised per batch, so a
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import functools
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,13 +31,27 @@ __all__ = [
 ]
 
 
+# The reference's evaluation transform for 224-px ViTs: resize to 256, center-crop 224.
+CENTER_CROP_RATIO = 224 / 256
+
+
 @dataclass(frozen=True)
 class InputSpec:
-    """How raw uint8 images become backbone inputs."""
+    """How raw uint8 images become backbone inputs.
+
+    ``augment`` (training and its Gram passes): per image, a random resized crop to
+    ``image_size`` (scale (0.08, 1), ratio (3/4, 4/3), bicubic) and a random
+    horizontal flip, drawn from torch's global generator (seeded by the caller), as
+    in the LoRM reference. ``center_crop`` (evaluation): resize to
+    ``image_size / 0.875`` (bicubic) and take the center ``image_size`` square, the
+    reference's 256 -> 224 at 224 px.
+    """
 
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    augment: bool = False
+    center_crop: bool = False
 
     def __call__(self, images: np.ndarray, device: torch.device) -> torch.Tensor:
         """uint8 ``(B, H, W)`` or ``(B, H, W, 3)`` -> float ``(B, 3, S, S)`` on ``device``,
@@ -44,13 +59,36 @@ class InputSpec:
         x = to_device(torch.from_numpy(np.ascontiguousarray(images)), device)
         x = x.unsqueeze(1).expand(-1, 3, -1, -1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
         x = x.float().div_(255.0)  # (B, 3, H, W)
-        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+        if self.augment:
+            x = torch.stack([self._augmentation(img) for img in x])
+        elif self.center_crop:
+            x = self._center_cropped(x)
+        elif x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             x = F.interpolate(
                 x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
             )
         mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
         return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+
+    @functools.cached_property
+    def _augmentation(self):
+        from torchvision.transforms import v2
+
+        bicubic = v2.InterpolationMode.BICUBIC
+        return v2.Compose(
+            [
+                v2.RandomResizedCrop(self.image_size, interpolation=bicubic, antialias=True),
+                v2.RandomHorizontalFlip(),
+            ]
+        )
+
+    def _center_cropped(self, x: torch.Tensor) -> torch.Tensor:
+        from torchvision.transforms import v2
+
+        side = max(self.image_size, round(self.image_size / CENTER_CROP_RATIO))
+        resize = v2.Resize((side, side), interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+        return v2.CenterCrop(self.image_size)(resize(x))
 
 
 @dataclass(frozen=True)
@@ -124,6 +162,40 @@ def batches(
         yield order[start : start + batch_size]
 
 
+def _parameter_groups(
+    model: nn.Module, lr: float | Mapping[str, float]
+) -> list[dict]:
+    """Trainable parameters grouped as the adapter's A side, B side and the rest (the head),
+    each with its learning rate (``lr`` a float: the same for all)."""
+    from lorm_flwr.layout import GROUPS
+
+    rates = dict.fromkeys(("A", "B", "head"), lr) if isinstance(lr, float | int) else lr
+    groups: dict[str, list] = {"A": [], "B": [], "head": []}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            side = next((g for fragment, g in GROUPS if fragment in name + "."), "head")
+            groups[side].append(p)
+    return [{"params": ps, "lr": float(rates[g])} for g, ps in groups.items() if ps]
+
+
+def _index_stream(
+    n: int, batch_size: int, epochs: int, steps: int, rng: np.random.Generator
+) -> Iterator[np.ndarray]:
+    """``epochs`` shuffled passes of batches, or exactly ``steps`` batches (> 0) drawn from
+    as many reshuffled passes as they need (the reference FedSA-LoRA's local steps)."""
+    if steps <= 0:
+        for _ in range(epochs):
+            yield from batches(n, batch_size, shuffle=True, generator=rng)
+        return
+    done = 0
+    while done < steps:
+        for idx in batches(n, batch_size, shuffle=True, generator=rng):
+            yield idx
+            done += 1
+            if done == steps:
+                return
+
+
 def train_local(
     model: nn.Module,
     images: np.ndarray,
@@ -133,39 +205,59 @@ def train_local(
     inputs: InputSpec,
     epochs: int,
     batch_size: int,
-    lr: float,
+    lr: float | Mapping[str, float],
     weight_decay: float,
     device: torch.device,
     seed: int,
     optimizer: str = "adamw",
     precision: str = "fp32",
+    steps: int = 0,
+    warmup_steps: int = 0,
 ) -> TrainStats:
     """AdamW (or plain SGD) on the trainable parameters; cross-entropy over the current
     task's logits only.
 
+    ``lr``: one rate, or one per side ``{"A", "B", "head"}``. ``steps`` > 0 trains
+    exactly that many batches instead of ``epochs`` passes. ``warmup_steps`` > 0 ramps
+    every rate linearly from ``1/warmup_steps`` of its value to all of it
+    (``torch.optim.lr_scheduler.LinearLR``, a fresh ramp every round).
+
     Old classes' head rows get no gradient, as in the LoRM reference. The model
     stays in eval mode: the backbone is frozen, so its BatchNorm statistics must
-    not drift away from the server's copy. ``precision`` bf16/fp16 autocasts the
-    forward on CUDA; fp16 also scales the loss so small gradients do not underflow.
+    not drift away from the server's copy; only the adapter's dropout layers (peft's
+    ``lora_dropout``) are switched to training mode. ``precision`` bf16/fp16 autocasts
+    the forward on CUDA; fp16 also scales the loss so small gradients do not underflow.
+    Augmentation and dropout draw from torch's global generator, seeded from ``seed``.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    groups = _parameter_groups(model, lr)
+    if not groups:
         raise ValueError("nothing to train: every parameter is frozen")
     if len(labels) == 0:
         return TrainStats(loss=0.0, num_examples=0, steps=0)
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; known: {', '.join(OPTIMIZERS)}")
-    opt = OPTIMIZERS[optimizer](params, lr=lr, weight_decay=weight_decay)
+    opt = OPTIMIZERS[optimizer](groups, weight_decay=weight_decay)
+    schedule = (
+        torch.optim.lr_scheduler.LinearLR(
+            opt, start_factor=1.0 / warmup_steps, end_factor=1.0, total_iters=warmup_steps
+        )
+        if warmup_steps > 0
+        else None
+    )
     classes = torch.tensor(list(task_classes), device=device)
     # Map a global label to its column among the task's logits.
     remap = torch.full((int(max(task_classes)) + 1,), -1, dtype=torch.long, device=device)
     remap[classes] = torch.arange(len(classes), device=device)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16" and device.type == "cuda")
     model.eval()
+    dropouts = _adapter_dropouts(model)
+    for module in dropouts:
+        module.train()
     rng = np.random.default_rng(seed)
-    total, steps = 0.0, 0
-    for _ in range(epochs):
-        for idx in batches(len(labels), batch_size, shuffle=True, generator=rng):
+    torch.manual_seed(seed)
+    total, count = 0.0, 0
+    try:
+        for idx in _index_stream(len(labels), batch_size, epochs, steps, rng):
             x = inputs(images[idx], device)
             y = remap[torch.from_numpy(labels[idx]).to(device)]
             with autocast(device, precision):
@@ -175,9 +267,23 @@ def train_local(
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
+            if schedule is not None:
+                schedule.step()
             total += float(loss.detach())
-            steps += 1
-    return TrainStats(loss=total / max(steps, 1), num_examples=len(labels), steps=steps)
+            count += 1
+    finally:
+        for module in dropouts:
+            module.eval()
+    return TrainStats(loss=total / max(count, 1), num_examples=len(labels), steps=count)
+
+
+def _adapter_dropouts(model: nn.Module) -> list[nn.Module]:
+    """peft's dropout on the adapter's input (``lora_dropout``/``vera_dropout``), if any."""
+    return [
+        m
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Dropout) and ("lora_dropout" in name or "vera_dropout" in name)
+    ]
 
 
 @torch.no_grad()

@@ -48,6 +48,9 @@ from lorm_flwr.keys import (  # noqa: F401 - re-exported: wire.ARRAYS, wire.gram
     NUM_EXAMPLES,
     NUM_PARTITIONS,
     PARTITION_ID,
+    PAST_A,
+    PAST_B,
+    PAST_TASKS,
     PRODUCT_KINDS,
     QUERY_HELLO,
     QUERY_TASK_GRAMS,
@@ -73,9 +76,11 @@ __all__ = [
     "ReplySpec",
     "arrays_to_tensors",
     "check_gram",
+    "decode_past_tasks",
     "decode_reply",
     "gram_key",
     "gram_shapes",
+    "past_tasks_record",
     "record_bytes",
     "tensors_to_arrays",
     "train_reply_spec",
@@ -222,6 +227,48 @@ def arrays_to_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
     """Our own records (the server's messages, checkpoints); replies go through
     :func:`decode_reply`."""
     return dict(record.to_torch_state_dict())
+
+
+def past_tasks_record(past: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> ArrayRecord:
+    """The past tasks' factors, ``{layer: (past_b (d, t r), past_a (t r, k))}``, as a record."""
+    tensors = {}
+    for layer, (past_b, past_a) in past.items():
+        tensors[gram_key(layer, PAST_B)] = past_b.float()
+        tensors[gram_key(layer, PAST_A)] = past_a.float()
+    return tensors_to_arrays(tensors)
+
+
+def decode_past_tasks(
+    content: RecordDict, layout: ModelLayout, task: int
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+    """The client's side of :func:`past_tasks_record`: None when the message has none;
+    ``ValueError`` unless it holds exactly every layer's two factors of task ``task``'s
+    shapes, finite."""
+    if PAST_TASKS not in content:
+        return None
+    if task < 1:
+        raise ValueError(f"a '{PAST_TASKS}' record came with task {task}: it has no past tasks")
+    record = content[PAST_TASKS]
+    if not isinstance(record, ArrayRecord):
+        raise ValueError(f"'{PAST_TASKS}' is a {type(record).__name__}, not an ArrayRecord")
+    tensors = arrays_to_tensors(record)
+    out, expected = {}, set()
+    for layer in layout.layers:
+        cols = layer.rank * task
+        shapes = {PAST_B: (layer.d_out, cols), PAST_A: (cols, layer.d_in)}
+        pair = []
+        for part, shape in shapes.items():
+            key = gram_key(layer.name, part)
+            expected.add(key)
+            t = tensors.get(key)
+            if t is None or tuple(t.shape) != shape or not bool(torch.isfinite(t).all()):
+                got = "missing" if t is None else f"shape {tuple(t.shape)}"
+                raise ValueError(f"'{PAST_TASKS}' entry {key}: {got}, expected finite {shape}")
+            pair.append(t.float())
+        out[layer.name] = (pair[0], pair[1])
+    if extra := sorted(set(tensors) - expected):
+        raise ValueError(f"'{PAST_TASKS}' has unexpected entries {extra[:3]}")
+    return out
 
 
 def record_bytes(content: RecordDict) -> int:

@@ -8,6 +8,8 @@ worker shares one copy.
 
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 import gzip
 from collections.abc import Callable
@@ -46,6 +48,9 @@ class LabelledData:
     test_x: np.ndarray
     test_y: np.ndarray
     class_names: tuple[str, ...]
+    # Held out of the training data by ``validation-fraction`` (None: no validation split).
+    validation_x: np.ndarray | None = None
+    validation_y: np.ndarray | None = None
 
     @property
     def num_classes(self) -> int:
@@ -251,6 +256,28 @@ def cap_per_class(data: LabelledData, cap: int, seed: int) -> LabelledData:
     tr, te = pick(data.train_y), pick(data.test_y)
     return LabelledData(
         data.train_x[tr], data.train_y[tr], data.test_x[te], data.test_y[te], data.class_names
+    )
+
+
+def hold_out_validation(data: LabelledData, fraction: float, seed: int) -> LabelledData:
+    """Move a seeded ``fraction`` of each class's training samples (at least one, never all)
+    into a validation split; the test split is untouched. ``fraction`` 0: unchanged."""
+    if fraction <= 0:
+        return data
+    rng = np.random.default_rng(seed)
+    held = []
+    for c in np.unique(data.train_y):
+        idx = rng.permutation(np.flatnonzero(data.train_y == c))
+        take = min(max(1, round(len(idx) * fraction)), len(idx) - 1)
+        held.append(idx[:take])
+    mask = np.zeros(len(data.train_y), dtype=bool)
+    mask[np.concatenate(held)] = True
+    return dataclasses.replace(
+        data,
+        train_x=data.train_x[~mask],
+        train_y=data.train_y[~mask],
+        validation_x=data.train_x[mask],
+        validation_y=data.train_y[mask],
     )
 
 

@@ -34,10 +34,13 @@ def encode_texts(texts: np.ndarray, tokenizer, max_length: int, chunk: int = 512
 
 def encode(data: LabelledData, tokenizer, max_length: int) -> LabelledData:
     """The same data set with its text replaced by token ids."""
+    held = data.validation_x
     return LabelledData(
         encode_texts(data.train_x, tokenizer, max_length),
         data.train_y,
         encode_texts(data.test_x, tokenizer, max_length),
         data.test_y,
         data.class_names,
+        None if held is None else encode_texts(held, tokenizer, max_length),
+        data.validation_y,
     )

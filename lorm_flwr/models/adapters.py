@@ -71,6 +71,7 @@ def attach_lora(
     use_rslora: bool = False,
     kind: str = "lora",
     seed: int = 0,
+    dropout: float = 0.0,
 ) -> PeftModel:
     """Wrap ``model`` with a peft adapter on ``targets``; the head is trained in full.
 
@@ -81,6 +82,8 @@ def attach_lora(
     (frozen random projections drawn from ``seed``, identical on every client, and
     trainable vectors; peft's VeRA adapts Linear layers only). The backbone stays
     frozen; the adapter and the head (peft ``modules_to_save``) are trainable.
+    ``dropout``: peft's ``lora_dropout`` (``vera_dropout``) on the adapter's input,
+    active only while training (:func:`lorm_flwr.train.train_local`).
     Raises ``ValueError`` with the available module names when no target matches.
     """
     if kind not in ADAPTER_KINDS:
@@ -109,7 +112,7 @@ def attach_lora(
             modules_to_save=[HEAD],
             projection_prng_key=seed,
             save_projection=True,
-            vera_dropout=0.0,
+            vera_dropout=dropout,
         )
     else:
         config = LoraConfig(
@@ -118,7 +121,7 @@ def attach_lora(
             target_modules=targets,
             modules_to_save=[HEAD],
             use_rslora=use_rslora or kind == "rslora",
-            lora_dropout=0.0,
+            lora_dropout=dropout,
             bias="none",
         )
     try:

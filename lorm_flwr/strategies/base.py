@@ -174,6 +174,10 @@ class LoraStrategy(FedAvg):
         """The new global tensors from ``current`` and the checked replies (partition order)."""
         raise NotImplementedError
 
+    def round_model(self, tensors: Tensors) -> TaskModel:
+        """The model evaluated after each round (the merged tensors themselves)."""
+        return TaskModel(tensors, self.cfg.lora_rank, self.cfg.lora_alpha)
+
     # ---------------------------------------------------------------- tasks
     def begin_task(self, task: int, tensors: Tensors) -> Tensors:
         """Called before task ``task``'s first round; returns the tensors to start from."""

@@ -10,13 +10,16 @@ on the task's merged model and folds them into the cross-task merge
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
 
 from lorm_flwr import wire
 from lorm_flwr.continual import factor_of_round
-from lorm_flwr.cross_task import TaskHistory, fold_task, mean_delta_factors
+from lorm_flwr.cross_task import TaskHistory, fold_task, mean_delta_factors, past_factors
 from lorm_flwr.merge import gram_sum, merge_from_sums
 from lorm_flwr.models.adapters import fresh_factors
 from lorm_flwr.seeds import task_factors_seed
@@ -62,6 +65,28 @@ class LoRM(LoraStrategy):
             grams=wire.GRAMS_LORM_A if factor == "A" else wire.GRAMS_LORM_B,
         )
 
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Flower's train messages; with ``lorm-round-grams=mean-delta`` after task 0 they
+        also carry the past tasks' factors, for the clients' Grams on the mean-delta model."""
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        if self.cfg.lorm_round_grams == "mean-delta" and self.task > 0:
+            record = wire.past_tasks_record(
+                {name: past_factors(h) for name, h in self.history.items()}
+            )
+            for message in messages:
+                message.content[wire.PAST_TASKS] = record
+        return messages
+
+    def round_model(self, tensors: Tensors) -> TaskModel:
+        """The model evaluated after a round: the task's merged adapter, or with
+        ``round-eval-model=mean-delta`` the reference's mean of the past tasks' deltas and
+        this one's (the head is the round's merged head in both)."""
+        if self.cfg.round_eval_model != "mean-delta":
+            return super().round_model(tensors)
+        return self._mean_delta_model(tensors)
+
     # --------------------------------------------------------------- merge
     def merge(self, plan: wire.Instructions, replies: list[wire.Reply], current: Tensors) -> Merged:
         def anchor(t: torch.Tensor) -> torch.Tensor | None:
@@ -93,6 +118,7 @@ class LoRM(LoraStrategy):
         )
         out = dict(tensors)
         rank = 0
+        keep = task == 0 and self.cfg.lorm_first_task == "keep"
         for layer in self.layout.layers:
             g_t = gram_sum([r.grams[wire.gram_key(layer.name, wire.G)] for r in replies])  # fp64
             scaled_b = layer.scaling * layer.matrix(tensors[layer.b_key]).double()
@@ -105,6 +131,8 @@ class LoRM(LoraStrategy):
             )
             out[layer.a_key], out[layer.b_key] = layer.stored(a_cat, b_cat)
             rank = a_cat.shape[0]
+        if keep:  # the reference evaluates task 0's own merged adapter, W0 + s B_0 A_0
+            return TaskModel(dict(tensors), rank=self.cfg.lora_rank, alpha=self.cfg.lora_alpha)
         return TaskModel(out, rank=rank, alpha=float(rank))
 
     def _gram_model(self, tensors: Tensors) -> tuple[Tensors, int, float]:
@@ -116,13 +144,20 @@ class LoRM(LoraStrategy):
         """
         if not self.cfg.lorm_reference_grams:
             return tensors, self.cfg.lora_rank, self.cfg.lora_alpha
+        model = self._mean_delta_model(tensors)
+        return model.tensors, model.rank, model.alpha
+
+    def _mean_delta_model(self, tensors: Tensors) -> TaskModel:
+        """``W0 + (sum_{k<t} s B_k A_k + s B_t A_t) / (t+1)``, a rank-(t+1) r adapter, for
+        the current task t's factors in ``tensors`` and the past tasks in the history."""
         out = dict(tensors)
+        rank = self.cfg.lora_rank
         for layer in self.layout.layers:
             a, b = mean_delta_factors(
                 self.history[layer.name],
-                layer.scaling * layer.matrix(tensors[layer.b_key]),
-                layer.matrix(tensors[layer.a_key]),
+                layer.scaling * layer.matrix(tensors[layer.b_key]).double(),
+                layer.matrix(tensors[layer.a_key]).double(),
             )
             out[layer.a_key], out[layer.b_key] = layer.stored(a, b)
-        rank = self.cfg.lora_rank * (self.task + 1)
-        return out, rank, float(rank)  # alpha = rank: scaling 1, folded into B
+            rank = a.shape[0]
+        return TaskModel(out, rank=rank, alpha=float(rank))  # alpha = rank: scaling 1, in B
