@@ -82,8 +82,11 @@ def run_one(fed, cfg: dict, clients: int, runs_dir: Path) -> dict:
         "final_average_accuracy": res["final_average_accuracy"],
         # "global" (one merged model) or "personalised, ..." (each client's own parts)
         "accuracy_kind": res.get("accuracy_kind", "global"),
+        "average_incremental_accuracy": res.get("average_incremental_accuracy"),
         "average_forgetting": res["average_forgetting"],
         "accuracy_matrix": res["accuracy_matrix"],
+        # with validation-fraction > 0: the same figures on the held-out validation split
+        "validation": res.get("validation"),
         "bytes_up_per_round": res["bytes_up_total"] / len(rounds),
         "bytes_down_per_round": res["bytes_down_total"] / len(rounds),
         "wall_seconds": wall,
