@@ -80,13 +80,21 @@ def _mean(runs: list[dict], key: str) -> float | None:
 def table(out: Path, seeds: list[int]) -> str:
     runs = json.loads(out.with_suffix(".json").read_text())["runs"]
     lines = [
-        f"Offline default (MNIST-5k, EfficientNet-Lite0 at 32 px, 5 tasks x 2 classes, 3 clients), "
-        f"validation-fraction=0.1, seeds {', '.join(map(str, seeds))}; mean ± std over seeds.",
-        "Choose on validation (val), report on test. Final = final average accuracy, avg-inc = "
-        "average incremental accuracy, forg = average forgetting (docs/algorithms.md).",
+        (
+            "Offline default (MNIST-5k, EfficientNet-Lite0 at 32 px, 5 tasks x 2 classes, "
+            f"3 clients), validation-fraction=0.1, seeds {', '.join(map(str, seeds))}; "
+            "mean ± std over seeds."
+        ),
+        (
+            "Choose on validation (val), report on test. Final = final average accuracy, "
+            "avg-inc = average incremental accuracy, forg = average forgetting "
+            "(docs/algorithms.md)."
+        ),
         "",
-        "| variant | seeds | val final | val avg-inc | val forg | test final | test avg-inc "
-        "| test forg | test final per seed |",
+        (
+            "| variant | seeds | val final | val avg-inc | val forg | test final | test avg-inc "
+            "| test forg | test final per seed |"
+        ),
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for label, entry in VARIANTS:
@@ -107,7 +115,11 @@ def table(out: Path, seeds: list[int]) -> str:
         )
     fedit, joint = (_mean(runs.get(e, []), "final_average_accuracy") for e in ("fedit", "joint"))
     if fedit is not None and joint is not None and joint > fedit:
-        lines += ["", "Share of the FedIT -> joint gap closed on test (final average accuracy):", ""]
+        lines += [
+            "",
+            "Share of the FedIT -> joint gap closed on test (final average accuracy):",
+            "",
+        ]
         for label, entry in VARIANTS:
             value = _mean([r for r in runs.get(entry, []) if r["seed"] in seeds],
                           "final_average_accuracy")  # fmt: skip

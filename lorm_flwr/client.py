@@ -13,6 +13,7 @@ import torch
 
 from lorm_flwr import wire
 from lorm_flwr.config import RunConfig
+from lorm_flwr.cross_task import mean_delta
 from lorm_flwr.gram import layer_grams
 from lorm_flwr.layout import AdaptedLayer
 from lorm_flwr.models.adapters import (
@@ -36,7 +37,6 @@ from lorm_flwr.runtime import (
     scenario_of,
     set_threads,
 )
-from lorm_flwr.cross_task import mean_delta
 from lorm_flwr.seeds import client_shuffle_seed, gram_pass_seed, task_grams_seed
 from lorm_flwr.train import autocast, pick_device, predict, train_local
 

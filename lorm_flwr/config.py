@@ -69,6 +69,7 @@ class RunConfig:
     output_dir: str = "~/lorm-flwr-runs"
     min_clients: int = 2
     num_clients: int = 3
+    clients_per_round: int = 0
     gram_alpha: float = 1.0
     head_gram_alpha: float = 0.5
     merge_ridge: float = 0.0
@@ -193,6 +194,17 @@ class RunConfig:
         if self.num_clients and self.min_clients > self.num_clients:
             raise ConfigError(
                 f"min-clients={self.min_clients} is invalid: more than num-clients={self.num_clients}"
+            )
+        _non_negative("clients_per_round", self.clients_per_round)
+        if self.clients_per_round and self.clients_per_round < self.min_clients:
+            raise ConfigError(
+                f"clients-per-round={self.clients_per_round} is invalid: fewer than "
+                f"min-clients={self.min_clients}, so no round could merge"
+            )
+        if self.num_clients and self.clients_per_round > self.num_clients:
+            raise ConfigError(
+                f"clients-per-round={self.clients_per_round} is invalid: more than "
+                f"num-clients={self.num_clients}"
             )
         _non_negative("round_retries", self.round_retries)
         _positive("round_timeout", self.round_timeout)

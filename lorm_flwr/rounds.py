@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable
 
+import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
@@ -45,6 +46,7 @@ from lorm_flwr.results import (
     run_folder,
 )
 from lorm_flwr.runtime import initial_tensors, model_of, scenario_of
+from lorm_flwr.seeds import participants_seed
 from lorm_flwr.strategies.base import LoraStrategy, Merged, Tensors
 
 __all__ = ["FederatedRun", "handshake", "run_federated", "train_exchange", "wait_for_nodes"]
@@ -175,19 +177,34 @@ class FederatedRun:
             retries=self.cfg.round_retries, timeout=self.cfg.round_timeout, order=self.order,
         )  # fmt: skip
 
+    def participants(self, task: int, round_in_task: int) -> set[int] | None:
+        """The nodes a round trains on: ``clients-per-round`` partitions drawn with the run's
+        seed (by partition, so every run draws the same clients); None: every node."""
+        k = self.cfg.clients_per_round
+        nodes = sorted(self.partition_of, key=self.order)
+        if k <= 0 or k >= len(nodes):
+            return None
+        rng = np.random.default_rng(participants_seed(self.cfg.seed, task, round_in_task))
+        chosen = rng.choice(len(nodes), size=k, replace=False)
+        return {nodes[i] for i in chosen}
+
     # -------------------------------------------------------------- rounds
     def train_round(self, task: int, round_in_task: int, tensors: Tensors) -> Tensors:
         strategy, cfg = self.strategy, self.cfg
         try:
+            participants = self.participants(task, round_in_task)
             replies, merged, train, merge_seconds = train_exchange(
                 self.grid, strategy, tensors, round_in_task,
                 examples=lambda node: self.shard_size(node, task), order=self.order,
+                nodes=participants,
             )  # fmt: skip
         except ExchangeFailed as exc:
             exc.where = {"task": task, "round_in_task": round_in_task}
             raise
         row = RoundRow.from_exchange(task, round_in_task, train)
         row.merge_seconds = merge_seconds
+        if participants is not None:
+            row.extra["participants"] = sorted(self.partition_of[n] for n in participants)
         weights = [r.num_examples for r in replies]
         row.train_loss = sum(
             w * r.metrics[wire.TRAIN_LOSS] for w, r in zip(weights, replies)
@@ -328,9 +345,12 @@ def train_exchange(
     *,
     examples: Callable[[int], int | None] = lambda node: None,
     order: Callable[[int], int] = lambda node: node,
+    nodes: set[int] | None = None,
 ) -> tuple[list[wire.Reply], Merged, ExchangeLog, float]:
     """One training round of the current task: send, check, merge.
 
+    ``nodes``: train on these nodes only (partial participation); None: every node
+    Flower's sampling gives.
     ``examples(node)``: the sample count the node must report (its shard size), or
     None to accept any positive count. Returns the checked replies (in ``order``),
     the merge, the exchange's log and the merge's seconds.
@@ -342,7 +362,8 @@ def train_exchange(
     arrays = wire.tensors_to_arrays(strategy.shared(tensors))
 
     def messages() -> list[Message]:
-        return list(strategy.configure_train(round_in_task + 1, arrays, ConfigRecord(), grid))
+        sent = strategy.configure_train(round_in_task + 1, arrays, ConfigRecord(), grid)
+        return [m for m in sent if nodes is None or m.metadata.dst_node_id in nodes]
 
     def decode(msg: Message) -> wire.Reply:
         return wire.decode_reply(msg, spec, dtype, num_examples=examples(msg.metadata.src_node_id))

@@ -9,13 +9,14 @@ from __future__ import annotations
 __all__ = [
     "client_shuffle_seed",
     "gram_pass_seed",
-    "task_grams_seed",
-    "validation_split_seed",
     "joint_phase_seed",
+    "participants_seed",
     "round_seed",
     "task_factors_seed",
+    "task_grams_seed",
     "task_split_seed",
     "test_split_seed",
+    "validation_split_seed",
 ]
 
 
@@ -62,3 +63,8 @@ def task_grams_seed(seed: int, task: int, partition_id: int) -> int:
 def validation_split_seed(seed: int) -> int:
     """The validation samples held out of the training data (``validation-fraction``)."""
     return seed * 3 + 20_011
+
+
+def participants_seed(seed: int, task: int, round_in_task: int) -> int:
+    """Which clients a round samples (``clients-per-round``)."""
+    return round_seed(seed, task, round_in_task) * 2 + 7

@@ -162,9 +162,7 @@ def batches(
         yield order[start : start + batch_size]
 
 
-def _parameter_groups(
-    model: nn.Module, lr: float | Mapping[str, float]
-) -> list[dict]:
+def _parameter_groups(model: nn.Module, lr: float | Mapping[str, float]) -> list[dict]:
     """Trainable parameters grouped as the adapter's A side, B side and the rest (the head),
     each with its learning rate (``lr`` a float: the same for all)."""
     from lorm_flwr.layout import GROUPS

@@ -64,6 +64,7 @@ from lorm_flwr.keys import (  # noqa: F401 - re-exported: wire.ARRAYS, wire.gram
     gram_key,
 )
 from lorm_flwr.layout import HEAD, ModelLayout
+from lorm_flwr.symmetric import PackedShape, pack_upper, unpack_upper
 
 __all__ = [
     "ARRAYS",
@@ -80,6 +81,7 @@ __all__ = [
     "decode_reply",
     "gram_key",
     "gram_shapes",
+    "pack_symmetric",
     "past_tasks_record",
     "record_bytes",
     "tensors_to_arrays",
@@ -169,17 +171,22 @@ class ReplySpec:
 def gram_shapes(
     kind: str, layout: ModelLayout, gram_alpha: float, head_gram_alpha: float
 ) -> dict[str, tuple[int, ...]]:
-    """Keys and shapes of the ``grams`` record of kind ``kind``."""
+    """Keys and wire shapes of the ``grams`` record of kind ``kind``.
+
+    Symmetric statistics (full Grams, ``A G Aᵀ``) travel as their upper triangle:
+    their shape is a :class:`~lorm_flwr.symmetric.PackedShape` ``(k (k + 1) / 2,)``.
+    A Gram at smoothing 0 is its diagonal ``(k,)``.
+    """
     shapes: dict[str, tuple[int, ...]] = {}
     for layer in layout.layers:
         k, r, d = layer.d_in, layer.rank, layer.d_out
-        gram = (k,) if gram_alpha == 0 else (k, k)
+        gram = (k,) if gram_alpha == 0 else PackedShape(k)
         if kind == GRAMS_LORM_A:
             shapes[gram_key(layer.name, AG)] = (r, k)
             shapes[gram_key(layer.name, G)] = gram
         elif kind == GRAMS_LORM_B:
             shapes[gram_key(layer.name, BAGA)] = (d, r)
-            shapes[gram_key(layer.name, AGA)] = (r, r)
+            shapes[gram_key(layer.name, AGA)] = PackedShape(r)
         elif kind == GRAMS_REGMEAN:
             shapes[gram_key(layer.name, DG)] = (d, k)
             shapes[gram_key(layer.name, G)] = gram
@@ -190,7 +197,7 @@ def gram_shapes(
     if kind in PRODUCT_KINDS:
         c, f = layout.shapes[layout.head_weight]
         shapes[gram_key(HEAD, WG)] = (c, f)
-        shapes[gram_key(HEAD, G)] = (f,) if head_gram_alpha == 0 else (f, f)
+        shapes[gram_key(HEAD, G)] = (f,) if head_gram_alpha == 0 else PackedShape(f)
     return shapes
 
 
@@ -242,7 +249,7 @@ def decode_past_tasks(
     content: RecordDict, layout: ModelLayout, task: int
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
     """The client's side of :func:`past_tasks_record`: None when the message has none;
-    ``ValueError`` unless it holds exactly every layer's two factors of task ``task``'s
+    ``ValueError`` (``TypeError`` for another kind of record) unless it holds exactly every layer's two factors of task ``task``'s
     shapes, finite."""
     if PAST_TASKS not in content:
         return None
@@ -250,7 +257,7 @@ def decode_past_tasks(
         raise ValueError(f"a '{PAST_TASKS}' record came with task {task}: it has no past tasks")
     record = content[PAST_TASKS]
     if not isinstance(record, ArrayRecord):
-        raise ValueError(f"'{PAST_TASKS}' is a {type(record).__name__}, not an ArrayRecord")
+        raise TypeError(f"'{PAST_TASKS}' is a {type(record).__name__}, not an ArrayRecord")
     tensors = arrays_to_tensors(record)
     out, expected = {}, set()
     for layer in layout.layers:
@@ -401,6 +408,9 @@ def decode_reply(
     if spec.grams is not None:
         grams = decode_tensors(node, content[GRAMS], spec.grams, torch.float32)
         for key, t in grams.items():
+            shape = spec.grams[key]
+            if isinstance(shape, PackedShape):
+                grams[key] = t = unpack_upper(t, shape.side)
             if key.rsplit("|", 1)[-1] in SYMMETRIC_PARTS:
                 check_gram(node, key, t)
     return Reply(node, arrays, grams, metrics)
@@ -528,5 +538,21 @@ def reply_content(
             raise ValueError(
                 f"computed Gram statistics {sorted(grams)[:3]}... differ from those asked, {sorted(spec.grams)[:3]}..."
             )
-        content[GRAMS] = tensors_to_arrays(dict(grams))
+        content[GRAMS] = tensors_to_arrays(pack_symmetric(spec, grams))
     return content
+
+
+def pack_symmetric(spec: ReplySpec, grams: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The statistics as they travel: each one ``spec`` declares packed, as its upper
+    triangle (the client computes full ``(k, k)`` matrices)."""
+    out = {}
+    for key, t in grams.items():
+        shape = (spec.grams or {}).get(key)
+        if isinstance(shape, PackedShape) and t.dim() == 2:
+            if tuple(t.shape) != (shape.side, shape.side):
+                raise ValueError(
+                    f"{key}: computed {tuple(t.shape)}, asked for a {shape.side}-square"
+                )
+            t = pack_upper(t)
+        out[key] = t
+    return out

@@ -9,6 +9,7 @@ from flwr.app import Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from lorm_flwr import wire
+from lorm_flwr.symmetric import pack_upper
 
 # Messages read the run and node ids of the current task; give them dummy ones.
 TaskIdentity.run_id = 1
@@ -20,17 +21,31 @@ def train_content(
     tensors: dict[str, torch.Tensor] | None,
     num_examples: int,
     grams: dict[str, torch.Tensor] | None = None,
+    *,
+    packed: bool = True,
     **metrics: float,
 ) -> RecordDict:
-    """A client's train reply as the ClientApp builds it (``tensors=None``: no arrays record)."""
+    """A client's train reply as the ClientApp builds it (``tensors=None``: no arrays record).
+
+    Square symmetric statistics (``G``, ``AGA``) travel as their upper triangle, as the
+    client sends them; ``packed=False`` sends them as given.
+    """
     values = {wire.NUM_EXAMPLES: num_examples, wire.TRAIN_LOSS: 0.5, wire.TRAIN_SECONDS: 1.0,
               wire.GRAMS_SECONDS: 0.1, **metrics}  # fmt: skip
     content = RecordDict({wire.METRICS: wire.metrics_record(values)})
     if tensors is not None:
         content[wire.ARRAYS] = wire.tensors_to_arrays(tensors)
     if grams is not None:
+        if packed:
+            grams = {k: pack_upper(v) if _symmetric(k, v) else v for k, v in grams.items()}
         content[wire.GRAMS] = wire.tensors_to_arrays(grams)
     return content
+
+
+def _symmetric(key: str, t: torch.Tensor) -> bool:
+    return (
+        key.rsplit("|", 1)[-1] in wire.SYMMETRIC_PARTS and t.dim() == 2 and t.shape[0] == t.shape[1]
+    )
 
 
 # What a scripted node does with a message: reply with this content, fail, or stay silent.

@@ -115,8 +115,8 @@ def _flat_inputs(images, device):
 def _train(model, *, n=40, **kw):
     images = _images(n, size=4)
     labels = np.arange(n) % 3
-    args = dict(task_classes=[0, 1, 2], inputs=_flat_inputs, epochs=1, batch_size=8,
-                lr=0.01, weight_decay=0.0, device=CPU, seed=0, optimizer="sgd")  # fmt: skip
+    args = {"task_classes": [0, 1, 2], "inputs": _flat_inputs, "epochs": 1, "batch_size": 8,
+            "lr": 0.01, "weight_decay": 0.0, "device": CPU, "seed": 0, "optimizer": "sgd"}  # fmt: skip
     return train_local(model, images, labels, **{**args, **kw})
 
 
@@ -156,7 +156,9 @@ def test_warmup_scales_the_first_step_by_one_over_the_warmup():
 def test_adapter_dropout_is_on_only_while_training():
     model = _Toy(dropout=0.5)
     seen = []
-    drops = [m for n, m in model.named_modules() if "lora_dropout" in n and isinstance(m, nn.Dropout)]
+    drops = [
+        m for n, m in model.named_modules() if "lora_dropout" in n and isinstance(m, nn.Dropout)
+    ]
     assert drops
     drops[0].register_forward_hook(lambda m, i, o: seen.append(m.training))
     _train(model, n=8)
@@ -199,7 +201,10 @@ def test_validation_is_held_out_of_training_per_class_seeded_and_disjoint():
         ({"lorm-first-task": "plain"}, "lorm-first-task='plain' is not known"),
         ({"round-eval-model": "merged"}, "round-eval-model='merged' is not known"),
         ({"augment": True, "dataset": "bbc-news", "backbone": "minilm"}, "applies to images"),
-        ({"eval-center-crop": True, "dataset": "bbc-news", "backbone": "minilm"}, "applies to images"),
+        (
+            {"eval-center-crop": True, "dataset": "bbc-news", "backbone": "minilm"},
+            "applies to images",
+        ),
     ],
 )
 def test_bad_reference_keys_stop_before_any_work(changes, message):
@@ -258,9 +263,7 @@ def test_past_tasks_record_round_trips_and_bad_records_are_named():
         wire.decode_past_tasks(
             RecordDict({wire.PAST_TASKS: wire.past_tasks_record(bad)}), layout, task=2
         )
-    extra = wire.past_tasks_record(
-        {**past, "stray": (torch.zeros(1, 1), torch.zeros(1, 1))}
-    )
+    extra = wire.past_tasks_record({**past, "stray": (torch.zeros(1, 1), torch.zeros(1, 1))})
     with pytest.raises(ValueError, match="unexpected entries"):
         wire.decode_past_tasks(RecordDict({wire.PAST_TASKS: extra}), layout, task=2)
 

@@ -12,6 +12,7 @@ from lorm_flwr.config import RunConfig
 from lorm_flwr.exchange import ExchangeFailed
 from lorm_flwr.layout import AdaptedLayer, ModelLayout
 from lorm_flwr.rounds import handshake
+from lorm_flwr.symmetric import pack_upper
 from tests.messages import ScriptedGrid, reply_to
 
 LAYER = AdaptedLayer(
@@ -41,7 +42,7 @@ def test_each_plan_declares_the_reply_for_both_sides():
     assert dict(lorm_a.arrays) == {"linear_head.bias": (5,)}
     assert dict(lorm_a.grams) == {
         "l|AG": (2, 3),
-        "l|G": (3, 3),
+        "l|G": (6,),  # the upper triangle of 3 x 3
         "linear_head|WG": (5, 4),
         "linear_head|G": (4,),
     }
@@ -95,8 +96,13 @@ def test_bad_personalised_evaluation_replies_are_refused(values, reason):
 def test_an_end_of_task_reply_without_its_statistics_is_refused():
     spec = wire.train_reply_spec(LAYOUT, wire.Instructions(0, grams=wire.GRAMS_TASK), 1.0, 1.0)
     good = RecordDict({wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 6}),
+                       wire.GRAMS: wire.tensors_to_arrays({"l|G": pack_upper(torch.eye(3))})})  # fmt: skip
+    got = wire.decode_reply(reply_to(2, good), spec, num_examples=6).grams["l|G"]
+    assert torch.equal(got, torch.eye(3))  # unpacked to the whole matrix
+    full = RecordDict({wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 6}),
                        wire.GRAMS: wire.tensors_to_arrays({"l|G": torch.eye(3)})})  # fmt: skip
-    assert wire.decode_reply(reply_to(2, good), spec, num_examples=6).grams["l|G"].shape == (3, 3)
+    with pytest.raises(wire.PayloadError, match=r"l\|G has shape \(3, 3\), expected \(6,\)"):
+        wire.decode_reply(reply_to(2, full), spec)
     missing = RecordDict({wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 6})})
     with pytest.raises(
         wire.PayloadError,
@@ -109,7 +115,7 @@ def test_an_end_of_task_reply_without_its_statistics_is_refused():
     with pytest.raises(wire.PayloadError, match="'grams' is a ConfigRecord"):
         wire.decode_reply(reply_to(2, wrong_type), spec)
     negative = RecordDict({wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 6}),
-                           wire.GRAMS: ArrayRecord({"l|G": -torch.eye(3)})})  # fmt: skip
+                           wire.GRAMS: ArrayRecord({"l|G": pack_upper(-torch.eye(3))})})  # fmt: skip
     with pytest.raises(wire.PayloadError, match="negative diagonal"):
         wire.decode_reply(reply_to(2, negative), spec)
 

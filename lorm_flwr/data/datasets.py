@@ -9,7 +9,6 @@ worker shares one copy.
 from __future__ import annotations
 
 import dataclasses
-
 import functools
 import gzip
 from collections.abc import Callable
