@@ -73,7 +73,7 @@ def message_shapes(strategy) -> dict[str, dict[str, tuple[int, ...]]]:
     for name, plan in plans.items():
         spec = strategy.reply_spec(plan)
         up = {f"{wire.ARRAYS}/{k}": tuple(s) for k, s in (spec.arrays or {}).items()}
-        up.update({f"{wire.GRAMS}/{k}": tuple(s) for k, s in (spec.grams or {}).items()})
+        up.update({f"{wire.GRAMS}/{k}": s for k, s in (spec.grams or {}).items()})  # packed kept
         out[f"{name} down"] = down
         out[f"{name} up"] = up
     return out
@@ -85,11 +85,16 @@ def _remedy(key: str, cfg) -> str:
     if key.endswith(("|" + wire.G, "|" + wire.AG)):
         return (
             f"set gram-alpha=0 (now {cfg.gram_alpha}) so clients send Gram diagonals (d_in floats "
-            "instead of d_in x d_in), or adapt fewer layers with lora-targets"
+            "instead of the upper triangle's d_in (d_in + 1) / 2), or adapt fewer layers with lora-targets"
         )
     if key.endswith("|" + wire.DG):
         return "regmean sends a dense d_out x d_in product per layer: adapt fewer layers with lora-targets, or use lorm"
     return f"use a lower lora-rank (now {cfg.lora_rank}) or fewer layers with lora-targets"
+
+
+def _shape_text(shape: tuple[int, ...]) -> str:
+    side = getattr(shape, "side", None)  # a symmetric statistic's upper triangle
+    return f"{tuple(shape)}, the upper triangle of {side}x{side}," if side else str(tuple(shape))
 
 
 def check_message_sizes(strategy, limit_bytes: int) -> dict[str, int]:
@@ -103,7 +108,7 @@ def check_message_sizes(strategy, limit_bytes: int) -> dict[str, int]:
         raise MessageTooLarge(
             f"each client's '{name}' message would be {size / 2**20:.1f} MiB, over the "
             f"{limit_bytes / 2**20:.1f} MiB limit (max-message-mb, or Flower's gRPC limit when 0). "
-            f"Its largest tensor is {key} {tuple(shape)} "
+            f"Its largest tensor is {key} {_shape_text(shape)} "
             f"({BYTES_PER_FLOAT * math.prod(shape) / 2**20:.1f} MiB): {_remedy(key, strategy.cfg)}"
         )
     return sizes

@@ -57,10 +57,15 @@ class Plan:
                 f"{self.adapter_parameters:,} trainable adapter parameters; head "
                 f"{self.head_parameters:,} parameters"
             )
+        per_round = self.num_clients
+        if 0 < c.clients_per_round < self.num_clients:
+            per_round = c.clients_per_round
+            out.append(f"each round trains {per_round} of the {self.num_clients} clients "
+                       "(clients-per-round), drawn with the seed")  # fmt: skip
         for r, (down, up) in sorted(self.messages.items()):
             out.append(
                 f"round {r} of each task, per client: down {down:,} floats ({_mb(down)}), "
-                f"up {up:,} floats ({_mb(up)}); all clients: {_mb((down + up) * self.num_clients)}"
+                f"up {up:,} floats ({_mb(up)}); clients of the round: {_mb((down + up) * per_round)}"
             )
         if self.end_of_task is not None:
             down, up = self.end_of_task
@@ -68,11 +73,10 @@ class Plan:
                        f"up {up:,} floats ({_mb(up)})")  # fmt: skip
         if self.messages:
             period = len(self.messages)  # rounds alternate with this period
-            per_task = sum(sum(self.messages[r % period]) for r in range(c.rounds_per_task))
-            per_task += sum(self.end_of_task or (0, 0))
-            out.append(
-                f"whole run, all clients: about {_mb(per_task * c.num_tasks * self.num_clients)}"
-            )
+            rounds = sum(sum(self.messages[r % period]) for r in range(c.rounds_per_task))
+            # The end-of-task statistics come from every client, the rounds from those drawn.
+            per_task = rounds * per_round + sum(self.end_of_task or (0, 0)) * self.num_clients
+            out.append(f"whole run, all clients: about {_mb(per_task * c.num_tasks)}")
         for problem in self.problems:
             out.append(f"the run would stop: {problem}")
         for what in self.unreachable:
