@@ -195,6 +195,7 @@ class RunConfig:
             raise ConfigError(
                 f"min-clients={self.min_clients} is invalid: more than num-clients={self.num_clients}"
             )
+        self._check_strategy_keys()
         _non_negative("clients_per_round", self.clients_per_round)
         if self.clients_per_round and self.clients_per_round < self.min_clients:
             raise ConfigError(
@@ -237,6 +238,31 @@ class RunConfig:
             )
         if not self.output_dir.strip():
             raise ConfigError("output-dir='' is invalid: give a folder path")
+
+    def _check_strategy_keys(self) -> None:
+        """Keys that only one kind of strategy reads: set for another, they would do nothing."""
+        lorm_only = {
+            "lorm-round-grams": (self.lorm_round_grams, "trained"),
+            "lorm-first-task": (self.lorm_first_task, "fold"),
+            "round-eval-model": (self.round_eval_model, "task"),
+            "lorm-reference-grams": (self.lorm_reference_grams, False),
+        }
+        for key, (value, default) in lorm_only.items():
+            if self.strategy != "lorm" and value != default:
+                raise ConfigError(
+                    f"{key}={value!r} applies to strategy 'lorm' only (strategy is "
+                    f"'{self.strategy}'): leave it at {default!r}"
+                )
+        if self.strategy.startswith("fedsa") and self.validation_fraction > 0:
+            raise ConfigError(
+                f"validation-fraction={self.validation_fraction} needs a global model to score; "
+                f"'{self.strategy}' keeps parts on each client (personalised evaluation)"
+            )
+        if self.strategy.startswith("joint") and self.clients_per_round:
+            raise ConfigError(
+                f"clients-per-round={self.clients_per_round}: '{self.strategy}' is not "
+                "federated (it trains on the pooled data)"
+            )
 
     # ----------------------------------------------------------------- helpers
     @property

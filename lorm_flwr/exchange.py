@@ -13,20 +13,23 @@ up to ``retries`` times.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from flwr.app import Message
 from flwr.serverapp import Grid
 
 from lorm_flwr.wire import record_bytes
 
-__all__ = ["ExchangeFailed", "ExchangeLog", "exchange"]
+__all__ = ["ExchangeFailed", "ExchangeLog", "Fold", "exchange"]
 
 log = logging.getLogger("flwr.lorm")
 
 T = TypeVar("T")
+T_contra = TypeVar("T_contra", contravariant=True)
+R_co = TypeVar("R_co", covariant=True)
 
 
 @dataclass
@@ -41,6 +44,9 @@ class ExchangeLog:
     failures: list[str] = field(default_factory=list)  # error replies and timeouts
     rejected: list[str] = field(default_factory=list)  # replies the checks refused
     timeouts: list[int] = field(default_factory=list)  # nodes that did not reply in time
+    # Most decoded replies held at once, waiting for an earlier node's (0: every reply went
+    # straight into the fold). Bounds the server's memory beyond the fold's sums.
+    held_max: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -55,6 +61,7 @@ class ExchangeLog:
         self.rejected += later.rejected
         self.timeouts += later.timeouts
         self.replies = later.replies
+        self.held_max = max(self.held_max, later.held_max)
 
 
 class ExchangeFailed(RuntimeError):
@@ -66,10 +73,33 @@ class ExchangeFailed(RuntimeError):
         self.where: dict[str, int] = {}  # task and round, filled in by the round loop
 
 
-@dataclass
-class _Valid(Generic[T]):
-    node: int
-    value: T
+class Fold(Protocol[T_contra, R_co]):
+    """Where an exchange delivers its valid replies, one at a time and in order."""
+
+    def add(self, value: T_contra) -> None: ...
+
+    def result(self) -> R_co: ...
+
+
+class _Collect(Generic[T]):
+    """The default fold: the decoded replies as a list."""
+
+    def __init__(self) -> None:
+        self.values: list[T] = []
+
+    def add(self, value: T) -> None:
+        self.values.append(value)
+
+    def result(self) -> list[T]:
+        return self.values
+
+
+# Seconds between two pulls for replies (Flower's send_and_receive waits 3 s).
+POLL_SECONDS = 0.2
+# Replies pulled at a time: those of the earliest nodes (in order) still outstanding.
+# The rest wait in the SuperLink, so the server holds at most this many whatever the
+# federation's size and whatever order replies arrive in.
+PULL_WINDOW = 4
 
 
 def _reply_bytes(reply: Message) -> int:
@@ -77,6 +107,9 @@ def _reply_bytes(reply: Message) -> int:
         return record_bytes(reply.content)
     except Exception:  # noqa: BLE001 - a reply too malformed to count is rejected below anyway
         return 0
+
+
+_PENDING, _INVALID = object(), object()
 
 
 def exchange(
@@ -89,50 +122,55 @@ def exchange(
     retries: int,
     timeout: float,
     order: Callable[[int], int] = lambda node: node,
-) -> tuple[list[T], ExchangeLog]:
-    """Send ``messages()`` and return the decoded valid replies, ordered by ``order(node)``.
+    fold: Callable[[], Fold[T, Any]] | None = None,
+) -> tuple[Any, ExchangeLog]:
+    """Send ``messages()``; deliver each valid decoded reply to a fold, in ``order(node)``.
 
-    ``messages`` builds fresh messages for each attempt. Raises :class:`ExchangeFailed`
-    when an attempt has fewer than ``min_replies`` valid replies and no retry is left.
+    Messages are pushed with Flower's ``push_messages``; replies are pulled with
+    ``pull_messages`` for the next ``PULL_WINDOW`` nodes in ``order`` only, decoded at
+    once and the raw message dropped. A decoded reply goes to ``fold().add`` as soon
+    as every node before it has replied, failed or been rejected, so the fold sees
+    the same sequence in every run, and the server holds fewer than ``PULL_WINDOW``
+    replies at a time however many nodes there are (later ones wait in the
+    SuperLink). Once ``timeout`` has passed, a node of the window without a reply
+    times out and the window moves on (each later node gets one more pull). Returns
+    ``fold().result()`` (default: the list of decoded replies) and the log.
+
+    ``messages`` builds fresh messages for each attempt, and each attempt gets a
+    fresh fold. Raises :class:`ExchangeFailed` when an attempt has fewer than
+    ``min_replies`` valid replies and no retry is left. A grid may provide
+    ``clock()``/``sleep(seconds)`` (test grids run on a fake clock).
     """
     entry = ExchangeLog(kind=kind)
+    clock = getattr(grid, "clock", time.monotonic)
+    sleep = getattr(grid, "sleep", time.sleep)
     for attempt in range(1, retries + 2):
         entry.attempts = attempt
         prefix = f"attempt {attempt}: " if attempt > 1 else ""
-        sent = messages()
+        sent = sorted(messages(), key=lambda m: order(m.metadata.dst_node_id))
         entry.bytes_down += sum(record_bytes(m.content) for m in sent)
-        answered: set[int] = set()
-        valid: list[_Valid[T]] = []
-        replies = list(grid.send_and_receive(sent, timeout=timeout))
-        replies.reverse()
-        while replies:
-            # Each raw reply is dropped once decoded: the server holds the decoded,
-            # checked tensors, not a second copy of every reply.
-            reply = replies.pop()
-            node = reply.metadata.src_node_id
-            answered.add(node)
-            if reply.has_error():
-                entry.failures.append(f"{prefix}{kind}, node {node}: {reply.error.reason}")
-                log.warning("%s: node %d failed: %s", kind, node, reply.error.reason)
+        run = _Attempt(grid, sent, decode, fold() if fold is not None else _Collect(), entry,
+                       f"{prefix}{kind}")  # fmt: skip
+        del sent  # the global tensors are not kept once pushed
+        deadline = clock() + timeout
+        while not run.done():
+            if run.pull():
                 continue
-            entry.bytes_up += _reply_bytes(reply)
-            try:
-                valid.append(_Valid(node, decode(reply)))
-            except Exception as exc:  # noqa: BLE001 - any bad reply is a rejection, never a crash
-                reason = str(exc) if str(exc).startswith("node ") else f"node {node}: {exc}"
-                entry.rejected.append(f"{prefix}{kind}, {reason}")
-                log.warning("%s: rejected reply: %s", kind, reason)
-        silent = sorted({m.metadata.dst_node_id for m in sent} - answered)
+            if clock() >= deadline:
+                run.give_up_on_window()  # its nodes had the whole timeout; move on
+            else:
+                sleep(POLL_SECONDS)
+        silent = sorted(run.silent)
         for node in silent:
             entry.timeouts.append(node)
             entry.failures.append(f"{prefix}{kind}, node {node}: no reply (timeout)")
         if silent:
             log.warning("%s: no reply from nodes %s (timeout)", kind, silent)
-        entry.replies = len(valid)
-        if len(valid) >= min_replies:
-            valid.sort(key=lambda v: order(v.node))
-            return [v.value for v in valid], entry
-        message = f"{kind}: only {len(valid)} valid replies, {min_replies} needed"
+        entry.replies = run.valid
+        if run.valid >= min_replies:
+            return run.sink.result(), entry
+        del run
+        message = f"{kind}: only {entry.replies} valid replies, {min_replies} needed"
         if attempt <= retries:
             log.warning("%s; sending again (attempt %d of %d)", message, attempt + 1, retries + 1)
     raise ExchangeFailed(
@@ -140,3 +178,74 @@ def exchange(
         f"failures: {entry.failures}; rejected: {entry.rejected}",
         entry,
     )
+
+
+class _Attempt:
+    """One attempt of an exchange: the pushed messages' slots, in order, and the fold."""
+
+    def __init__(self, grid: Grid, sent: list[Message], decode, sink: Fold, entry, label: str):
+        self.grid, self.decode, self.sink, self.entry, self.label = grid, decode, sink, entry, label
+        self.nodes = [m.metadata.dst_node_id for m in sent]
+        self.ids = list(grid.push_messages(sent))
+        self.slots: list[Any] = [_PENDING] * len(self.nodes)
+        self.slot_of = {i: k for k, i in enumerate(self.ids) if i is not None}
+        for k, i in enumerate(self.ids):
+            if i is None:
+                self.slots[k] = _INVALID
+                entry.failures.append(f"{label}, node {self.nodes[k]}: could not be sent")
+        self.valid = self.folded = self.ready = 0  # valid replies; folded; slots delivered
+        self.silent: list[int] = []
+
+    def done(self) -> bool:
+        return self.ready == len(self.slots)
+
+    def _window(self) -> range:
+        return range(self.ready, min(self.ready + PULL_WINDOW, len(self.slots)))
+
+    def pull(self) -> int:
+        """Pull the outstanding replies among the next ``PULL_WINDOW`` nodes in order and fold
+        what is in order; -> replies got. Later nodes' replies wait in the SuperLink."""
+        wanted = [self.ids[k] for k in self._window() if self.slots[k] is _PENDING]
+        got = 0
+        for reply in self.grid.pull_messages(wanted) if wanted else []:
+            self._take(reply)
+            got += 1
+            self._deliver()
+            self.entry.held_max = max(self.entry.held_max, self.valid - self.folded)
+        return got
+
+    def give_up_on_window(self) -> None:
+        """The window's nodes that have not replied time out; fold what follows them."""
+        for k in self._window():
+            if self.slots[k] is _PENDING:
+                self.slots[k] = _INVALID
+                self.silent.append(self.nodes[k])
+        self._deliver()
+
+    def _take(self, reply: Message) -> None:
+        k = self.slot_of.get(reply.metadata.reply_to_message_id)
+        if k is None or self.slots[k] is not _PENDING:
+            return  # not ours, or a duplicate
+        self.slots[k] = _INVALID
+        node, entry = reply.metadata.src_node_id, self.entry
+        if reply.has_error():
+            entry.failures.append(f"{self.label}, node {node}: {reply.error.reason}")
+            log.warning("%s: node %d failed: %s", self.label, node, reply.error.reason)
+            return
+        entry.bytes_up += _reply_bytes(reply)
+        try:
+            self.slots[k] = self.decode(reply)
+            self.valid += 1
+        except Exception as exc:  # noqa: BLE001 - any bad reply is a rejection, never a crash
+            reason = str(exc) if str(exc).startswith("node ") else f"node {node}: {exc}"
+            entry.rejected.append(f"{self.label}, {reason}")
+            log.warning("%s: rejected reply: %s", self.label, reason)
+
+    def _deliver(self) -> None:
+        """Hand the resolved prefix of the slots to the fold (valid ones), freeing each."""
+        while self.ready < len(self.slots) and self.slots[self.ready] is not _PENDING:
+            value, self.slots[self.ready] = self.slots[self.ready], _INVALID
+            if value is not _INVALID:
+                self.sink.add(value)
+                self.folded += 1
+            self.ready += 1

@@ -70,9 +70,12 @@ class GramStats:
         t = tokens.detach()
         if t.dtype not in (torch.float32, torch.float64):
             t = t.float()  # never accumulate in fp16/bf16
-        if self.projection is not None:
-            t = t @ self.projection.to(device=t.device, dtype=t.dtype).T  # (n, r) codes
-        part = (t * t).sum(dim=0) if self.diagonal else gram_of(t)  # (k,) or (k, k)
+        # The hooks run inside the forward's autocast, which would run these products in
+        # half precision (t.float() does not stop it): entries above 65504 would be inf.
+        with torch.autocast(device_type=t.device.type, enabled=False):
+            if self.projection is not None:
+                t = t @ self.projection.to(device=t.device, dtype=t.dtype).T  # (n, r) codes
+            part = (t * t).sum(dim=0) if self.diagonal else gram_of(t)  # (k,) or (k, k)
         if self.gram is None:
             self.gram = part
         else:  # from the second batch on, the running sum is fp64

@@ -63,6 +63,7 @@ def run_joint(
         stats = train_local(
             model, data.train_x[idx], data.train_y[idx], task_classes=classes,
             inputs=input_spec(cfg, train=True), epochs=cfg.rounds_per_task * cfg.local_epochs,
+            steps=cfg.rounds_per_task * cfg.local_steps, warmup_steps=cfg.warmup_steps,
             batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
             lr={"A": cfg.lr_of("A"), "B": cfg.lr_of("B"), "head": cfg.lr},
             optimizer=cfg.optimizer, precision=cfg.precision,
@@ -80,11 +81,13 @@ def run_joint(
             "client_train_seconds_max": train_seconds,
         }
         recorder.add_round(row)
-        recorder.end_task(
-            last_task, ev.per_task,
-            {"accuracy": ev.accuracy, "correct": ev.correct, "total": ev.total,
-             "adapter_rank": cfg.lora_rank},
-        )  # fmt: skip
+        summary = {"accuracy": ev.accuracy, "correct": ev.correct, "total": ev.total,
+                   "adapter_rank": cfg.lora_rank}  # fmt: skip
+        if cfg.validation_fraction > 0:
+            val = evaluate_global(cfg, scenario, last_task, tensors, split="validation")
+            summary["validation"] = {"accuracy": val.accuracy, "per_task": val.per_task,
+                                     "correct": val.correct, "total": val.total}  # fmt: skip
+        recorder.end_task(last_task, ev.per_task, summary)
         metrics = {
             f"accuracy on classes seen after task {last_task}": ev.accuracy,
             "accuracy per task": ev.per_task,

@@ -59,11 +59,31 @@ def message_shapes(strategy) -> dict[str, dict[str, tuple[int, ...]]]:
 
     ``round R down``/``round R up`` for each round kind (rounds alternate with a
     period of at most 2), and ``end-of-task down/up`` for a strategy with task-end
-    statistics (LoRM). Keys are ``record/key``, as the replies carry them.
+    statistics (LoRM). Keys are ``record/key``, as the replies carry them. A round's
+    down message is its largest one (with ``lorm-round-grams=mean-delta``, the last
+    task's, which carries every past task's factors).
     """
     down = {
         f"{wire.ARRAYS}/{k}": tuple(s) for k, s in strategy.shared(strategy.layout.shapes).items()
     }
+    task_end_down = dict(down)
+    cfg = strategy.cfg
+    last = cfg.num_tasks - 1
+    if getattr(cfg, "lorm_reference_grams", False):  # the last task's mean-delta model
+        for layer in strategy.layout.layers:
+            rank = layer.rank * cfg.num_tasks
+            task_end_down[f"{wire.ARRAYS}/{layer.a_key}"] = (rank, layer.d_in)
+            task_end_down[f"{wire.ARRAYS}/{layer.b_key}"] = (layer.d_out, rank)
+    # LoRM with lorm-round-grams=mean-delta also sends the past tasks' factors with each
+    # round, most at the last task: count that, the largest round message.
+    if getattr(cfg, "lorm_round_grams", "trained") == "mean-delta" and last > 0:
+        for layer in strategy.layout.layers:
+            cols = layer.rank * last
+            down[f"{wire.PAST_TASKS}/{wire.gram_key(layer.name, wire.PAST_B)}"] = (
+                layer.d_out,
+                cols,
+            )
+            down[f"{wire.PAST_TASKS}/{wire.gram_key(layer.name, wire.PAST_A)}"] = (cols, layer.d_in)
     plans = {
         f"round {r}": strategy.instructions(r) for r in range(min(strategy.cfg.rounds_per_task, 2))
     }
@@ -74,7 +94,7 @@ def message_shapes(strategy) -> dict[str, dict[str, tuple[int, ...]]]:
         spec = strategy.reply_spec(plan)
         up = {f"{wire.ARRAYS}/{k}": tuple(s) for k, s in (spec.arrays or {}).items()}
         up.update({f"{wire.GRAMS}/{k}": s for k, s in (spec.grams or {}).items()})  # packed kept
-        out[f"{name} down"] = down
+        out[f"{name} down"] = task_end_down if name == "end-of-task" else down
         out[f"{name} up"] = up
     return out
 

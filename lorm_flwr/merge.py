@@ -108,12 +108,14 @@ def _ridge(s: Tensor, ridge: float) -> float:
 def _divide_diag(rhs: Tensor, d: Tensor) -> Tensor:
     """``rhs @ pinv(diag(d))``, exactly: column j divided by ``d_j`` where ``d_j != 0``, zero
     where it is 0. A diagonal system has no round-off to guard against, so no cut-off:
-    a low-energy feature keeps its (convex-combination) column. Columns that overflow,
-    which sums from honest clients cannot produce (``|rhs_j| <= max|A| d_j``), are zero.
+    a low-energy feature keeps its (convex-combination) column. Entries that overflow
+    (fp32, the global tensors' dtype), which sums from honest clients cannot produce
+    (``|rhs_j| <= max|A| d_j``), are zero.
     """
     nonzero = d != 0
     out = torch.where(nonzero, rhs / torch.where(nonzero, d, torch.ones_like(d)), 0.0)
-    return torch.where(torch.isfinite(out), out, 0.0)
+    # Finite as the fp32 global tensor it becomes, too.
+    return torch.where(torch.isfinite(out.float()), out, 0.0)
 
 
 def _pinv_diag(d: Tensor) -> Tensor:

@@ -67,6 +67,9 @@ class Plan:
                 f"round {r} of each task, per client: down {down:,} floats ({_mb(down)}), "
                 f"up {up:,} floats ({_mb(up)}); clients of the round: {_mb((down + up) * per_round)}"
             )
+        if c.strategy == "lorm" and c.lorm_round_grams == "mean-delta" and c.num_tasks > 1:
+            out.append("rounds' down messages are the last task's, the largest: with "
+                       "lorm-round-grams=mean-delta they carry every past task's factors")  # fmt: skip
         if self.end_of_task is not None:
             down, up = self.end_of_task
             out.append(f"end-of-task statistics, per client: down {down:,} floats ({_mb(down)}), "

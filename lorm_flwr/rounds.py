@@ -47,7 +47,7 @@ from lorm_flwr.results import (
 )
 from lorm_flwr.runtime import initial_tensors, model_of, scenario_of
 from lorm_flwr.seeds import participants_seed
-from lorm_flwr.strategies.base import LoraStrategy, Merged, Tensors
+from lorm_flwr.strategies.base import Gathered, LoraStrategy, Merged, Tensors
 
 __all__ = ["FederatedRun", "handshake", "run_federated", "train_exchange", "wait_for_nodes"]
 
@@ -171,10 +171,11 @@ class FederatedRun:
         pid = self.partition_of[node]
         return [len(self.scenario.test_shards[k][pid]) for k in range(task + 1)]
 
-    def _exchange(self, messages: Callable[[], list[Message]], decode, kind: str):
+    def _exchange(self, messages: Callable[[], list[Message]], decode, kind: str, fold=None):
         return exchange(
             self.grid, messages, decode, kind=kind, min_replies=self.cfg.min_clients,
             retries=self.cfg.round_retries, timeout=self.cfg.round_timeout, order=self.order,
+            fold=fold,
         )  # fmt: skip
 
     def participants(self, task: int, round_in_task: int) -> set[int] | None:
@@ -187,6 +188,18 @@ class FederatedRun:
         rng = np.random.default_rng(participants_seed(self.cfg.seed, task, round_in_task))
         chosen = rng.choice(len(nodes), size=k, replace=False)
         return {nodes[i] for i in chosen}
+
+    def trained_on(self, task: int) -> list[int]:
+        """The nodes asked to train in any round of ``task`` (all without clients-per-round),
+        in partition order; read from the results rows, so a resumed run agrees."""
+        nodes = sorted(self.partition_of, key=self.order)
+        if self.cfg.clients_per_round <= 0:
+            return nodes
+        asked: set[int] = set()
+        for row in self.recorder.rounds:
+            if row["task"] == task:
+                asked.update(row.get("participants", self.partition_of.values()))
+        return [n for n in nodes if self.partition_of[n] in asked]
 
     # -------------------------------------------------------------- rounds
     def train_round(self, task: int, round_in_task: int, tensors: Tensors) -> Tensors:
@@ -203,8 +216,9 @@ class FederatedRun:
             raise
         row = RoundRow.from_exchange(task, round_in_task, train)
         row.merge_seconds = merge_seconds
-        if participants is not None:
-            row.extra["participants"] = sorted(self.partition_of[n] for n in participants)
+        if cfg.clients_per_round > 0:  # the partitions asked to train (all when the draw is all)
+            asked = participants if participants is not None else self.partition_of
+            row.extra["participants"] = sorted(self.partition_of[n] for n in asked)
         weights = [r.num_examples for r in replies]
         row.train_loss = sum(
             w * r.metrics[wire.TRAIN_LOSS] for w, r in zip(weights, replies)
@@ -270,9 +284,9 @@ class FederatedRun:
         """LoRM's statistics exchange, then evaluate, fill the matrix row, export the adapter."""
         strategy, cfg = self.strategy, self.cfg
         exchanges: list[ExchangeLog] = []
-        nodes = sorted(self.partition_of, key=self.order)  # every client that trained on the task
+        nodes = self.trained_on(task)
 
-        def query(record_on: Tensors, plan: wire.Instructions) -> list[wire.Reply]:
+        def query(record_on: Tensors, plan: wire.Instructions) -> Gathered:
             spec = strategy.reply_spec(plan)
             content = RecordDict(
                 {wire.ARRAYS: wire.tensors_to_arrays(record_on), wire.CONFIG: plan.to_config()}
@@ -289,7 +303,7 @@ class FederatedRun:
                 return wire.decode_reply(msg, spec, num_examples=size)
 
             try:
-                replies, entry = self._exchange(messages, decode, "task-grams")
+                replies, entry = self._exchange(messages, decode, "task-grams", fold=Gathered)
             except ExchangeFailed as exc:
                 exc.where = {"task": task, "round_in_task": cfg.rounds_per_task}
                 raise
@@ -346,14 +360,16 @@ def train_exchange(
     examples: Callable[[int], int | None] = lambda node: None,
     order: Callable[[int], int] = lambda node: node,
     nodes: set[int] | None = None,
-) -> tuple[list[wire.Reply], Merged, ExchangeLog, float]:
+) -> tuple[Gathered, Merged, ExchangeLog, float]:
     """One training round of the current task: send, check, merge.
 
     ``nodes``: train on these nodes only (partial participation); None: every node
     Flower's sampling gives.
     ``examples(node)``: the sample count the node must report (its shard size), or
-    None to accept any positive count. Returns the checked replies (in ``order``),
-    the merge, the exchange's log and the merge's seconds.
+    None to accept any positive count. Returns the checked replies (in ``order``,
+    their Gram statistics already summed and dropped: see
+    :class:`~lorm_flwr.strategies.base.Gathered`), the merge, the exchange's log and
+    the merge's seconds.
     """
     cfg = strategy.cfg
     plan = strategy.instructions(round_in_task)
@@ -368,13 +384,13 @@ def train_exchange(
     def decode(msg: Message) -> wire.Reply:
         return wire.decode_reply(msg, spec, dtype, num_examples=examples(msg.metadata.src_node_id))
 
-    replies, log_ = exchange(
+    gathered, log_ = exchange(
         grid, messages, decode, kind="train", min_replies=cfg.min_clients,
-        retries=cfg.round_retries, timeout=cfg.round_timeout, order=order,
+        retries=cfg.round_retries, timeout=cfg.round_timeout, order=order, fold=Gathered,
     )  # fmt: skip
     begin = time.perf_counter()
-    merged = strategy.merge(plan, replies, tensors)
-    return replies, merged, log_, time.perf_counter() - begin
+    merged = strategy.merge(plan, gathered, tensors)
+    return gathered, merged, log_, time.perf_counter() - begin
 
 
 def _changes(strategy: LoraStrategy, before: Tensors, after: Tensors) -> dict[str, float]:
@@ -396,6 +412,11 @@ def run_federated(grid: Grid, cfg: RunConfig, run_id: int | None = None) -> None
         check_output_dir(cfg)  # so does an output folder it cannot write
     partition_of, hello = handshake(grid, cfg)
     num_clients = len(partition_of)
+    if cfg.clients_per_round > num_clients:
+        raise ConfigError(
+            f"clients-per-round={cfg.clients_per_round} is more than the {num_clients} clients "
+            "of this federation"
+        )
     scenario = scenario_of(cfg, num_clients)  # impossible splits stop here
     log.info(
         "lorm-flwr: %s on %s, %d clients, %d tasks %s, shard sizes %s",

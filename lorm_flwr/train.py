@@ -59,10 +59,10 @@ class InputSpec:
         x = to_device(torch.from_numpy(np.ascontiguousarray(images)), device)
         x = x.unsqueeze(1).expand(-1, 3, -1, -1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
         x = x.float().div_(255.0)  # (B, 3, H, W)
-        if self.augment:
-            x = torch.stack([self._augmentation(img) for img in x])
+        if self.augment:  # bicubic overshoots; PIL's uint8 pipeline clamps, so do we
+            x = torch.stack([self._augmentation(img) for img in x]).clamp_(0.0, 1.0)
         elif self.center_crop:
-            x = self._center_cropped(x)
+            x = self._center_cropped(x).clamp_(0.0, 1.0)
         elif x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             x = F.interpolate(
                 x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False

@@ -57,14 +57,53 @@ class ScriptedGrid:
 
     A script entry maps node -> content (or a function of the request returning one),
     ``"error"`` (an error reply) or ``"silent"`` (no reply: a timeout).
+
+    Replies come back through ``push_messages``/``pull_messages`` in ``arrival`` order
+    (default: reversed, so that exchanges must reorder them), one per pull; time is a
+    fake clock that ``sleep`` advances, so a timeout costs no real time.
     """
 
-    def __init__(self, nodes: list[int], script: list[dict[int, Behaviour]]) -> None:
+    def __init__(
+        self, nodes: list[int], script: list[dict[int, Behaviour]], arrival: str = "reversed"
+    ) -> None:
         self.nodes, self.script, self.calls = list(nodes), list(script), 0
         self.sent: list[list[Message]] = []
+        self.arrival = arrival
+        self.now = 0.0
+        self._replies: dict[str, Message] = {}
+        self._ids = 0
 
     def get_node_ids(self) -> list[int]:
         return list(self.nodes)
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        replies = self.send_and_receive(messages)
+        ids = []
+        for m in messages:
+            self._ids += 1
+            ids.append(f"m{self._ids}")
+        by_node = {m.metadata.dst_node_id: i for m, i in zip(messages, ids)}
+        if self.arrival == "reversed":
+            replies = replies[::-1]
+        for r in replies:
+            r.metadata.__dict__["_reply_to_message_id"] = by_node[r.metadata.src_node_id]
+            self._replies[by_node[r.metadata.src_node_id]] = r
+        self._order = [by_node[r.metadata.src_node_id] for r in replies]
+        return ids
+
+    def pull_messages(self, message_ids):
+        wanted = set(message_ids)
+        for i in self._order:
+            if i in wanted and i in self._replies:
+                return [self._replies.pop(i)]
+        return []
 
     def send_and_receive(self, messages, timeout=None):
         behaviour = self.script[min(self.calls, len(self.script) - 1)]

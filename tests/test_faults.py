@@ -22,7 +22,7 @@ from lorm_flwr.checkpoint import (
 )
 from lorm_flwr.config import RunConfig
 from lorm_flwr.cross_task import TaskHistory
-from lorm_flwr.exchange import ExchangeFailed, exchange
+from lorm_flwr.exchange import PULL_WINDOW, ExchangeFailed, exchange
 from lorm_flwr.layout import ModelLayout, group_of
 from lorm_flwr.limits import (
     MessageTooLarge,
@@ -253,3 +253,58 @@ def test_a_damaged_checkpoint_names_resume_from_and_what_is_wrong(tmp_path, dama
         resume_point(RunConfig(resume_from=str(tmp_path)))
     if damage == "flipped byte":
         assert "checksum does not match" in str(info.value)
+
+
+# ------------------------------------------------------- streaming exchange
+class _Recording:
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    def add(self, value: int) -> None:
+        self.seen.append(value)
+
+    def result(self) -> list[int]:
+        return self.seen
+
+
+@pytest.mark.parametrize("arrival", ["reversed", "in-order"])
+def test_replies_reach_the_fold_in_partition_order_whatever_the_arrival(arrival):
+    nodes = list(range(1, 11))
+    script = {n: _ok for n in nodes}
+    script[4] = "error"
+    script[7] = "silent"
+    grid = ScriptedGrid(nodes, [script], arrival=arrival)
+
+    def messages():
+        return [Message(RecordDict(), dst_node_id=n, message_type="query.x") for n in nodes[::-1]]
+
+    order = {n: 10 - n for n in nodes}.__getitem__  # partition order: node 10 first
+    seen, log = exchange(grid, messages, lambda m: m.metadata.src_node_id, kind="q",
+                         min_replies=1, retries=0, timeout=5, order=order, fold=_Recording)  # fmt: skip
+    assert seen == [10, 9, 8, 6, 5, 3, 2, 1]  # node 7 timed out, node 4 failed
+    assert log.timeouts == [7] and log.replies == 8
+    # Only a window of replies is ever pulled: fewer than that wait for an earlier node
+    # (here 6 and 5, behind the silent node 7).
+    assert log.held_max == 2 < PULL_WINDOW
+    del script[7]
+    grid = ScriptedGrid(nodes, [{**script, 7: _ok}], arrival=arrival)
+    seen, log = exchange(grid, messages, lambda m: m.metadata.src_node_id, kind="q",
+                         min_replies=1, retries=0, timeout=5, order=order, fold=_Recording)  # fmt: skip
+    assert seen == [10, 9, 8, 7, 6, 5, 3, 2, 1]
+    assert log.held_max == (0 if arrival == "in-order" else PULL_WINDOW - 1)
+
+
+def test_gathered_sums_are_the_ordered_fp64_sums_and_drop_the_grams():
+    from lorm_flwr import wire
+    from lorm_flwr.strategies.base import Gathered
+
+    gen = torch.Generator().manual_seed(0)
+    grams = [torch.randn(5, 5, generator=gen) for _ in range(4)]
+    gathered = Gathered()
+    for i, g in enumerate(grams):
+        gathered.add(wire.Reply(node=i, grams={"l|G": g}, metrics={wire.NUM_EXAMPLES: 1}))
+    expected = grams[0].double()
+    for g in grams[1:]:
+        expected = expected + g.double()
+    assert torch.equal(gathered.total("l|G"), expected)  # the same additions, the same order
+    assert all(r.grams == {} for r in gathered) and len(gathered) == 4

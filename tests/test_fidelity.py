@@ -22,6 +22,7 @@ from lorm_flwr.data.datasets import LabelledData, hold_out_validation
 from lorm_flwr.merge import merge_from_sums, psd_solve_right
 from lorm_flwr.models.adapters import get_tensors, model_layout
 from lorm_flwr.runtime import initial_tensors, model_of
+from lorm_flwr.strategies.base import Gathered
 from lorm_flwr.strategies.lorm import LoRM
 from lorm_flwr.train import CENTER_CROP_RATIO, InputSpec, _parameter_groups, train_local
 
@@ -31,14 +32,21 @@ CPU = torch.device("cpu")
 
 # ------------------------------------------------------- diagonal Grams: exact
 def test_a_diagonal_system_is_divided_exactly_however_small_the_entry():
-    d = torch.tensor([1.0, 1e-9, 0.0, 1e-200, 3e5], dtype=torch.float64)
+    d = torch.tensor([1.0, 1e-9, 0.0, 1e-30, 3e5], dtype=torch.float64)
     rhs = torch.randn(3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     got = psd_solve_right(rhs, d)
     # The least-squares oracle: X diag(d) = rhs, minimum norm (column 2 is free: 0).
     expected = np.linalg.lstsq(np.diag(d.numpy()).T, rhs.numpy().T, rcond=None)[0].T
-    expected[:, 3] = rhs[:, 3].numpy() / 1e-200  # beyond lstsq's own cut-off, still exact
+    expected[:, 3] = rhs[:, 3].numpy() / 1e-30  # beyond lstsq's own cut-off, still exact
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12)
     assert torch.equal(got[:, 2], torch.zeros(3, dtype=torch.float64))
+
+
+def test_a_quotient_beyond_fp32_is_zero_so_the_global_tensor_stays_finite():
+    """Only a dishonest reply can make ``rhs_j / d_j`` exceed fp32 (``|rhs_j| <= max|A| d_j``)."""
+    got = merge_from_sums(torch.tensor([[0.5, 1e30]], dtype=torch.float64),
+                          torch.tensor([1.0, 1e-40], dtype=torch.float64))  # fmt: skip
+    assert torch.isfinite(got.float()).all() and got[0, 0] == 0.5 and got[0, 1] == 0.0
 
 
 def test_a_low_energy_feature_keeps_its_column_in_the_lorm_a_merge():
@@ -282,7 +290,9 @@ def _lorm_after_one_task(**changes):
         for ly in strategy.layout.layers:
             x = torch.randn(ly.d_in, 2, generator=gen)
             grams[wire.gram_key(ly.name, wire.G)] = x @ x.T
-        return [wire.Reply(node=1, grams=grams, metrics={wire.NUM_EXAMPLES: 2})]
+        gathered = Gathered()
+        gathered.add(wire.Reply(node=1, grams=grams, metrics={wire.NUM_EXAMPLES: 2}))
+        return gathered
 
     return strategy, tensors, strategy.end_task(0, tensors, query)
 

@@ -77,3 +77,19 @@ def test_training_with_a_precision_setting_runs_on_the_cpu():
         precision="fp16",
     )  # fmt: skip
     assert stats.steps == 3 and np.isfinite(stats.loss)
+
+
+@pytest.mark.parametrize("projected", [False, True])
+def test_gram_products_stay_fp32_inside_an_autocast_forward(projected):
+    """The hooks run inside the forward's autocast; the Gram product must not follow it
+    (in fp16 an entry above 65504 would be inf, in bf16 it loses 3 digits)."""
+    from lorm_flwr.gram import GramStats
+
+    x = torch.randn(64, 300, generator=torch.Generator().manual_seed(0)) * 100
+    a = torch.randn(4, 300, generator=torch.Generator().manual_seed(1))
+    stats = GramStats(diagonal=False, projection=a if projected else None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        stats.add(x)
+    codes = x @ a.T if projected else x
+    assert stats.gram.dtype == torch.float32
+    torch.testing.assert_close(stats.gram, codes.T @ codes, rtol=1e-5, atol=1e-2)

@@ -13,6 +13,7 @@ The round loop that sends, checks and counts lives in :mod:`lorm_flwr.rounds`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +29,15 @@ from lorm_flwr.layout import ModelLayout, group_of
 from lorm_flwr.merge import regmean_head
 from lorm_flwr.seeds import round_seed
 
-__all__ = ["LoraStrategy", "Merged", "RoundPlan", "TaskModel", "TaskQuery", "gram_total"]
+__all__ = [
+    "Gathered",
+    "LoraStrategy",
+    "Merged",
+    "RoundPlan",
+    "TaskModel",
+    "TaskQuery",
+    "gram_total",
+]
 
 Tensors = dict[str, torch.Tensor]
 
@@ -60,19 +69,56 @@ class Merged:
     report: dict[str, float] = field(default_factory=dict)
 
 
-# The end-of-task query: (tensors to record on, instructions) -> the valid replies.
-TaskQuery = Callable[[Tensors, wire.Instructions], list[wire.Reply]]
+# The end-of-task query: (tensors to record on, instructions) -> the valid replies, gathered.
+TaskQuery = Callable[[Tensors, wire.Instructions], "Gathered"]
 
 
-def gram_total(replies: list[wire.Reply], key: str) -> torch.Tensor:
-    """``sum_i`` of Gram statistic ``key`` over the replies, in float64 and in reply order."""
-    total: torch.Tensor | None = None
-    for r in replies:
-        t = r.grams[key].to(torch.float64)
-        total = t if total is None else total.add_(t)
-    if total is None:
-        raise ValueError("no replies to sum")
-    return total
+class Gathered:
+    """A round's (or a task end's) checked replies, folded in as they arrive in partition
+    order (:func:`lorm_flwr.exchange.exchange` ``fold``).
+
+    Each Gram statistic is added to a float64 running sum and dropped from its reply
+    at once, so the server holds one set of sums however many clients reply; the
+    rest of each reply (tensors, metrics: an adapter's size at most) is kept. The
+    sums are taken in the same order in every run: results repeat bit for bit.
+    """
+
+    def __init__(self) -> None:
+        self.replies: list[wire.Reply] = []  # without their Gram statistics
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def add(self, reply: wire.Reply) -> None:
+        for key, t in reply.grams.items():
+            t = t.to(torch.float64)
+            if key in self.sums:
+                self.sums[key].add_(t)
+            else:
+                self.sums[key] = t
+        self.replies.append(dataclasses.replace(reply, grams={}))
+
+    def result(self) -> Gathered:
+        return self
+
+    # A sequence of the (light) replies, in partition order.
+    def __iter__(self):
+        return iter(self.replies)
+
+    def __len__(self) -> int:
+        return len(self.replies)
+
+    def __getitem__(self, i: int) -> wire.Reply:
+        return self.replies[i]
+
+    def total(self, key: str) -> torch.Tensor:
+        """``sum_i`` of Gram statistic ``key`` over the replies, float64."""
+        if key not in self.sums:
+            raise ValueError(f"no replies to sum for {key}")
+        return self.sums[key]
+
+
+def gram_total(gathered: Gathered, key: str) -> torch.Tensor:
+    """``sum_i`` of Gram statistic ``key`` over the gathered replies, float64."""
+    return gathered.total(key)
 
 
 class LoraStrategy(FedAvg):
@@ -170,8 +216,10 @@ class LoraStrategy(FedAvg):
         )
 
     # ------------------------------------------------------------- to override
-    def merge(self, plan: wire.Instructions, replies: list[wire.Reply], current: Tensors) -> Merged:
-        """The new global tensors from ``current`` and the checked replies (partition order)."""
+    def merge(self, plan: wire.Instructions, replies: Gathered, current: Tensors) -> Merged:
+        """The new global tensors from ``current`` and the checked replies (partition order):
+        ``replies.replies`` their tensors and metrics, ``replies.total(key)`` the sums of
+        their Gram statistics."""
         raise NotImplementedError
 
     def round_model(self, tensors: Tensors) -> TaskModel:
@@ -201,17 +249,15 @@ class LoraStrategy(FedAvg):
         self.task = int(state["task"])
 
     # --------------------------------------- helpers of the Gram-based merges
-    def merge_head(
-        self, replies: list[wire.Reply], current: Tensors, anchor: bool = False
-    ) -> Tensors:
+    def merge_head(self, replies: Gathered, current: Tensors, anchor: bool = False) -> Tensors:
         """RegMean of the head from ``W_i G_i`` and ``G_i``; sample-weighted mean of its bias."""
         head = wire.HEAD
         w = current[self.layout.head_weight]
         weight, bias = regmean_head(
             gram_total(replies, wire.gram_key(head, wire.WG)),
             gram_total(replies, wire.gram_key(head, wire.G)),
-            [r.arrays[self.layout.head_bias] for r in replies],
-            [r.num_examples for r in replies],
+            [r.arrays[self.layout.head_bias] for r in replies.replies],
+            [r.num_examples for r in replies.replies],
             self.cfg.merge_ridge,
             w if anchor else None,
         )

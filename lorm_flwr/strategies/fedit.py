@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from lorm_flwr import wire
 from lorm_flwr.merge import fedavg_mean
-from lorm_flwr.strategies.base import LoraStrategy, Merged, Tensors
+from lorm_flwr.strategies.base import Gathered, LoraStrategy, Merged, Tensors
 
 
 class FedIT(LoraStrategy):
-    def merge(self, plan: wire.Instructions, replies: list[wire.Reply], current: Tensors) -> Merged:
+    def merge(self, plan: wire.Instructions, gathered: Gathered, current: Tensors) -> Merged:
         # FedAvg's arithmetic over what was sent; the rest (frozen or client-local
         # parts) keeps its current value.
+        replies = gathered.replies
         weights = [r.num_examples for r in replies]
         merged = {
             k: fedavg_mean([r.arrays[k] for r in replies], weights) for k in replies[0].arrays

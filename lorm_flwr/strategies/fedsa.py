@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from lorm_flwr import wire
 from lorm_flwr.merge import weighted_mean
-from lorm_flwr.strategies.base import LoraStrategy, Merged, Tensors
+from lorm_flwr.strategies.base import Gathered, LoraStrategy, Merged, Tensors
 
 
 class FedSA(LoraStrategy):
@@ -20,7 +20,8 @@ class FedSA(LoraStrategy):
         self.local_groups = frozenset({"B", "head"} if cfg.fedsa_head == "local" else {"B"})
         super().__init__(cfg, layout)
 
-    def merge(self, plan: wire.Instructions, replies: list[wire.Reply], current: Tensors) -> Merged:
+    def merge(self, plan: wire.Instructions, gathered: Gathered, current: Tensors) -> Merged:
+        replies = gathered.replies
         w = [r.num_examples for r in replies] if self.cfg.fedsa_weighted else [1] * len(replies)
         merged = {k: weighted_mean([r.arrays[k] for r in replies], w) for k in replies[0].arrays}
         return Merged({**current, **merged})

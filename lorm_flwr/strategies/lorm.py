@@ -20,10 +20,11 @@ from flwr.serverapp import Grid
 from lorm_flwr import wire
 from lorm_flwr.continual import factor_of_round
 from lorm_flwr.cross_task import TaskHistory, fold_task, mean_delta_factors, past_factors
-from lorm_flwr.merge import gram_sum, merge_from_sums
+from lorm_flwr.merge import merge_from_sums
 from lorm_flwr.models.adapters import fresh_factors
 from lorm_flwr.seeds import task_factors_seed
 from lorm_flwr.strategies.base import (
+    Gathered,
     LoraStrategy,
     Merged,
     RoundPlan,
@@ -88,7 +89,7 @@ class LoRM(LoraStrategy):
         return self._mean_delta_model(tensors)
 
     # --------------------------------------------------------------- merge
-    def merge(self, plan: wire.Instructions, replies: list[wire.Reply], current: Tensors) -> Merged:
+    def merge(self, plan: wire.Instructions, replies: Gathered, current: Tensors) -> Merged:
         def anchor(t: torch.Tensor) -> torch.Tensor | None:
             return layer.matrix(t) if self.cfg.merge_anchor == "global" else None
 
@@ -120,7 +121,7 @@ class LoRM(LoraStrategy):
         rank = 0
         keep = task == 0 and self.cfg.lorm_first_task == "keep"
         for layer in self.layout.layers:
-            g_t = gram_sum([r.grams[wire.gram_key(layer.name, wire.G)] for r in replies])  # fp64
+            g_t = replies.total(wire.gram_key(layer.name, wire.G))  # fp64, over the clients
             scaled_b = layer.scaling * layer.matrix(tensors[layer.b_key]).double()
             self.history[layer.name], b_cat, a_cat = fold_task(
                 self.history[layer.name],

@@ -10,7 +10,14 @@ from __future__ import annotations
 
 from lorm_flwr import wire
 from lorm_flwr.merge import merge_from_sums, truncate_to_rank
-from lorm_flwr.strategies.base import LoraStrategy, Merged, RoundPlan, Tensors, gram_total
+from lorm_flwr.strategies.base import (
+    Gathered,
+    LoraStrategy,
+    Merged,
+    RoundPlan,
+    Tensors,
+    gram_total,
+)
 
 __all__ = ["RegMean"]
 
@@ -19,7 +26,7 @@ class RegMean(LoraStrategy):
     def round_plan(self, round_in_task: int) -> RoundPlan:
         return RoundPlan(train_a=True, train_b=True, grams=wire.GRAMS_REGMEAN)
 
-    def merge(self, plan: wire.Instructions, replies: list[wire.Reply], current: Tensors) -> Merged:
+    def merge(self, plan: wire.Instructions, replies: Gathered, current: Tensors) -> Merged:
         out = dict(current)
         errors = []
         for layer in self.layout.layers:
