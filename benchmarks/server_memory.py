@@ -1,15 +1,16 @@
-"""Server peak memory while merging one round, for 10, 50 and 100 clients.
+"""Server peak memory while merging one round, for 10 to 300 clients.
 
 The real strategy (default ``lorm``) merges an A-round, the round with the largest
-replies (every adapted layer's full Gram), through its own round loop
-(``strategy.start``) on a stand-in Grid that returns N valid replies of the real
-shapes of a small backbone (ViT-tiny at 16 px). Each client count runs in a fresh
-process; the figure is that process's peak resident memory (``ru_maxrss``) minus
-its resident memory before the replies arrive, next to the bytes of the replies
-themselves. Flower hands the server all of a round's replies at once, so memory
-can at best grow linearly with N; the merge adds O(1) sums on top.
+replies (every adapted layer's full Gram), through the real round path
+(``lorm_flwr.rounds.train_exchange``: push, pull a window of replies in partition
+order, check, fold into fp64 sums, merge) on a stand-in Grid that plays the
+SuperLink: it builds each client's valid reply of the real shapes of a small
+backbone (ViT-tiny at 16 px) only when the server pulls it, as a SuperLink holds
+replies until they are pulled. Each client count runs in a fresh process; the
+figure is that process's peak resident memory (``ru_maxrss``) minus its resident
+memory before the round, next to the bytes of all the replies.
 
-    python benchmarks/server_memory.py --clients 10 50 100 --out benchmarks/results/server_memory
+    python benchmarks/server_memory.py --clients 10 50 100 300 --out benchmarks/results/server_memory
 """
 
 from __future__ import annotations
@@ -79,11 +80,30 @@ def measure(clients: int, strategy_name: str) -> dict:
         return Message(content, reply_to=request)
 
     class Grid:
+        """The SuperLink's side: a reply exists only once the server pulls it."""
+
+        def __init__(self) -> None:
+            self.requests: dict[str, Message] = {}
+
         def get_node_ids(self):
             return list(range(1, clients + 1))
 
-        def send_and_receive(self, messages, timeout=None):
-            return [fake_reply(m, m.metadata.dst_node_id) for m in messages]
+        def push_messages(self, messages):
+            ids = []
+            for m in messages:
+                ids.append(f"m{m.metadata.dst_node_id}")
+                self.requests[ids[-1]] = m
+            return ids
+
+        def pull_messages(self, message_ids):
+            out = []
+            for i in message_ids:
+                request = self.requests.pop(i, None)
+                if request is not None:
+                    reply = fake_reply(request, request.metadata.dst_node_id)
+                    reply.metadata.__dict__["_reply_to_message_id"] = i
+                    out.append(reply)
+            return out
 
     tensors = strategy.begin_task(0, dict(start_tensors))
     before = _rss_now()
@@ -99,13 +119,14 @@ def measure(clients: int, strategy_name: str) -> dict:
         "rss_before_bytes": before,
         "peak_rss_bytes": peak,  # ru_maxrss never decreases: the peak of the whole process
         "peak_increase_bytes": peak - before,
+        "held_max": entry.held_max,
         "merge_seconds": merge_seconds,
     }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--clients", type=int, nargs="+", default=[10, 50, 100])
+    p.add_argument("--clients", type=int, nargs="+", default=[10, 50, 100, 300])
     p.add_argument("--strategy", default="lorm")
     p.add_argument("--out", default="")
     p.add_argument("--one", type=int, default=0, help=argparse.SUPPRESS)  # child process
@@ -124,14 +145,14 @@ def main() -> None:
               f"while merging), merge {r['merge_seconds']:.2f} s", flush=True)  # fmt: skip
     base = rows[0]
     lines = [
-        "| clients | replies (MiB) | peak RSS (MiB) | increase while merging (MiB) | increase / replies | merge (s) |",
-        "|---|---|---|---|---|---|",
+        "| clients | replies (MiB) | peak RSS (MiB) | increase during the round (MiB) | increase / replies | replies held at most | merge (s) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['clients']} | {r['reply_bytes_total'] / 2**20:.1f} | {r['peak_rss_bytes'] / 2**20:.0f} | "
             f"{r['peak_increase_bytes'] / 2**20:.1f} | {r['peak_increase_bytes'] / r['reply_bytes_total']:.2f} | "
-            f"{r['merge_seconds']:.2f} |"
+            f"{r['held_max']} | {r['merge_seconds']:.2f} |"
         )
     print("\n".join(lines))
     if len(rows) > 1:

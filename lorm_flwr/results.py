@@ -153,6 +153,7 @@ class RoundRow:
     failures: list[str] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
     timeouts: list[int] = field(default_factory=list)
+    held_max: int = 0  # most checked replies held at once, waiting for an earlier node's
     merge_seconds: float = 0.0
     elapsed_seconds: float = 0.0
     extra: dict[str, float] = field(default_factory=dict)
@@ -172,6 +173,7 @@ class RoundRow:
         self.failures += exchange.failures
         self.rejected += exchange.rejected
         self.timeouts += exchange.timeouts
+        self.held_max = max(self.held_max, getattr(exchange, "held_max", 0))
 
     def to_dict(self) -> dict[str, Any]:
         out = {
