@@ -15,6 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 from lorm_flwr.config import RunConfig
 from lorm_flwr.joint import JOINT_STRATEGIES, main_joint
 from lorm_flwr.rounds import run_federated, wait_for_nodes
+from lorm_flwr.runtime import keep_server_heap_flat
 
 log = logging.getLogger("flwr.lorm")
 app = ServerApp()
@@ -41,6 +42,7 @@ def _dry_run(grid: Grid, cfg: RunConfig) -> None:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_mapping(context.run_config)  # bad values stop here
+    keep_server_heap_flat()
     if cfg.dry_run:
         _dry_run(grid, cfg)
     elif cfg.strategy in JOINT_STRATEGIES:

@@ -42,7 +42,7 @@ def measure(clients: int, strategy_name: str) -> dict:
     from lorm_flwr.models.adapters import model_layout
     from lorm_flwr.registry import strategy_class
     from lorm_flwr.rounds import train_exchange
-    from lorm_flwr.runtime import initial_tensors, model_of
+    from lorm_flwr.runtime import initial_tensors, keep_server_heap_flat, model_of
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = (
         1,
@@ -50,6 +50,8 @@ def measure(clients: int, strategy_name: str) -> dict:
         1,
     )  # Messages outside a run
     torch.set_num_threads(1)
+    if not os.environ.get("LORM_DEFAULT_MALLOC"):  # the ServerApp does this at start
+        keep_server_heap_flat()
     cfg = RunConfig(strategy=strategy_name, dataset="digits", backbone="vit-tiny", image_size=16,
                     lora_rank=4, min_clients=clients)  # fmt: skip
     strategy = strategy_class(strategy_name)(cfg, model_layout(model_of(cfg)))
@@ -63,10 +65,11 @@ def measure(clients: int, strategy_name: str) -> dict:
         stats = {}
         for k, s in stat_shapes.items():
             if k.endswith(("|" + wire.G, "|" + wire.AGA)):
-                if len(s) == 1:
+                side = getattr(s, "side", None)  # a full Gram, sent as its upper triangle
+                if side is None:
                     stats[k] = torch.rand(s, generator=gen) + 0.1
                 else:
-                    x = torch.randn(s[0], 2 * s[0], generator=gen)
+                    x = torch.randn(side, 2 * side, generator=gen)
                     stats[k] = x @ x.T
             else:
                 stats[k] = torch.randn(s, generator=gen)

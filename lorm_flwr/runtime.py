@@ -135,6 +135,27 @@ def model_of(
     )
 
 
+# glibc's mallopt parameter: allocations above this many bytes get their own mapping.
+_M_MMAP_THRESHOLD = -3
+SERVER_MMAP_THRESHOLD = 128 * 1024
+
+
+def keep_server_heap_flat() -> bool:
+    """Pin glibc's mmap threshold (its default starts at 128 KiB and grows as large blocks
+    are freed) so that every large tensor, a decoded Gram or a running sum, gets and
+    returns its own mapping. Otherwise the heap keeps the freed blocks of each decoded
+    reply and the server's resident memory grows with the number of clients although
+    it holds no more replies (benchmarks/server_memory.py). No-op (False) off glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, SERVER_MMAP_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
+
+
 def set_threads(cfg: RunConfig) -> None:
     if cfg.client_threads > 0:
         torch.set_num_threads(cfg.client_threads)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import random
 
 import numpy as np
@@ -308,3 +309,10 @@ def test_gathered_sums_are_the_ordered_fp64_sums_and_drop_the_grams():
         expected = expected + g.double()
     assert torch.equal(gathered.total("l|G"), expected)  # the same additions, the same order
     assert all(r.grams == {} for r in gathered) and len(gathered) == 4
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_the_server_pins_glibc_mmap_threshold():
+    from lorm_flwr.runtime import keep_server_heap_flat
+
+    assert keep_server_heap_flat() is True
