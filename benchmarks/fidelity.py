@@ -77,8 +77,18 @@ def _mean(runs: list[dict], key: str) -> float | None:
     return statistics.mean(values) if values else None
 
 
-def table(out: Path, seeds: list[int]) -> str:
-    runs = json.loads(out.with_suffix(".json").read_text())["runs"]
+def _runs(files: list[Path]) -> dict[str, list[dict]]:
+    """Every entry's runs over one or more sweep files (one seed once)."""
+    runs: dict[str, list[dict]] = {}
+    for f in files:
+        for entry, rs in json.loads(f.read_text())["runs"].items():
+            have = {r["seed"] for r in runs.setdefault(entry, [])}
+            runs[entry] += [r for r in rs if r["seed"] not in have]
+    return runs
+
+
+def table(out: Path, seeds: list[int], more: list[Path] = ()) -> str:
+    runs = _runs([out.with_suffix(".json"), *more])
     lines = [
         (
             "Offline default (MNIST-5k, EfficientNet-Lite0 at 32 px, 5 tasks x 2 classes, "
@@ -136,6 +146,13 @@ def main() -> None:
     p.add_argument("--validation-fraction", type=float, default=0.1)
     p.add_argument("--out", default="benchmarks/results/fidelity")
     p.add_argument("--table", action="store_true", help="run nothing; write the table")
+    p.add_argument(
+        "--merge",
+        nargs="*",
+        default=[],
+        type=Path,
+        help="more sweep files (another OUT.json, e.g. seeds run in parallel) for the table",
+    )
     args = p.parse_args()
     out = Path(args.out)
     if not args.table:
@@ -147,7 +164,7 @@ def main() -> None:
             "--out", str(out), "--resume",
         ]  # fmt: skip
         subprocess.run(cmd, check=True)
-    print(table(out, args.seeds))
+    print(table(out, args.seeds, args.merge))
 
 
 if __name__ == "__main__":
