@@ -13,12 +13,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ConfigError", "RunConfig"]
+__all__ = ["GRAM_ALPHA_DEFAULTS", "ConfigError", "RunConfig"]
 
 # Every derived seed (lorm_flwr.seeds) must stay an int64 on the wire and a valid
 # numpy/torch seed: seed * 100_003 + ... fits int64 far beyond this.
 MAX_SEED = 2**32 - 1
 MAX_IMAGE_SIZE = 1024
+
+
+# gram-alpha=auto per strategy, chosen on a validation split (docs/benchmarks.md,
+# "Reference behaviours, one at a time"): full Grams serve LoRM's A- and B-steps, while
+# RegMean's merge of whole deltas collapses class-incrementally with them.
+GRAM_ALPHA_DEFAULTS = {"lorm": 1.0, "regmean": 0.0}
+GRAM_ALPHA_FALLBACK = 1.0  # strategies that send no Grams
 
 
 class ConfigError(ValueError):
@@ -70,7 +77,8 @@ class RunConfig:
     min_clients: int = 2
     num_clients: int = 3
     clients_per_round: int = 0
-    gram_alpha: float = 1.0
+    # "auto": the strategy's own default (GRAM_ALPHA_DEFAULTS); a float after parsing.
+    gram_alpha: float | str = "auto"
     head_gram_alpha: float = 0.5
     merge_ridge: float = 0.0
     client_threads: int = 1
@@ -87,6 +95,26 @@ class RunConfig:
     round_timeout: float = 3600.0
     max_message_mb: float = 0.0
     resume_from: str = ""
+
+    def __post_init__(self) -> None:
+        # Resolve gram-alpha once, so that every reader sees the number actually used.
+        value = self.gram_alpha
+        if isinstance(value, str):
+            if value.strip() == "auto":
+                value = GRAM_ALPHA_DEFAULTS.get(self.strategy, GRAM_ALPHA_FALLBACK)
+            else:
+                try:
+                    value = float(value)
+                except ValueError:
+                    raise ConfigError(
+                        f"gram-alpha={self.gram_alpha!r} is invalid: give a number in [0, 1] "
+                        "or 'auto' (the strategy's default)"
+                    ) from None
+        elif isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"gram-alpha={value!r} is invalid: expected a number or 'auto'")
+        if not math.isfinite(float(value)):
+            raise ConfigError(f"gram-alpha={value!r} is invalid: must be in [0, 1]")
+        object.__setattr__(self, "gram_alpha", float(value))
 
     # ----------------------------------------------------------------- parsing
     @classmethod

@@ -133,7 +133,10 @@ def exchange(
     the same sequence in every run, and the server holds fewer than ``PULL_WINDOW``
     replies at a time however many nodes there are (later ones wait in the
     SuperLink). Once ``timeout`` has passed, a node of the window without a reply
-    times out and the window moves on (each later node gets one more pull). Returns
+    times out and the window moves on: each later node gets one more pull, so a reply
+    that reached the SuperLink by then counts even if it came after the deadline
+    (which late replies count depends on timing, as with any timeout; when every
+    node replies, results are the same in every run). Returns
     ``fold().result()`` (default: the list of decoded replies) and the log.
 
     ``messages`` builds fresh messages for each attempt, and each attempt gets a
@@ -186,7 +189,11 @@ class _Attempt:
     def __init__(self, grid: Grid, sent: list[Message], decode, sink: Fold, entry, label: str):
         self.grid, self.decode, self.sink, self.entry, self.label = grid, decode, sink, entry, label
         self.nodes = [m.metadata.dst_node_id for m in sent]
-        self.ids = list(grid.push_messages(sent))
+        ids = list(grid.push_messages(sent))
+        if len(ids) != len(self.nodes):  # e.g. a rejected batch: [] (nothing maps to a node)
+            ids = [None] * len(self.nodes)
+        # A message the SuperLink refused comes back as None or "" (never a real id).
+        self.ids = [i or None for i in ids]
         self.slots: list[Any] = [_PENDING] * len(self.nodes)
         self.slot_of = {i: k for k, i in enumerate(self.ids) if i is not None}
         for k, i in enumerate(self.ids):
@@ -208,8 +215,7 @@ class _Attempt:
         wanted = [self.ids[k] for k in self._window() if self.slots[k] is _PENDING]
         got = 0
         for reply in self.grid.pull_messages(wanted) if wanted else []:
-            self._take(reply)
-            got += 1
+            got += self._take(reply)  # only replies that resolve a pending node count
             self._deliver()
             self.entry.held_max = max(self.entry.held_max, self.valid - self.folded)
         return got
@@ -222,16 +228,18 @@ class _Attempt:
                 self.silent.append(self.nodes[k])
         self._deliver()
 
-    def _take(self, reply: Message) -> None:
+    def _take(self, reply: Message) -> bool:
+        """Resolve the node ``reply`` answers; False for anything else (ignored)."""
         k = self.slot_of.get(reply.metadata.reply_to_message_id)
         if k is None or self.slots[k] is not _PENDING:
-            return  # not ours, or a duplicate
+            return False  # not ours, or a duplicate
         self.slots[k] = _INVALID
-        node, entry = reply.metadata.src_node_id, self.entry
+        # Named by the node asked: an error Flower creates itself comes from the SuperLink.
+        node, entry = self.nodes[k], self.entry
         if reply.has_error():
             entry.failures.append(f"{self.label}, node {node}: {reply.error.reason}")
             log.warning("%s: node %d failed: %s", self.label, node, reply.error.reason)
-            return
+            return True
         entry.bytes_up += _reply_bytes(reply)
         try:
             self.slots[k] = self.decode(reply)
@@ -240,6 +248,7 @@ class _Attempt:
             reason = str(exc) if str(exc).startswith("node ") else f"node {node}: {exc}"
             entry.rejected.append(f"{self.label}, {reason}")
             log.warning("%s: rejected reply: %s", self.label, reason)
+        return True
 
     def _deliver(self) -> None:
         """Hand the resolved prefix of the slots to the fold (valid ones), freeing each."""

@@ -46,8 +46,19 @@ class PackedShape(tuple):
         return (PackedShape, (self.side,))
 
 
-@functools.lru_cache(maxsize=64)
+# Index pairs are k^2 int64s (13 MiB at k=1280): keep a few small sides only.
+_CACHED_SIDE = 1536
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_indices(k: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, cols = torch.triu_indices(k, k, device=device)
+    return rows, cols
+
+
 def _upper_indices(k: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if k <= _CACHED_SIDE:
+        return _cached_indices(k, device)
     rows, cols = torch.triu_indices(k, k, device=device)
     return rows, cols
 

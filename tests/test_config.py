@@ -79,3 +79,17 @@ def test_ints_accepted_for_floats_and_config_is_frozen():
     assert cfg.lr == 1.0 and isinstance(cfg.lr, float)
     with pytest.raises(AttributeError):
         cfg.lr = 2.0  # type: ignore[misc]
+
+
+def test_gram_alpha_auto_is_each_strategys_default_and_a_number_overrides_it():
+    from lorm_flwr.config import GRAM_ALPHA_DEFAULTS
+
+    assert RunConfig().gram_alpha == GRAM_ALPHA_DEFAULTS["lorm"] == 1.0
+    assert RunConfig.from_mapping({"strategy": "regmean"}).gram_alpha == 0.0
+    assert RunConfig.from_mapping({"strategy": "fedit", "gram-alpha": "auto"}).gram_alpha == 1.0
+    assert RunConfig.from_mapping({"strategy": "regmean", "gram-alpha": 0.5}).gram_alpha == 0.5
+    assert RunConfig.from_mapping({"gram-alpha": "0.25"}).gram_alpha == 0.25
+    assert RunConfig().to_dict()["gram-alpha"] == 1.0  # results record the number used
+    for bad in ("full", True, float("nan")):
+        with pytest.raises(ConfigError, match="gram-alpha="):
+            RunConfig.from_mapping({"gram-alpha": bad})

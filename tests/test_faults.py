@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from flwr.app import Message, RecordDict
+from flwr.app import Error, Message, RecordDict
 
 from lorm_flwr import wire
 from lorm_flwr.checkpoint import (
@@ -316,3 +316,62 @@ def test_the_server_pins_glibc_mmap_threshold():
     from lorm_flwr.runtime import keep_server_heap_flat
 
     assert keep_server_heap_flat() is True
+
+
+class _RefusingGrid(ScriptedGrid):
+    """A SuperLink that refuses some pushes ("" ids, as Flower's runtime does, or a short
+    list) and answers a refused id's pull with a fresh error message every time."""
+
+    def __init__(self, nodes, script, refuse=(), short=False):
+        super().__init__(nodes, script)
+        self.refuse, self.short, self.pulls = set(refuse), short, 0
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        ids = super().push_messages(messages)
+        if self.short:
+            return []
+        return ["" if m.metadata.dst_node_id in self.refuse else i for m, i in zip(messages, ids)]
+
+    def pull_messages(self, message_ids):
+        self.pulls += 1
+        if "" in message_ids:  # Flower: "message unavailable", from the SuperLink, reply_to ""
+            return [Message(Error(code=0, reason="message unavailable"), reply_to=Message(
+                RecordDict(), dst_node_id=1, message_type="query.x"))]  # fmt: skip
+        return super().pull_messages(message_ids)
+
+
+@pytest.mark.parametrize("short", [False, True])
+def test_refused_pushes_are_named_and_never_hang_the_exchange(short):
+    nodes = [1, 2, 3, 4]
+    grid = _RefusingGrid(nodes, [{n: _ok for n in nodes}], refuse={2, 3}, short=short)
+
+    def messages():
+        return [Message(RecordDict(), dst_node_id=n, message_type="query.x") for n in nodes]
+
+    if short:  # nothing can be matched to a node: every message counts as not sent
+        with pytest.raises(ExchangeFailed, match="only 0 valid replies"):
+            exchange(grid, messages, lambda m: m.metadata.src_node_id, kind="q",
+                     min_replies=1, retries=0, timeout=5)  # fmt: skip
+        return
+    values, log = exchange(grid, messages, lambda m: m.metadata.src_node_id, kind="q",
+                           min_replies=1, retries=0, timeout=5)  # fmt: skip
+    assert values == [1, 4]
+    assert log.failures == ["q, node 2: could not be sent", "q, node 3: could not be sent"]
+    assert grid.pulls < 20
+
+
+def test_pulls_that_never_resolve_a_node_end_at_the_timeout():
+    class Chatty(ScriptedGrid):
+        def pull_messages(self, message_ids):  # always something, never ours
+            return [Message(RecordDict(), reply_to=Message(RecordDict(), dst_node_id=9,
+                                                           message_type="query.x"))]  # fmt: skip
+
+    grid = Chatty([1], [{1: _ok}])
+
+    def messages():
+        return [Message(RecordDict(), dst_node_id=1, message_type="query.x")]
+
+    with pytest.raises(ExchangeFailed, match="no reply"):
+        exchange(grid, messages, lambda m: 1, kind="q", min_replies=1, retries=0, timeout=3)
+    assert grid.now >= 3  # it slept (fake clock) instead of spinning

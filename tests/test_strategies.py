@@ -129,7 +129,9 @@ def test_vera_on_a_conv_only_backbone_stops_with_a_clear_error():
 
 
 def test_regmean_single_client_returns_its_delta_exactly():
-    cfg = RunConfig.from_mapping({**RUN, "strategy": "regmean", "min-clients": 1})
+    cfg = RunConfig.from_mapping(
+        {**RUN, "strategy": "regmean", "min-clients": 1, "gram-alpha": 1.0}
+    )
     model = model_of(cfg)
     strategy = strategy_class("regmean")(cfg, model_layout(model))
     gen = torch.Generator().manual_seed(0)
