@@ -87,6 +87,36 @@ def _runs(files: list[Path]) -> dict[str, list[dict]]:
     return runs
 
 
+def _paired(runs: dict[str, list[dict]], seeds: list[int]) -> list[str]:
+    """Each LoRM variant against ours, seed by seed: the mean paired difference of final
+    average accuracy on validation (what a choice is made on) and on test."""
+    ours = {r["seed"]: r for r in runs.get("lorm", []) if r["seed"] in seeds}
+    lines = [
+        "",
+        (
+            "LoRM variants against ours, paired by seed (mean difference of final average "
+            "accuracy; wins/seeds on validation):"
+        ),
+        "",
+    ]
+    for label, entry in VARIANTS:
+        if not entry.startswith("lorm:"):
+            continue
+        pairs = [(r, ours[r["seed"]]) for r in runs.get(entry, []) if r["seed"] in ours]
+        val = [(r.get("validation") or {}).get("final_average_accuracy") for r, _ in pairs]
+        base = [(o.get("validation") or {}).get("final_average_accuracy") for _, o in pairs]
+        dv = [a - b for a, b in zip(val, base) if a is not None and b is not None]
+        dt = [r["final_average_accuracy"] - o["final_average_accuracy"] for r, o in pairs]
+        if dt:
+            lines.append(
+                f"- {label}: validation {statistics.mean(dv):+.3f} ({sum(d > 0 for d in dv)}/"
+                f"{len(dv)} seeds better), test {statistics.mean(dt):+.3f}"
+                if dv
+                else f"- {label}: test {statistics.mean(dt):+.3f}"
+            )
+    return lines
+
+
 def table(out: Path, seeds: list[int], more: list[Path] = ()) -> str:
     runs = _runs([out.with_suffix(".json"), *more])
     lines = [
@@ -123,6 +153,7 @@ def table(out: Path, seeds: list[int], more: list[Path] = ()) -> str:
             f"| {_stats([r['average_forgetting'] for r in rs])} "
             f"| {', '.join(format(r['final_average_accuracy'], '.3f') for r in rs)} |"
         )
+    lines += _paired(runs, seeds)
     fedit, joint = (_mean(runs.get(e, []), "final_average_accuracy") for e in ("fedit", "joint"))
     if fedit is not None and joint is not None and joint > fedit:
         lines += [
