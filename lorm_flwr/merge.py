@@ -22,6 +22,7 @@ Conventions
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -183,9 +184,48 @@ def psd_solve_right(rhs: Tensor, s: Tensor, ridge: float = 0.0) -> Tensor:
         # lam_max >= trace / k, so this test only ever sends borderline cases to eigh.
         if lam_min > PINV_RCOND * lam_max_bound:
             return torch.cholesky_solve(rhs.T, chol).T
-    evals, evecs = torch.linalg.eigh(s)
+    try:
+        evals, evecs = torch.linalg.eigh(s)
+    except torch.linalg.LinAlgError:  # LAPACK's syevd did not converge: rare, never fatal
+        return _solve_when_eigh_fails(rhs, s)
     inv = _pinv_diag(evals)
     return ((rhs @ evecs) * inv.unsqueeze(0)) @ evecs.T
+
+
+def _solve_when_eigh_fails(rhs: Tensor, s: Tensor) -> Tensor:
+    """``rhs @ pinv(S)`` when the eigendecomposition of ``S`` did not converge.
+
+    ``pinv(c S) = pinv(S) / c``: retry on ``S`` scaled to unit largest entry and
+    exactly symmetric, then with an SVD (a different LAPACK routine), and last with a
+    ridge of ``PINV_RCOND`` (relative), whose Cholesky factorisation always exists for
+    a PSD matrix. Only the runs that reach here change: they used to stop the server.
+    """
+    import logging
+
+    log = logging.getLogger("flwr.lorm")
+    scale = float(s.abs().max())
+    if not math.isfinite(scale) or scale <= 0.0:
+        return torch.zeros_like(rhs)
+    sn = (s + s.T) / (2.0 * scale)
+    try:
+        evals, evecs = torch.linalg.eigh(sn)
+        log.warning("merge: eigh did not converge; solved on the scaled system instead")
+        return ((rhs @ evecs) * _pinv_diag(evals).unsqueeze(0)) @ evecs.T / scale
+    except torch.linalg.LinAlgError:
+        pass
+    try:
+        u, sv, vh = torch.linalg.svd(sn)
+        log.warning("merge: eigh did not converge; solved with an SVD instead")
+        return ((rhs @ vh.T) * _pinv_diag(sv).unsqueeze(0)) @ u.T / scale
+    except torch.linalg.LinAlgError:
+        pass
+    log.warning(
+        "merge: eigh and SVD did not converge; solved with a %.0e relative ridge", PINV_RCOND
+    )
+    k = sn.shape[0]
+    ridge = PINV_RCOND * float(torch.diagonal(sn).sum()) / k + torch.finfo(sn.dtype).tiny
+    chol = torch.linalg.cholesky(sn + ridge * torch.eye(k, dtype=sn.dtype, device=sn.device))
+    return torch.cholesky_solve(rhs.T, chol).T / scale
 
 
 def weighted_mean(tensors: Sequence[Tensor], weights: Sequence[float] | None = None) -> Tensor:

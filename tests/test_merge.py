@@ -220,3 +220,37 @@ def test_cross_task_factor_form_equals_dense_r_s_pinv():
     b_cat, a_cat = cross_task_factors(bs, ags, S)
     assert b_cat.shape == (d, 3 * r) and a_cat.shape == (3 * r, k)
     np.testing.assert_allclose((b_cat @ a_cat).numpy(), dense, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("failing", [1, 2, 3])
+def test_a_solve_whose_eigendecomposition_fails_falls_back_and_never_stops_the_server(
+    monkeypatch, failing
+):
+    """LAPACK's eigh can fail to converge (seen on a RegMean head Gram): the merge retries on
+    the scaled system, then with an SVD, then with a small ridge, instead of raising."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, dtype=torch.float64, generator=gen) * 1e3
+    s = x @ x.T  # rank 3 of 6: Cholesky is refused, eigh is reached
+    rhs = torch.randn(2, 6, dtype=torch.float64, generator=gen)
+    expected = psd_solve_right(rhs, s)
+    real_eigh, real_svd, calls = torch.linalg.eigh, torch.linalg.svd, {"eigh": 0}
+
+    def eigh(m):
+        calls["eigh"] += 1
+        if calls["eigh"] <= min(failing, 2):
+            raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+        return real_eigh(m)
+
+    def svd(m, *args, **kwargs):
+        if failing >= 3:
+            raise torch.linalg.LinAlgError("svd failed")
+        return real_svd(m, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "eigh", eigh)
+    monkeypatch.setattr(torch.linalg, "svd", svd)
+    got = psd_solve_right(rhs, s)
+    assert torch.isfinite(got).all()
+    if failing < 3:  # the same minimum-norm solution
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-12)
+    else:  # the ridge's: the same on the data, X S ~ rhs S^+ S
+        torch.testing.assert_close(got @ s, expected @ s, rtol=1e-3, atol=1e-6)
