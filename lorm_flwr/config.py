@@ -281,11 +281,6 @@ class RunConfig:
                     f"{key}={value!r} applies to strategy 'lorm' only (strategy is "
                     f"'{self.strategy}'): leave it at {default!r}"
                 )
-        if self.strategy.startswith("fedsa") and self.validation_fraction > 0:
-            raise ConfigError(
-                f"validation-fraction={self.validation_fraction} needs a global model to score; "
-                f"'{self.strategy}' keeps parts on each client (personalised evaluation)"
-            )
         if self.strategy.startswith("joint") and self.clients_per_round:
             raise ConfigError(
                 f"clients-per-round={self.clients_per_round}: '{self.strategy}' is not "

@@ -424,6 +424,13 @@ def run_federated(grid: Grid, cfg: RunConfig, run_id: int | None = None) -> None
         [list(t) for t in scenario.tasks], scenario.shard_sizes(),
     )  # fmt: skip
     strategy = strategy_class(cfg.strategy)(cfg, model_layout(model_of(cfg)))
+    if cfg.validation_fraction > 0 and not strategy.has_global_model:
+        log.warning(
+            "lorm-flwr: validation-fraction=%s holds the samples out of training (so the data "
+            "match other strategies' runs), but %s has no global model to score on them: its "
+            "evaluation stays personalised, on each client's test split",
+            cfg.validation_fraction, cfg.strategy,
+        )  # fmt: skip
     message_bytes = check_message_sizes(strategy, cfg.max_message_bytes)  # too big stops here
     tasks = [list(t) for t in scenario.tasks]
     if checkpoint is None:
