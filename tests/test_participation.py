@@ -59,12 +59,15 @@ def test_impossible_participation_stops_before_any_work(changes, message):
 
 
 @pytest.mark.slow
-def test_lorm_trains_on_a_sample_and_asks_every_client_at_the_task_end(federation, tmp_path):
+def test_lorm_trains_on_a_sample_and_asks_the_tasks_clients_at_its_end(federation, tmp_path):
     from tests.simulations import TINY, run_app
 
     cfg = {**TINY, "strategy": "lorm", "rounds-per-task": 2, "clients-per-round": 2}
     _, results, _ = run_app(federation, tmp_path / "runs", 3, cfg)
     for row in results["rounds"]:
         assert len(row["participants"]) == 2 and row["replies"] == 2
-    for end in results["task_end"]:
-        assert end["task-grams"]["replies"] == 3  # every client that trained on the task
+    for end in results["task_end"]:  # every client asked to train in some round of the task
+        asked = {
+            p for r in results["rounds"] if r["task"] == end["task"] for p in r["participants"]
+        }
+        assert end["task-grams"]["replies"] == len(asked) >= 2
