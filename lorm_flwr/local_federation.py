@@ -174,7 +174,11 @@ def _process_parents() -> dict[int, int]:
 
 
 @contextlib.contextmanager
-def simulation_superlink(tmp: Path) -> Iterator[Federation]:
+def simulation_superlink(
+    tmp: Path, extra_env: dict[str, str] | None = None
+) -> Iterator[Federation]:
+    """A simulation SuperLink on 127.0.0.1; ``extra_env`` reaches it and the simulation it
+    starts (e.g. ``RAY_ADDRESS`` of a running Ray cluster, see :func:`ray_cluster`)."""
     home = tmp / "flwr-home"
     home.mkdir(parents=True, exist_ok=True)
     port, control = free_port(), free_port()
@@ -195,6 +199,7 @@ def simulation_superlink(tmp: Path) -> Iterator[Federation]:
         RAY_TMPDIR=ray_tmp,
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
     )
+    env.update(extra_env or {})
     log = open(tmp / "superlink.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         [
@@ -232,3 +237,80 @@ def load_results(output_dir: Path) -> tuple[Path, dict]:
     assert runs, f"no results.json under {output_dir}"
     folder = runs[-1]
     return folder, json.loads((folder / "results.json").read_text())
+
+
+@dataclass
+class RayCluster:
+    address: str  # host:port of the head's GCS
+    temp_dir: Path  # RAY_TMPDIR of every node of this cluster
+    pids: list[int]  # `ray start --block` of the head, then of each worker
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What a simulation needs to run on this cluster instead of a private Ray."""
+        return {"RAY_ADDRESS": self.address, "RAY_TMPDIR": str(self.temp_dir)}
+
+
+def _ray_nodes_alive(address: str, env: dict[str, str]) -> int:
+    probe = (
+        f"import ray; ray.init(address={address!r}, logging_level='ERROR', log_to_driver=False); "
+        "print(sum(n['Alive'] for n in ray.nodes()))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120,
+        check=False,
+    )  # fmt: skip
+    lines = out.stdout.strip().splitlines()
+    return int(lines[-1]) if out.returncode == 0 and lines and lines[-1].isdigit() else 0
+
+
+@contextlib.contextmanager
+def ray_cluster(nodes: int = 2, cpus_per_node: int = 1) -> Iterator[RayCluster]:
+    """A multi-node Ray cluster on this machine: a head and ``nodes - 1`` workers, each its
+    own raylet with ``cpus_per_node`` CPUs, all given 127.0.0.1 as their node address.
+
+    Each node is one ``ray start --block`` process in a session of its own, stopped by
+    its PID (with its process group) on exit, workers first. (Ray's GCS and raylets listen
+    on every interface; Ray has no setting to bind them to one.)
+    """
+    temp = Path(tempfile.mkdtemp(prefix="lfr-rc-", dir="/tmp"))  # short: AF_UNIX path limit
+    env = {**os.environ, "RAY_TMPDIR": str(temp), "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    procs: list[subprocess.Popen] = []
+    common = ["--node-ip-address=127.0.0.1", f"--num-cpus={cpus_per_node}", "--block"]
+
+    def start(args: list[str], name: str) -> None:
+        log = open(temp / f"{name}.log", "w")  # noqa: SIM115 - the process owns it
+        procs.append(subprocess.Popen(
+            [str(BIN / "ray"), "start", *args, *common], env=env, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        ))  # fmt: skip
+        log.close()
+
+    try:
+        start(["--head", f"--port={port}", "--include-dashboard=false",
+               f"--temp-dir={temp}"], "head")  # fmt: skip
+        deadline = time.monotonic() + 120
+        while True:  # the head's GCS port answers
+            if procs[0].poll() is not None:
+                raise RuntimeError(f"ray head exited early; see {temp / 'head.log'}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"ray head did not listen on {address}")
+            time.sleep(0.3)
+        for k in range(1, nodes):
+            start([f"--address={address}"], f"worker-{k}")
+        while (alive := _ray_nodes_alive(address, env)) < nodes:
+            if any(p.poll() is not None for p in procs):
+                raise RuntimeError(f"a ray node exited early; see the logs under {temp}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{alive} of {nodes} ray nodes joined {address}")
+            time.sleep(1.0)
+        yield RayCluster(address, temp, [p.pid for p in procs])
+    finally:
+        for proc in reversed(procs):
+            stop_process_group(proc, grace=30)
+        shutil.rmtree(temp, ignore_errors=True)

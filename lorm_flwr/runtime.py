@@ -8,7 +8,11 @@ cached model has all its trainable tensors overwritten before use.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
+from pathlib import Path
 
+import numpy as np
 import torch
 from peft import PeftModel
 
@@ -22,6 +26,7 @@ from lorm_flwr.data.datasets import (
 from lorm_flwr.data.scenario import Scenario, build_scenario
 from lorm_flwr.models.adapters import adapter_kind, attach_lora
 from lorm_flwr.models.backbones import BACKBONES, build_classifier
+from lorm_flwr.node_cache import cached, load_arrays, save_arrays, source_digest
 from lorm_flwr.seeds import validation_split_seed
 from lorm_flwr.train import InputSpec, TokenInputs, pick_device
 
@@ -40,6 +45,27 @@ def _data(
     dataset: str, test_fraction: float, seed: int, cap: int, backbone: str, max_length: int,
     checkpoint: str, validation_fraction: float,
 ) -> LabelledData:  # fmt: skip
+    text = BACKBONES[backbone].modality == "text"
+    key = {
+        "dataset": dataset, "test_fraction": test_fraction, "seed": seed, "cap": cap,
+        "validation_fraction": validation_fraction,
+        # Tokenised text depends on the tokenizer too.
+        "tokens": [backbone, max_length, checkpoint, _version_of("transformers")] if text else None,
+        "code": source_digest("lorm_flwr.data.datasets", "lorm_flwr.data.text",
+                              "lorm_flwr.seeds"),
+    }  # fmt: skip
+
+    def compute() -> LabelledData:
+        return _prepare_data(dataset, test_fraction, seed, cap, backbone, max_length, checkpoint,
+                             validation_fraction)  # fmt: skip
+
+    return cached("data", key, compute, _save_data, _load_data)
+
+
+def _prepare_data(
+    dataset: str, test_fraction: float, seed: int, cap: int, backbone: str, max_length: int,
+    checkpoint: str, validation_fraction: float,
+) -> LabelledData:  # fmt: skip
     data = cap_per_class(load_dataset(dataset, test_fraction, seed), cap, seed)
     data = hold_out_validation(data, validation_fraction, validation_split_seed(seed))
     if BACKBONES[backbone].modality != "text":
@@ -51,20 +77,84 @@ def _data(
     return encode(data, tokenizer, max_length)
 
 
+_DATA_ARRAYS = ["train_x", "train_y", "test_x", "test_y", "validation_x", "validation_y"]
+
+
+def _save_data(data: LabelledData, folder: Path) -> None:
+    arrays = {name: getattr(data, name) for name in _DATA_ARRAYS}
+    if any(a is not None and a.dtype == object for a in arrays.values()):
+        raise OSError("object arrays (raw text) are not cached")  # skipped, not an error
+    save_arrays(arrays, folder)
+    (folder / "classes.json").write_text(json.dumps(list(data.class_names)))
+
+
+def _load_data(folder: Path) -> LabelledData:
+    arrays = load_arrays(folder, _DATA_ARRAYS)
+    names = tuple(json.loads((folder / "classes.json").read_text()))
+    return LabelledData(class_names=names, **arrays)
+
+
+def _version_of(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return ""
+
+
 @functools.lru_cache(maxsize=4)
 def scenario_of(cfg: RunConfig, num_clients: int) -> Scenario:
+    """Tasks and every client's shards; drawn once per node (:mod:`lorm_flwr.node_cache`)."""
     data = data_of(cfg)
-    return build_scenario(
-        data.train_y,
-        data.num_classes,
-        test_labels=data.test_y,
-        num_tasks=cfg.num_tasks,
-        num_clients=num_clients,
-        beta=cfg.dirichlet_beta,
-        min_samples=cfg.min_samples_per_client,
-        order=cfg.class_order,
-        seed=cfg.seed,
-    )
+    key = {
+        "labels": hashlib.sha256(np.ascontiguousarray(data.train_y).tobytes()).hexdigest(),
+        "test_labels": hashlib.sha256(np.ascontiguousarray(data.test_y).tobytes()).hexdigest(),
+        "num_classes": data.num_classes, "num_tasks": cfg.num_tasks, "num_clients": num_clients,
+        "beta": cfg.dirichlet_beta, "min_samples": cfg.min_samples_per_client,
+        "order": cfg.class_order, "seed": cfg.seed, "flwr_datasets": _version_of("flwr-datasets"),
+        "code": source_digest("lorm_flwr.data.scenario", "lorm_flwr.seeds"),
+    }  # fmt: skip
+
+    def compute() -> Scenario:
+        return build_scenario(
+            data.train_y,
+            data.num_classes,
+            test_labels=data.test_y,
+            num_tasks=cfg.num_tasks,
+            num_clients=num_clients,
+            beta=cfg.dirichlet_beta,
+            min_samples=cfg.min_samples_per_client,
+            order=cfg.class_order,
+            seed=cfg.seed,
+        )
+
+    return cached("scenario", key, compute, _save_scenario, _load_scenario)
+
+
+def _save_scenario(scenario: Scenario, folder: Path) -> None:
+    arrays = {
+        f"train-{t}-{k}": s for t, task in enumerate(scenario.shards) for k, s in enumerate(task)
+    }
+    arrays |= {f"test-{t}-{k}": s for t, task in enumerate(scenario.test_shards)
+               for k, s in enumerate(task)}  # fmt: skip
+    np.savez(folder / "shards.npz", **arrays)
+    (folder / "tasks.json").write_text(json.dumps({
+        "tasks": [list(t) for t in scenario.tasks], "clients": scenario.num_clients,
+        "test": bool(scenario.test_shards),
+    }))  # fmt: skip
+
+
+def _load_scenario(folder: Path) -> Scenario:
+    meta = json.loads((folder / "tasks.json").read_text())
+    tasks, n = meta["tasks"], meta["clients"]
+    with np.load(folder / "shards.npz", allow_pickle=False) as z:
+        shards = tuple(tuple(z[f"train-{t}-{k}"] for k in range(n)) for t in range(len(tasks)))
+        tests = (
+            tuple(tuple(z[f"test-{t}-{k}"] for k in range(n)) for t in range(len(tasks)))
+            if meta["test"] else ()
+        )  # fmt: skip
+    return Scenario(tuple(tuple(int(c) for c in t) for t in tasks), shards, tests)
 
 
 def input_spec(cfg: RunConfig, *, train: bool = False) -> InputSpec | TokenInputs:

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+# The node cache (lorm_flwr.node_cache) of this test session: shared by its processes, never
+# the user's ~/.cache, removed at exit.
+if "LORM_FLWR_CACHE" not in os.environ:
+    os.environ["LORM_FLWR_CACHE"] = tempfile.mkdtemp(prefix="lorm-flwr-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["LORM_FLWR_CACHE"], True)
 
 import torch
 

@@ -1,0 +1,140 @@
+"""A per-node cache on disk of what every ClientApp process would otherwise rebuild.
+
+On Flower's deployment engine each message starts a fresh ClientApp process, so the
+in-process caches of :mod:`lorm_flwr.runtime` start empty every time: the data set is
+parsed again, the shards are drawn again (importing ``datasets`` and ``flwr_datasets``
+for the partitioner), and the initial adapter is built again. This module keeps those
+results in a folder on the node, keyed by everything they depend on, so a new process
+memory-maps arrays instead (``benchmarks/client_startup.py`` measures the parts).
+
+Where: ``$LORM_FLWR_CACHE`` if set (``off`` disables the cache), else
+``$XDG_CACHE_HOME/lorm-flwr`` or ``~/.cache/lorm-flwr``. The SuperNode's environment
+reaches the ClientApp processes it starts, so set it there.
+
+Safety: an entry's key hashes the inputs, the package version and the source of the
+code that computes it, so changed code or settings never read an old entry. Entries are
+written to a temporary folder and renamed into place (atomic on POSIX), so processes of
+several nodes sharing one folder never see half an entry. An entry that cannot be read is
+recomputed and replaced, with a warning. The cache is only ever a shortcut: removing the
+folder at any time is safe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+__all__ = ["CACHE_ENV", "cache_root", "cached", "load_arrays", "save_arrays", "source_digest"]
+
+CACHE_ENV = "LORM_FLWR_CACHE"
+_OFF = {"off", "0", "false", "no", "none"}
+# Bump when the layout of an entry changes.
+FORMAT = 1
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+# What reading a truncated or foreign entry raises (np.load, json, zip, a missing file).
+_DAMAGED = (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile)
+
+
+def cache_root() -> Path | None:
+    """The cache folder, or None when ``LORM_FLWR_CACHE=off``."""
+    value = os.environ.get(CACHE_ENV, "").strip()
+    if value and value.lower() in _OFF:
+        return None
+    if value:
+        return Path(value).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "lorm-flwr"
+
+
+def source_digest(*modules: str) -> str:
+    """A digest of the named modules' source files: an entry made by other code is not reused."""
+    import importlib.util
+
+    h = hashlib.sha256()
+    for name in modules:
+        spec = importlib.util.find_spec(name)
+        origin = spec.origin if spec else None
+        h.update(name.encode())
+        if origin and os.path.isfile(origin):
+            h.update(Path(origin).read_bytes())
+    return h.hexdigest()
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lorm-flwr")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def entry_name(kind: str, key: Mapping[str, Any]) -> str:
+    blob = json.dumps({"format": FORMAT, "version": _version(), **key}, sort_keys=True)
+    return f"{kind}-{hashlib.sha256(blob.encode()).hexdigest()[:24]}"
+
+
+def cached(
+    kind: str,
+    key: Mapping[str, Any],
+    compute: Callable[[], T],
+    save: Callable[[T, Path], None],
+    load: Callable[[Path], T],
+) -> T:
+    """``load`` the entry ``kind``/``key`` if it is on disk, else ``compute``, ``save``, return.
+
+    ``key`` must be JSON-serialisable and name every input of ``compute``.
+    """
+    root = cache_root()
+    if root is None:
+        return compute()
+    final = root / entry_name(kind, key)
+    if final.is_dir():
+        try:
+            return load(final)
+        except _DAMAGED as exc:  # a damaged entry: rebuild it, never fail the run on it
+            logger.warning("node cache: cannot read %s (%s); rebuilding it", final, exc)
+            shutil.rmtree(final, ignore_errors=True)
+    value = compute()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{kind}-", dir=root))
+        try:
+            save(value, tmp)
+            (tmp / "key.json").write_text(json.dumps(dict(key), sort_keys=True, indent=1))
+            os.rename(tmp, final)  # atomic; fails if another process was first
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not final.is_dir():
+                raise
+    except OSError as exc:  # read-only or full disk: run without the cache
+        logger.warning("node cache: cannot write under %s (%s); continuing without it", root, exc)
+    return value
+
+
+def save_arrays(arrays: Mapping[str, np.ndarray | None], folder: Path) -> None:
+    """One ``.npy`` file per array (None: absent)."""
+    for name, array in arrays.items():
+        if array is not None:
+            np.save(folder / f"{name}.npy", np.asarray(array), allow_pickle=False)
+
+
+def load_arrays(folder: Path, names: list[str]) -> dict[str, np.ndarray | None]:
+    """The arrays :func:`save_arrays` wrote, memory-mapped read-only (None where absent)."""
+    out: dict[str, np.ndarray | None] = {}
+    for name in names:
+        path = folder / f"{name}.npy"
+        out[name] = np.load(path, mmap_mode="r", allow_pickle=False) if path.exists() else None
+    return out
