@@ -204,6 +204,7 @@ class FederatedRun:
     # -------------------------------------------------------------- rounds
     def train_round(self, task: int, round_in_task: int, tensors: Tensors) -> Tensors:
         strategy, cfg = self.strategy, self.cfg
+        started = time.perf_counter()
         try:
             participants = self.participants(task, round_in_task)
             replies, merged, train, merge_seconds = train_exchange(
@@ -216,6 +217,8 @@ class FederatedRun:
             raise
         row = RoundRow.from_exchange(task, round_in_task, train)
         row.merge_seconds = merge_seconds
+        # Messages out, clients' work, replies in, checks and folds: the round less its merge.
+        row.extra["exchange_seconds"] = time.perf_counter() - started - merge_seconds
         if cfg.clients_per_round > 0:  # the partitions asked to train (all when the draw is all)
             asked = participants if participants is not None else self.partition_of
             row.extra["participants"] = sorted(self.partition_of[n] for n in asked)
@@ -231,6 +234,7 @@ class FederatedRun:
         row.extra.update(_changes(strategy, tensors, merged.tensors))
         row.extra.update(merged.report)
         new = merged.tensors
+        evaluating = time.perf_counter()
         if strategy.local_groups:
             row.personalised = self.evaluate_personal(task, round_in_task, new, row)
             row.accuracy = row.personalised.get("accuracy_weighted", float("nan"))
@@ -241,6 +245,7 @@ class FederatedRun:
                 cfg, self.scenario, task, model.tensors, rank=model.rank, alpha=model.alpha
             )
             row.accuracy, row.per_task_accuracy = ev.accuracy, ev.per_task
+        row.extra["evaluate_seconds"] = time.perf_counter() - evaluating
         row.elapsed_seconds = time.perf_counter() - self.start
         self.recorder.add_round(row)
         log.info(
@@ -283,6 +288,7 @@ class FederatedRun:
     def end_task(self, task: int, tensors: Tensors) -> None:
         """LoRM's statistics exchange, then evaluate, fill the matrix row, export the adapter."""
         strategy, cfg = self.strategy, self.cfg
+        started = time.perf_counter()
         exchanges: list[ExchangeLog] = []
         nodes = self.trained_on(task)
 
@@ -344,6 +350,8 @@ class FederatedRun:
             }  # fmt: skip
         for entry in exchanges:
             summary[entry.kind] = entry.to_dict()
+        # The statistics exchange, the cross-task merge, evaluation and the adapter export.
+        summary["seconds"] = time.perf_counter() - started
         self.recorder.end_task(task, per_task, summary)
         log.info(
             "lorm-flwr: after task %d/%d: accuracy on seen classes %.3f, per task %s",
