@@ -6,7 +6,7 @@
 #
 # SuperNode k gets --node-config "partition-id=k num-partitions=N". Each server runs in its own
 # session (setsid), so stopping its PID's process group also stops the ClientApp processes it
-# spawned. With CERT_DIR (from scripts/make_certs.sh) the SuperLink serves TLS and the
+# spawned and its node worker (on unless LORM_FLWR_NODE_WORKER=0). With CERT_DIR (from scripts/make_certs.sh) the SuperLink serves TLS and the
 # SuperNodes and flwr verify it against CERT_DIR/ca.crt; without it, everything is --insecure.
 # STATE_DIR (default ./.deploy) holds the pids, logs, the SuperLink database and a FLWR_HOME
 # whose config.toml names the connection "local-deploy":
@@ -70,7 +70,10 @@ start)
   echo $! > "$state/pids"
   wait_port "$port" "$!" flower-superlink
   for k in $(seq 0 $((n - 1))); do
-    setsid "$bin_dir/flower-supernode" "${node_tls[@]}" --superlink "127.0.0.1:$port" \
+    # Each SuperNode's messages go to its long-lived node worker (lorm_flwr/node_worker.py)
+    # unless LORM_FLWR_NODE_WORKER=0 is set: a fresh ClientApp process per message then
+    # relays instead of importing torch and building the model again.
+    LORM_FLWR_NODE_WORKER="${LORM_FLWR_NODE_WORKER:-1}" setsid "$bin_dir/flower-supernode" "${node_tls[@]}" --superlink "127.0.0.1:$port" \
       --host 127.0.0.1 --port "$(free_port)" \
       --node-config "partition-id=$k num-partitions=$n" > "$state/supernode-$k.log" 2>&1 &
     echo $! >> "$state/pids"

@@ -11,7 +11,11 @@ what was trained shows up as a changed count.
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import subprocess
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -35,10 +39,13 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _deployed_run(tmp_path: Path, cfg: dict, tls: bool) -> dict:
+def _deployed_run(tmp_path: Path, cfg: dict, tls: bool, worker: bool) -> dict:
     state = tmp_path / "deploy"
     certs = tmp_path / "certs"
     env = _env()
+    # The node workers' sockets and PID files go to a folder of this test's own.
+    sockets = Path(tempfile.mkdtemp(prefix="lfr-dt-", dir="/tmp"))
+    env.update(TMPDIR=str(sockets), LORM_FLWR_NODE_WORKER="1" if worker else "0")
     if tls:
         subprocess.run([str(SCRIPTS / "make_certs.sh"), str(certs)], check=True, env=env)
     start = [str(SCRIPTS / "deploy_local.sh"), "start", "2", str(state)] + (
@@ -69,6 +76,23 @@ def _deployed_run(tmp_path: Path, cfg: dict, tls: bool) -> dict:
         )
         pids = state / "pids"
         assert not pids.exists(), "the deployment was not stopped"
+        workers = sorted(sockets.rglob("*.pid"))
+        for pid_file in workers:  # stopping a SuperNode's group stops its worker as well
+            _wait_gone(int(pid_file.read_text()))
+        assert bool(list(sockets.rglob("*.log"))) == worker, "node workers started iff asked"
+        shutil.rmtree(sockets, ignore_errors=True)
+
+
+def _wait_gone(pid: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.kill(pid, signal.SIGKILL)
+    raise AssertionError(f"node worker {pid} outlived its SuperNode")
 
 
 def _same(a: dict, b: dict) -> None:
@@ -82,9 +106,12 @@ def _same(a: dict, b: dict) -> None:
     assert a["final_average_accuracy"] == pytest.approx(b["final_average_accuracy"], abs=1e-9)
 
 
-@pytest.mark.parametrize(("strategy", "tls"), [("lorm", False), ("fedsa", True)])
-def test_deployment_matches_simulation(tmp_path, per_strategy, strategy, tls):
-    """Against the session's shared simulated run of the same config (2 clients)."""
-    deployed = _deployed_run(tmp_path, SHARED_RUN[strategy], tls)
+@pytest.mark.parametrize(
+    ("strategy", "tls", "worker"), [("lorm", False, True), ("fedsa", True, False)]
+)
+def test_deployment_matches_simulation(tmp_path, per_strategy, strategy, tls, worker):
+    """Against the session's shared simulated run of the same config (2 clients); LoRM's
+    messages go through the node workers, FedSA's each run in a fresh ClientApp process."""
+    deployed = _deployed_run(tmp_path, SHARED_RUN[strategy], tls, worker)
     assert deployed["clients"] == SHARED_CLIENTS
     _same(deployed, per_strategy[strategy][1])

@@ -25,7 +25,8 @@ def _modules_after_import(module: str) -> set[str]:
 def test_the_client_app_imports_no_strategy_or_server_loop():
     # Every handler parses the run config first: that must not pull in server code either.
     loaded = _modules_after_import(
-        "client_app; from lorm_flwr.config import RunConfig; RunConfig.from_mapping({})"
+        "client_app, lorm_flwr.client_handlers; from lorm_flwr.config import RunConfig; "
+        "RunConfig.from_mapping({})"
     )
     assert "lorm_flwr.client" in loaded  # the import really happened
     server_side = sorted(
@@ -36,6 +37,19 @@ def test_the_client_app_imports_no_strategy_or_server_loop():
         )
     )
     assert server_side == []
+
+
+def test_the_client_app_module_itself_imports_nothing_heavy():
+    # A deployed message starts a fresh process that imports client_app.py; with a node worker
+    # that process only relays the message, so it must not pay for torch, timm or peft.
+    loaded = _modules_after_import("client_app")
+    heavy = sorted(
+        m
+        for m in loaded
+        if m.split(".")[0] in {"torch", "timm", "peft", "transformers"} or m == "lorm_flwr.client"
+    )
+    assert heavy == []
+    assert "lorm_flwr.client_handlers" not in loaded
 
 
 def test_the_math_modules_import_no_flower():

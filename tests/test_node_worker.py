@@ -1,0 +1,143 @@
+"""The node worker: forwarded messages give the in-process replies and state, failures are
+named, a killed worker is replaced, an idle one exits, and simulations never use it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import Context, Message, RecordDict
+
+from lorm_flwr import node_worker, wire
+from lorm_flwr.client_handlers import HANDLERS
+from lorm_flwr.config import RunConfig
+from lorm_flwr.models.adapters import model_layout
+from lorm_flwr.registry import strategy_class
+from lorm_flwr.rounds import train_exchange
+from lorm_flwr.runtime import initial_tensors, model_of
+from tests.messages import ScriptedGrid
+
+RUN = {
+    "dataset": "digits", "backbone": "vit-tiny", "num-tasks": 2, "local-epochs": 1,
+    "image-size": 16, "lora-rank": 2, "lora-alpha": 2.0, "batch-size": 64,
+    "strategy": "fedsa", "min-clients": 2,
+}  # fmt: skip
+
+
+def _context(node_id: int, partition: int, n: int = 2) -> Context:
+    return Context(
+        run_id=1, node_id=node_id, node_config={"partition-id": partition, "num-partitions": n},
+        state=RecordDict(), run_config=RUN,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def workers(monkeypatch):
+    """Worker mode on, sockets in a fresh short folder; every worker started is stopped by PID."""
+    folder = tempfile.mkdtemp(prefix="lfr-nw-", dir="/tmp")
+    monkeypatch.setattr(tempfile, "tempdir", folder)
+    monkeypatch.setattr(node_worker, "enabled", lambda: True)
+    monkeypatch.setenv(node_worker.IDLE_ENV, "120")
+    yield Path(folder) / f"lorm-flwr-{os.getuid()}"
+    for pid_file in Path(folder).rglob("*.pid"):
+        try:
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+
+
+def _pids(folder: Path) -> dict[str, int]:
+    return {p.stem: int(p.read_text()) for p in folder.glob("*.pid")}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A killed child of this process stays a zombie until reaped: not alive either.
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_enabled_only_when_asked_and_never_in_a_ray_actor(monkeypatch):
+    monkeypatch.delenv(node_worker.ENV, raising=False)
+    assert not node_worker.enabled()
+    monkeypatch.setenv(node_worker.ENV, "1")
+    monkeypatch.delitem(sys.modules, "ray", raising=False)
+    assert node_worker.enabled()
+    monkeypatch.setitem(sys.modules, "ray", object())  # a simulation's long-lived actor
+    assert not node_worker.enabled()
+
+
+def test_forwarded_rounds_equal_in_process_ones_with_the_local_state(workers):
+    """FedSA, 2 clients x 2 rounds: the worker's replies and each node's kept B and head are
+    bit-for-bit those of the same handlers run in this process."""
+    cfg = RunConfig.from_mapping(RUN)
+    strategy = strategy_class("fedsa")(cfg, model_layout(model_of(cfg)))
+    remote = [_context(101, 0), _context(102, 1)]
+    local = [_context(201, 0), _context(202, 1)]
+    glob = strategy.begin_task(0, dict(initial_tensors(cfg)))
+
+    def both(k: int):
+        def reply(msg: Message) -> RecordDict:
+            mine = HANDLERS["train"](msg, local[k]).content
+            theirs = node_worker.handle("train", msg, remote[k]).content
+            a, b = (
+                wire.arrays_to_tensors(mine[wire.ARRAYS]),
+                wire.arrays_to_tensors(theirs[wire.ARRAYS]),
+            )
+            assert a.keys() == b.keys() and all(torch.equal(a[x], b[x]) for x in a)
+            assert dict(mine["metrics"])["train-loss"] == dict(theirs["metrics"])["train-loss"]
+            return theirs
+
+        return reply
+
+    for round_in_task in (0, 1):
+        script = {c.node_id: both(k) for k, c in enumerate(remote)}
+        grid = ScriptedGrid(sorted(script), [script])
+        _, merged, _, _ = train_exchange(grid, strategy, glob, round_in_task)
+        glob = merged.tensors
+        for mine, theirs in zip(local, remote, strict=True):
+            a = wire.arrays_to_tensors(mine.state[wire.LOCAL_STATE])
+            b = wire.arrays_to_tensors(theirs.state[wire.LOCAL_STATE])
+            assert a.keys() == b.keys() and all(torch.equal(a[x], b[x]) for x in a)
+    assert len(_pids(workers)) == 2  # one worker per node
+
+
+def test_a_failing_handler_is_named_and_a_killed_worker_is_replaced(workers):
+    ctx = _context(301, 0)
+    hello = Message(RecordDict(), dst_node_id=301, message_type="query.hello")
+    assert node_worker.handle("hello", hello, ctx).content == HANDLERS["hello"](hello, ctx).content
+    (first,) = _pids(workers).values()
+    with pytest.raises(node_worker.NodeWorkerError, match="KeyError"):
+        node_worker.handle(
+            "train", Message(RecordDict(), dst_node_id=301, message_type="train"), ctx
+        )
+    assert _alive(first)  # a handler's exception does not end the worker
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while _alive(first) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    node_worker.handle("hello", hello, ctx)  # a new worker answers
+    (second,) = _pids(workers).values()
+    assert second != first and _alive(second)
+
+
+def test_an_idle_worker_exits_and_removes_its_socket(workers, monkeypatch):
+    monkeypatch.setenv(node_worker.IDLE_ENV, "1")
+    ctx = _context(401, 1)
+    hello = Message(RecordDict(), dst_node_id=401, message_type="query.hello")
+    node_worker.handle("hello", hello, ctx)
+    (pid,) = _pids(workers).values()
+    deadline = time.monotonic() + 30
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(pid)
+    assert not list(workers.glob("*.sock")) and not _pids(workers)
