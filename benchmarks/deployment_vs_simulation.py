@@ -120,8 +120,10 @@ def main() -> None:
             rows[name] = fn(Path(tmp))
             print(name, json.dumps(rows[name]), flush=True)
     lines = [
-        "| engine | flwr run to end of round 2 (s) | server time, rounds 1-2 (s) | round 2 alone (s) "
-        "| round 2 against simulation's |",
+        (
+            "| engine | flwr run to end of round 2 (s) | server time, rounds 1-2 (s) "
+            "| round 2 alone (s) | round 2 against simulation's |"
+        ),
         "|---|---|---|---|---|",
     ]
     base = rows["simulation"]["round_2_seconds"]
