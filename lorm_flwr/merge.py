@@ -22,12 +22,15 @@ Conventions
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
 import torch
 
 Tensor = torch.Tensor
+# The server's log (the ServerApp's handlers show it); merges log only when a fallback solves.
+_log = logging.getLogger("flwr.lorm")
 
 # Eigenvalues below this fraction of the largest are treated as zero. Client
 # statistics are fp32 products summed in fp64 and shipped as fp32, so they are
@@ -200,26 +203,23 @@ def _solve_when_eigh_fails(rhs: Tensor, s: Tensor) -> Tensor:
     ridge of ``PINV_RCOND`` (relative), whose Cholesky factorisation always exists for
     a PSD matrix. Only the runs that reach here change: they used to stop the server.
     """
-    import logging
-
-    log = logging.getLogger("flwr.lorm")
     scale = float(s.abs().max())
     if not math.isfinite(scale) or scale <= 0.0:
         return torch.zeros_like(rhs)
     sn = (s + s.T) / (2.0 * scale)
     try:
         evals, evecs = torch.linalg.eigh(sn)
-        log.warning("merge: eigh did not converge; solved on the scaled system instead")
+        _log.warning("merge: eigh did not converge; solved on the scaled system instead")
         return ((rhs @ evecs) * _pinv_diag(evals).unsqueeze(0)) @ evecs.T / scale
     except torch.linalg.LinAlgError:
         pass
     try:
         u, sv, vh = torch.linalg.svd(sn)
-        log.warning("merge: eigh did not converge; solved with an SVD instead")
+        _log.warning("merge: eigh did not converge; solved with an SVD instead")
         return ((rhs @ vh.T) * _pinv_diag(sv).unsqueeze(0)) @ u.T / scale
     except torch.linalg.LinAlgError:
         pass
-    log.warning(
+    _log.warning(
         "merge: eigh and SVD did not converge; solved with a %.0e relative ridge", PINV_RCOND
     )
     k = sn.shape[0]

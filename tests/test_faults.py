@@ -23,7 +23,7 @@ from lorm_flwr.checkpoint import (
 )
 from lorm_flwr.config import RunConfig
 from lorm_flwr.cross_task import TaskHistory
-from lorm_flwr.exchange import PULL_WINDOW, ExchangeFailed, exchange
+from lorm_flwr.exchange import PULL_WINDOW, ExchangeFailed, _Collect, exchange
 from lorm_flwr.layout import ModelLayout, group_of
 from lorm_flwr.limits import (
     MessageTooLarge,
@@ -257,17 +257,6 @@ def test_a_damaged_checkpoint_names_resume_from_and_what_is_wrong(tmp_path, dama
 
 
 # ------------------------------------------------------- streaming exchange
-class _Recording:
-    def __init__(self) -> None:
-        self.seen: list[int] = []
-
-    def add(self, value: int) -> None:
-        self.seen.append(value)
-
-    def result(self) -> list[int]:
-        return self.seen
-
-
 @pytest.mark.parametrize("arrival", ["reversed", "in-order"])
 def test_replies_reach_the_fold_in_partition_order_whatever_the_arrival(arrival):
     nodes = list(range(1, 11))
@@ -281,7 +270,7 @@ def test_replies_reach_the_fold_in_partition_order_whatever_the_arrival(arrival)
 
     order = {n: 10 - n for n in nodes}.__getitem__  # partition order: node 10 first
     seen, log = exchange(grid, messages, lambda m: m.metadata.src_node_id, kind="q",
-                         min_replies=1, retries=0, timeout=5, order=order, fold=_Recording)  # fmt: skip
+                         min_replies=1, retries=0, timeout=5, order=order, fold=_Collect)  # fmt: skip
     assert seen == [10, 9, 8, 6, 5, 3, 2, 1]  # node 7 timed out, node 4 failed
     assert log.timeouts == [7] and log.replies == 8
     # Only a window of replies is ever pulled: fewer than that wait for an earlier node
@@ -290,7 +279,7 @@ def test_replies_reach_the_fold_in_partition_order_whatever_the_arrival(arrival)
     del script[7]
     grid = ScriptedGrid(nodes, [{**script, 7: _ok}], arrival=arrival)
     seen, log = exchange(grid, messages, lambda m: m.metadata.src_node_id, kind="q",
-                         min_replies=1, retries=0, timeout=5, order=order, fold=_Recording)  # fmt: skip
+                         min_replies=1, retries=0, timeout=5, order=order, fold=_Collect)  # fmt: skip
     assert seen == [10, 9, 8, 7, 6, 5, 3, 2, 1]
     assert log.held_max == (0 if arrival == "in-order" else PULL_WINDOW - 1)
 

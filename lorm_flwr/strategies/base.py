@@ -36,7 +36,6 @@ __all__ = [
     "RoundPlan",
     "TaskModel",
     "TaskQuery",
-    "gram_total",
 ]
 
 Tensors = dict[str, torch.Tensor]
@@ -114,11 +113,6 @@ class Gathered:
         if key not in self.sums:
             raise ValueError(f"no replies to sum for {key}")
         return self.sums[key]
-
-
-def gram_total(gathered: Gathered, key: str) -> torch.Tensor:
-    """``sum_i`` of Gram statistic ``key`` over the gathered replies, float64."""
-    return gathered.total(key)
 
 
 class LoraStrategy(FedAvg):
@@ -254,8 +248,8 @@ class LoraStrategy(FedAvg):
         head = wire.HEAD
         w = current[self.layout.head_weight]
         weight, bias = regmean_head(
-            gram_total(replies, wire.gram_key(head, wire.WG)),
-            gram_total(replies, wire.gram_key(head, wire.G)),
+            replies.total(wire.gram_key(head, wire.WG)),
+            replies.total(wire.gram_key(head, wire.G)),
             [r.arrays[self.layout.head_bias] for r in replies.replies],
             [r.num_examples for r in replies.replies],
             self.cfg.merge_ridge,

@@ -31,7 +31,6 @@ from lorm_flwr.strategies.base import (
     TaskModel,
     TaskQuery,
     Tensors,
-    gram_total,
 )
 
 __all__ = ["LoRM"]
@@ -101,8 +100,8 @@ class LoRM(LoraStrategy):
                 key, product, gram = layer.b_key, wire.BAGA, wire.AGA
             cur = current[key]
             new = merge_from_sums(
-                gram_total(replies, wire.gram_key(layer.name, product)),
-                gram_total(replies, wire.gram_key(layer.name, gram)),
+                replies.total(wire.gram_key(layer.name, product)),
+                replies.total(wire.gram_key(layer.name, gram)),
                 self.cfg.merge_ridge,
                 anchor(cur),
             )

@@ -16,7 +16,6 @@ from lorm_flwr.strategies.base import (
     Merged,
     RoundPlan,
     Tensors,
-    gram_total,
 )
 
 __all__ = ["RegMean"]
@@ -31,8 +30,8 @@ class RegMean(LoraStrategy):
         errors = []
         for layer in self.layout.layers:
             delta = merge_from_sums(
-                gram_total(replies, wire.gram_key(layer.name, wire.DG)),
-                gram_total(replies, wire.gram_key(layer.name, wire.G)),
+                replies.total(wire.gram_key(layer.name, wire.DG)),
+                replies.total(wire.gram_key(layer.name, wire.G)),
                 self.cfg.merge_ridge,
             )  # (d, k): the exact RegMean delta, before truncation
             b, a, err = truncate_to_rank(delta, layer.rank, layer.scaling)
