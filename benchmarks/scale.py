@@ -9,8 +9,8 @@ resident memory of the SuperLink and everything under it (the ServerApp, Ray's d
 the client actors) and of the ServerApp process alone is sampled every 0.2 s; each
 sample belongs to the round that was running. Per round: its wall time on the server,
 split into the exchange (messages out, clients' work, replies in and checked: minus
-the clients' own training and Gram time, what is left is Flower's messaging and Ray's
-scheduling), the merge, the evaluation and, in the first round of task 1, the end of
+the clients' own training and Gram time per actor, what is left is Flower's messaging,
+Ray's scheduling and each client's model loading), the merge, the evaluation and, in the first round of task 1, the end of
 task 0 (statistics exchange, cross-task merge, evaluation, export).
 
     python benchmarks/scale.py --clients 3 10 30 100 --out benchmarks/results/scale
@@ -116,14 +116,13 @@ def run(clients: int, strategy: str, cpus_per_client: int, tmp: Path) -> dict:
             (t["seconds"] for t in results["task_end"] if r["round_in_task"] == 0 and
              t["task"] == r["task"] - 1), 0.0,
         )  # fmt: skip
-        client_work = (r["client_train_seconds_sum"] + r["client_grams_seconds_sum"]) / max(
-            1.0, min(clients, _actors(cpus_per_client))
-        )
+        actors = max(1.0, min(clients, _actors(cpus_per_client)))
         rows.append({
             "task": r["task"], "round_in_task": r["round_in_task"],
             "seconds": r["elapsed_seconds"] - previous,
             "exchange_seconds": r["exchange_seconds"],
-            "client_work_seconds_per_actor": client_work,
+            "client_train_seconds_per_actor": r["client_train_seconds_sum"] / actors,
+            "client_grams_seconds_per_actor": r["client_grams_seconds_sum"] / actors,
             "merge_seconds": r["merge_seconds"], "evaluate_seconds": r["evaluate_seconds"],
             "previous_task_end_seconds": task_end,
             "peak_rss_total_mib": max((s[1] for s in in_round), default=0) / 2**20,
@@ -149,17 +148,18 @@ def _actors(cpus_per_client: int) -> int:
 def table(runs: list[dict]) -> str:
     lines = [
         (
-            "| clients | round | round (s) | exchange (s) | clients' work per actor (s) "
-            "| merge (s) | evaluate (s) | end of previous task (s) "
+            "| clients | round | round (s) | exchange (s) | clients' training per actor (s) "
+            "| clients' Grams per actor (s) | merge (s) | evaluate (s) | end of previous task (s) "
             "| peak RSS, all processes (MiB) | peak RSS, ServerApp (MiB) |"
         ),
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run_ in runs:
         for r in run_["rounds"]:
             lines.append(
                 f"| {run_['clients']} | {r['task']}.{r['round_in_task']} | {r['seconds']:.1f} "
-                f"| {r['exchange_seconds']:.1f} | {r['client_work_seconds_per_actor']:.1f} "
+                f"| {r['exchange_seconds']:.1f} | {r['client_train_seconds_per_actor']:.1f} "
+                f"| {r['client_grams_seconds_per_actor']:.1f} "
                 f"| {r['merge_seconds']:.2f} | {r['evaluate_seconds']:.2f} "
                 f"| {r['previous_task_end_seconds']:.1f} | {r['peak_rss_total_mib']:.0f} "
                 f"| {r['peak_rss_serverapp_mib']:.0f} |"

@@ -2,17 +2,17 @@
 
 On Flower's deployment engine each message starts a fresh ClientApp process, so the
 in-process caches of :mod:`lorm_flwr.runtime` start empty every time: the data set is
-parsed again, the shards are drawn again (importing ``datasets`` and ``flwr_datasets``
-for the partitioner), and the initial adapter is built again. This module keeps those
-results in a folder on the node, keyed by everything they depend on, so a new process
+parsed again and the shards are drawn again (importing ``datasets`` and ``flwr_datasets``
+for the partitioner). This module keeps those results in a folder on the node, keyed by everything they depend on, so a new process
 memory-maps arrays instead (``benchmarks/client_startup.py`` measures the parts).
 
 Where: ``$LORM_FLWR_CACHE`` if set (``off`` disables the cache), else
 ``$XDG_CACHE_HOME/lorm-flwr`` or ``~/.cache/lorm-flwr``. The SuperNode's environment
 reaches the ClientApp processes it starts, so set it there.
 
-Safety: an entry's key hashes the inputs, the package version and the source of the
-code that computes it, so changed code or settings never read an old entry. Entries are
+Safety: an entry's key hashes the inputs, the versions of the packages that compute it
+and the source of this whole package, so changed code or settings never read an old entry
+(the data's origin is not keyed: a data set name always means the same data). Entries are
 written to a temporary folder and renamed into place (atomic on POSIX), so processes of
 several nodes sharing one folder never see half an entry. An entry that cannot be read is
 recomputed and replaced, with a warning. The cache is only ever a shortcut: removing the
@@ -21,6 +21,7 @@ folder at any time is safe.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -34,7 +35,10 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-__all__ = ["CACHE_ENV", "cache_root", "cached", "load_arrays", "save_arrays", "source_digest"]
+__all__ = [
+    "CACHE_ENV", "NotCacheable", "cache_root", "cached", "load_arrays", "package_digest",
+    "save_arrays", "versions",
+]  # fmt: skip
 
 CACHE_ENV = "LORM_FLWR_CACHE"
 _OFF = {"off", "0", "false", "no", "none"}
@@ -58,18 +62,32 @@ def cache_root() -> Path | None:
     return Path(base) / "lorm-flwr"
 
 
-def source_digest(*modules: str) -> str:
-    """A digest of the named modules' source files: an entry made by other code is not reused."""
-    import importlib.util
+class NotCacheable(Exception):
+    """Raised by a ``save`` for a value that is not kept on disk (it is used, just not kept)."""
 
+
+@functools.cache
+def package_digest() -> str:
+    """A digest of this package's source (every module): other code never reads an entry."""
+    root = Path(__file__).resolve().parent
     h = hashlib.sha256()
-    for name in modules:
-        spec = importlib.util.find_spec(name)
-        origin = spec.origin if spec else None
-        h.update(name.encode())
-        if origin and os.path.isfile(origin):
-            h.update(Path(origin).read_bytes())
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
     return h.hexdigest()
+
+
+def versions(*packages: str) -> dict[str, str]:
+    """The installed version of each package ("" when absent), for keys."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in packages:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = ""
+    return out
 
 
 def _version() -> str:
@@ -82,7 +100,9 @@ def _version() -> str:
 
 
 def entry_name(kind: str, key: Mapping[str, Any]) -> str:
-    blob = json.dumps({"format": FORMAT, "version": _version(), **key}, sort_keys=True)
+    blob = json.dumps(
+        {"format": FORMAT, "version": _version(), "code": package_digest(), **key}, sort_keys=True
+    )
     return f"{kind}-{hashlib.sha256(blob.encode()).hexdigest()[:24]}"
 
 
@@ -115,6 +135,8 @@ def cached(
             save(value, tmp)
             (tmp / "key.json").write_text(json.dumps(dict(key), sort_keys=True, indent=1))
             os.rename(tmp, final)  # atomic; fails if another process was first
+        except NotCacheable:
+            shutil.rmtree(tmp, ignore_errors=True)
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
             if not final.is_dir():
@@ -131,10 +153,16 @@ def save_arrays(arrays: Mapping[str, np.ndarray | None], folder: Path) -> None:
             np.save(folder / f"{name}.npy", np.asarray(array), allow_pickle=False)
 
 
-def load_arrays(folder: Path, names: list[str]) -> dict[str, np.ndarray | None]:
-    """The arrays :func:`save_arrays` wrote, memory-mapped read-only (None where absent)."""
+def load_arrays(
+    folder: Path, names: list[str], optional: tuple[str, ...] = ()
+) -> dict[str, np.ndarray | None]:
+    """The arrays :func:`save_arrays` wrote, memory-mapped read-only; an ``optional`` one
+    may be absent (None), any other missing one makes the entry damaged."""
     out: dict[str, np.ndarray | None] = {}
     for name in names:
         path = folder / f"{name}.npy"
-        out[name] = np.load(path, mmap_mode="r", allow_pickle=False) if path.exists() else None
+        if name in optional and not path.exists():
+            out[name] = None
+        else:  # raises FileNotFoundError for a missing required array
+            out[name] = np.load(path, mmap_mode="r", allow_pickle=False)
     return out

@@ -10,18 +10,24 @@ reply. The ClientApp process itself then imports Flower and nothing heavy.
 
 - One worker per SuperNode (keyed by node id, the Python and the app's code), started
   by the first message that needs it, in the SuperNode's process group (stopping the
-  SuperNode's group stops it). It exits when idle for ``LORM_FLWR_NODE_WORKER_IDLE``
-  seconds (default 600) or when its SuperNode is gone. Other code (a new FAB) gets a
-  new worker.
+  SuperNode's group stops it; the ClientApp's parent is Flower's ``flower-superexec``,
+  which lives as long as the SuperNode). It exits when idle for
+  ``LORM_FLWR_NODE_WORKER_IDLE`` seconds (default 600) or when that parent is gone.
+  Other code (a new FAB) gets a new worker; the old one idles out.
 - It talks over a Unix socket in a folder only this user can open, in Flower's own
   protobuf encoding of the message and the context; the reply content and the node's
   updated state come back. Nothing is pickled.
 - The handlers are the same functions (:mod:`lorm_flwr.client_handlers`), so results
-  equal an in-process run (tests/test_deployment.py compares both with a simulation).
-- Failures: an exception in a handler comes back as the message's error; a worker that
-  dies mid-message is a failed message (the server's retries take it) and the next
-  message starts a new one; a worker that cannot start means running in process, with
-  a warning. In a Ray actor (simulation) it is never used: the actor is long-lived.
+  equal an in-process run (tests/test_node_worker.py, tests/test_deployment.py).
+- Failures: an exception in a handler comes back as the message's error (named
+  ``NodeWorkerError: <the handler's exception>``); a worker that closes the connection
+  before answering (it was exiting, or died) is replaced once, and if that fails too,
+  or no worker can start, the message runs in this process, with a warning. In a Ray
+  actor (simulation) it is never used: the actor is long-lived.
+- Unlike in-process handling: the handlers' log lines and tracebacks go to the worker's
+  ``.log`` beside its socket, not to the SuperNode's output; a failed message leaves the
+  node's state as it was before it (in process, Flower keeps what the handler changed
+  before failing); the working directory is the app's folder.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -43,6 +50,8 @@ import time
 from pathlib import Path
 
 from flwr.app import Context, Message
+
+from lorm_flwr.node_cache import package_digest
 
 __all__ = ["ENV", "NodeWorkerError", "enabled", "handle"]
 
@@ -60,45 +69,46 @@ class NodeWorkerError(RuntimeError):
 
 
 def enabled() -> bool:
-    """Forward to a node worker: asked for, and not already in a long-lived Ray actor."""
-    return os.environ.get(ENV, "").strip().lower() in _ON and "ray" not in sys.modules
+    """Forward to a node worker: asked for, not already in a long-lived Ray actor, and not
+    in an environment Flower installed for this one process (runtime dependency
+    installation puts it on ``sys.path`` only, and removes it when the process ends)."""
+    if os.environ.get(ENV, "").strip().lower() not in _ON or "ray" in sys.modules:
+        return False
+    venv = os.environ.get("VIRTUAL_ENV")
+    return not venv or Path(venv).resolve() == Path(sys.prefix).resolve()
 
 
 def handle(kind: str, msg: Message, context: Context) -> Message:
     """Run handler ``kind`` on ``msg``: in the node worker when :func:`enabled`, else here."""
     if enabled():
-        for attempt in range(2):
-            try:
-                conn = _connect(_ensure_worker(context))
-            except (OSError, TimeoutError, NodeWorkerError) as exc:
-                # A worker that just exited (idle) refuses once; a new one is started.
-                if attempt == 0 and isinstance(exc, ConnectionError):
-                    continue
-                logger.warning(
-                    "lorm-flwr: no node worker (%s); running this message in process", exc
-                )
-                break
-            with conn:
-                return _forward(conn, kind, msg, context)
+        try:
+            return _via_worker(kind, msg, context)
+        except (_Unavailable, OSError) as exc:  # the message was not handled: handle it here
+            logger.warning("lorm-flwr: no node worker (%s); running this message in process", exc)
     from lorm_flwr.client_handlers import HANDLERS
 
     return HANDLERS[kind](msg, context)
 
 
+class _Unavailable(Exception):
+    """No worker could take the message (the message itself was not handled)."""
+
+
 # ------------------------------------------------------------------ framing
 def _send(conn: socket.socket, payload: bytes) -> None:
-    conn.sendall(struct.pack(">Q", len(payload)) + payload)
+    conn.sendall(struct.pack(">Q", len(payload)))
+    conn.sendall(payload)
 
 
 def _recv_exact(conn: socket.socket, n: int) -> bytes:
-    chunks, got = [], 0
+    buffer = bytearray(n)
+    view, got = memoryview(buffer), 0
     while got < n:
-        chunk = conn.recv(min(n - got, 1 << 20))
-        if not chunk:
-            raise ConnectionError("the node worker closed the connection mid-message")
-        chunks.append(chunk)
-        got += len(chunk)
-    return b"".join(chunks)
+        k = conn.recv_into(view[got:], min(n - got, 1 << 24))
+        if k == 0:
+            raise EOFError("the other side closed the connection mid-message")
+        got += k
+    return bytes(buffer)
 
 
 def _recv(conn: socket.socket) -> bytes:
@@ -110,44 +120,60 @@ def _recv(conn: socket.socket) -> bytes:
 def _socket_dir() -> Path:
     """A folder only this user can open (sockets need short paths: the system temp)."""
     folder = Path(tempfile.gettempdir()) / f"lorm-flwr-{os.getuid()}"
-    folder.mkdir(mode=0o700, exist_ok=True)
-    st = folder.stat()
-    if st.st_uid != os.getuid() or st.st_mode & 0o077:
-        raise NodeWorkerError(f"{folder} is not private to this user; not using it")
+    with contextlib.suppress(FileExistsError):
+        folder.mkdir(mode=0o700)
+    st = os.lstat(folder)  # not stat(): a planted symlink must not lead elsewhere
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise _Unavailable(f"{folder} is not a folder private to this user")
     return folder
 
 
-def _code_digest() -> str:
-    h = hashlib.sha256()
-    for path in sorted((_CODE / "lorm_flwr").rglob("*.py")):
-        h.update(str(path.relative_to(_CODE)).encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()
-
-
 def _worker_path(context: Context) -> Path:
-    key = json.dumps([sys.executable, str(_CODE), _code_digest(), context.node_id])
+    key = json.dumps([sys.executable, str(_CODE), package_digest(), context.node_id])
     return _socket_dir() / f"w-{hashlib.sha256(key.encode()).hexdigest()[:20]}.sock"
 
 
-def _connectable(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        try:
-            s.connect(str(path))
-        except OSError:
-            return False
-    return True
+def _try_connect(path: Path) -> socket.socket | None:
+    """A connection to the worker at ``path``, or None when no worker listens there."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.connect(str(path))
+    except (FileNotFoundError, ConnectionRefusedError):
+        conn.close()
+        return None
+    except OSError as exc:
+        conn.close()
+        raise _Unavailable(f"cannot connect to {path}: {exc}") from exc
+    return conn
 
 
-def _ensure_worker(context: Context) -> Path:
-    """The socket of this node's worker, starting the worker if none answers."""
+def _via_worker(kind: str, msg: Message, context: Context) -> Message:
     path = _worker_path(context)
-    if _connectable(path):
-        return path
+    for _ in range(2):  # a worker that was just leaving (idle) is replaced once
+        conn = _try_connect(path)
+        if conn is None:
+            _start_worker(path)
+            conn = _try_connect(path)
+            if conn is None:
+                raise _Unavailable("the new node worker does not accept connections")
+        with conn:
+            try:
+                return _forward(conn, kind, msg, context)
+            except _NotAnswered:
+                continue
+    raise _Unavailable("the node worker closed the connection twice before answering")
+
+
+def _start_worker(path: Path) -> None:
+    """Start this node's worker unless another process did meanwhile; wait for its socket."""
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one starter per node, even under a race
-        if _connectable(path):
-            return path
+        conn = _try_connect(path)
+        if conn is not None:  # started by another message meanwhile
+            conn.close()
+            return
+        # Nothing listens there (we hold the lock): a killed worker's socket, if any, goes.
+        path.unlink(missing_ok=True)
         idle = os.environ.get(IDLE_ENV, "600")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             [str(_CODE), *filter(None, [os.environ.get("PYTHONPATH")])])}  # fmt: skip
@@ -157,46 +183,43 @@ def _ensure_worker(context: Context) -> Path:
                  "--supernode-pid", str(os.getppid()), "--idle", idle],
                 env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=str(_CODE),
             )  # fmt: skip
+        # The worker binds before its heavy imports and renames the socket into place, so
+        # the socket's existence means it accepts (requests wait until it has imported).
         deadline = time.monotonic() + START_TIMEOUT
-        while not _connectable(path):
+        while not path.exists():
             if proc.poll() is not None:
-                raise NodeWorkerError(
+                raise _Unavailable(
                     f"the node worker exited with code {proc.returncode} while starting; "
                     f"see {path.with_suffix('.log')}"
                 )
             if time.monotonic() > deadline:
                 proc.kill()
-                raise TimeoutError(f"the node worker did not listen within {START_TIMEOUT:.0f} s")
-            time.sleep(0.05)
-    return path
+                raise _Unavailable(f"the node worker did not listen within {START_TIMEOUT:.0f} s")
+            time.sleep(0.02)
 
 
-def _connect(path: Path) -> socket.socket:
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        conn.connect(str(path))
-    except OSError:
-        conn.close()
-        raise
-    return conn
+class _NotAnswered(Exception):
+    """The worker closed the connection before its status: it did not take the message."""
 
 
 def _forward(conn: socket.socket, kind: str, msg: Message, context: Context) -> Message:
-    from flwr.common.serde import (
-        context_to_proto,
-        message_to_proto,
-        recorddict_from_proto,
-    )
+    from flwr.common.serde import context_to_proto, message_to_proto, recorddict_from_proto
     from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
-    _send(conn, kind.encode())
-    _send(conn, message_to_proto(msg).SerializeToString())
-    _send(conn, context_to_proto(context).SerializeToString())
-    status = json.loads(_recv(conn))
+    try:
+        _send(conn, kind.encode())
+        _send(conn, message_to_proto(msg).SerializeToString())
+        _send(conn, context_to_proto(context).SerializeToString())
+        status = json.loads(_recv(conn))
+    except (EOFError, BrokenPipeError, ConnectionResetError) as exc:
+        raise _NotAnswered(str(exc)) from exc
     if not status["ok"]:
         raise NodeWorkerError(status["error"])
-    content = recorddict_from_proto(ProtoRecordDict.FromString(_recv(conn)))
-    state = recorddict_from_proto(ProtoRecordDict.FromString(_recv(conn)))
+    try:
+        content = recorddict_from_proto(ProtoRecordDict.FromString(_recv(conn)))
+        state = recorddict_from_proto(ProtoRecordDict.FromString(_recv(conn)))
+    except (EOFError, OSError) as exc:
+        raise NodeWorkerError(f"the node worker died while replying ({exc})") from exc
     # The node's state as the handler left it (FedSA's local parts live there).
     for key in list(context.state.keys()):
         del context.state[key]
@@ -206,6 +229,9 @@ def _forward(conn: socket.socket, kind: str, msg: Message, context: Context) -> 
 
 
 # ------------------------------------------------------------------ worker side
+REQUEST_SECONDS = 120.0  # to read a request once connected; a silent peer is dropped
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -221,41 +247,64 @@ def _serve_one(conn: socket.socket, handlers: dict) -> None:
     from flwr.proto.message_pb2 import Context as ProtoContext
     from flwr.proto.message_pb2 import Message as ProtoMessage
 
-    kind = _recv(conn).decode()
-    msg = message_from_proto(ProtoMessage.FromString(_recv(conn)))
-    context = context_from_proto(ProtoContext.FromString(_recv(conn)))
+    conn.settimeout(REQUEST_SECONDS)
     try:
+        kind = _recv(conn).decode()
+    except EOFError:
+        return  # connected and left without a request
+    try:
+        msg = message_from_proto(ProtoMessage.FromString(_recv(conn)))
+        context = context_from_proto(ProtoContext.FromString(_recv(conn)))
+        conn.settimeout(None)
         if kind not in handlers:
             raise NodeWorkerError(f"unknown message kind {kind!r}")
         reply = handlers[kind](msg, context)
         if reply.has_error():
             raise NodeWorkerError(f"{reply.error.code}: {reply.error.reason}")
+        content = recorddict_to_proto(reply.content).SerializeToString()
+        state = recorddict_to_proto(context.state).SerializeToString()
     except Exception as exc:
         logger.exception("lorm-flwr node worker: %s failed", kind)
         _send(conn, json.dumps({"ok": False, "error": f"{type(exc).__name__}: {exc}"}).encode())
         return
     _send(conn, json.dumps({"ok": True}).encode())
-    _send(conn, recorddict_to_proto(reply.content).SerializeToString())
-    _send(conn, recorddict_to_proto(context.state).SerializeToString())
+    _send(conn, content)
+    _send(conn, state)
+
+
+def _publish(path: Path, write) -> int:
+    """Create ``path`` under a temporary name, then rename it into place (atomic);
+    returns its inode, so that only this process removes it later."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    write(tmp)
+    os.rename(tmp, path)
+    return os.stat(path).st_ino
+
+
+def _remove_if_mine(path: Path, inode: int) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        if os.stat(path).st_ino == inode:
+            path.unlink()
 
 
 def serve(path: Path, supernode_pid: int, idle: float) -> None:
     """Accept one message at a time until idle for ``idle`` s or the SuperNode is gone."""
-    from lorm_flwr.client_handlers import HANDLERS  # the imports, once
-
     # Stopping the SuperNode's process group sends SIGTERM: leave through `finally`.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()  # a dead worker's socket
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(str(path))
-    server.listen(4)
+    socket_inode = _publish(path, lambda tmp: (server.bind(str(tmp)), server.listen(16)))
     pid_file = path.with_suffix(".pid")
-    pid_file.write_text(str(os.getpid()))  # for operators and tests: stop it by PID
-    server.settimeout(2.0)
-    last = time.monotonic()
-    logger.info("lorm-flwr node worker %d listening on %s", os.getpid(), path)
+    pid_inode = _publish(pid_file, lambda tmp: tmp.write_text(str(os.getpid())))
     try:
+        # Bound first, imports second: the starter need not wait for them, and a worker that
+        # cannot import fails a request (and its starter falls back) instead of hanging.
+        from lorm_flwr.client_handlers import HANDLERS
+
+        server.settimeout(2.0)
+        last = time.monotonic()
+        logger.info("lorm-flwr node worker %d listening on %s", os.getpid(), path)
         while True:
             try:
                 conn, _ = server.accept()
@@ -264,17 +313,15 @@ def serve(path: Path, supernode_pid: int, idle: float) -> None:
                     break
                 continue
             with conn:
-                conn.settimeout(None)
                 try:
                     _serve_one(conn, HANDLERS)
-                except (OSError, ValueError) as exc:  # the ClientApp went away mid-message
-                    logger.warning("lorm-flwr node worker: connection dropped (%s)", exc)
+                except Exception:
+                    logger.exception("lorm-flwr node worker: connection failed")
             last = time.monotonic()
     finally:
         server.close()
-        for leftover in (path, pid_file):
-            with contextlib.suppress(FileNotFoundError):
-                leftover.unlink()
+        _remove_if_mine(path, socket_inode)
+        _remove_if_mine(pid_file, pid_inode)
 
 
 def main() -> None:

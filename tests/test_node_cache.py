@@ -111,3 +111,23 @@ def test_data_and_shards_from_the_cache_equal_the_computed_ones(cache, monkeypat
     runtime.scenario_of(dataclasses.replace(cfg, dirichlet_beta=5.0), 4)
     runtime.scenario_of(cfg, 5)
     assert len(_entries(cache, "scenario")) == 3
+
+
+def test_a_missing_array_is_damage_and_unkept_values_are_used_quietly(cache, caplog):
+    def load(folder):
+        return node_cache.load_arrays(folder, ["x", "y"], optional=("y",))
+
+    node_cache.cached("t", {}, lambda: {"x": np.arange(2), "y": None}, node_cache.save_arrays, load)
+    (entry,) = _entries(cache, "t")
+    assert load(entry)["y"] is None  # optional and absent
+    (entry / "x.npy").unlink()
+    got = node_cache.cached("t", {}, lambda: {"x": np.arange(2)}, node_cache.save_arrays, load)
+    np.testing.assert_array_equal(got["x"], np.arange(2))
+    assert "rebuilding" in caplog.text
+    caplog.clear()
+
+    def refuse(value, folder):
+        raise node_cache.NotCacheable("not kept")
+
+    assert node_cache.cached("u", {}, lambda: 7, refuse, load) == 7
+    assert not _entries(cache, "u") and not list(cache.glob(".u-*")) and not caplog.text

@@ -4,9 +4,12 @@ named, a killed worker is replaced, an idle one exits, and simulations never use
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import socket
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -50,6 +53,7 @@ def workers(monkeypatch):
             os.kill(int(pid_file.read_text()), signal.SIGKILL)
         except (ProcessLookupError, ValueError):
             pass
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _pids(folder: Path) -> dict[str, int]:
@@ -141,3 +145,45 @@ def test_an_idle_worker_exits_and_removes_its_socket(workers, monkeypatch):
         time.sleep(0.2)
     assert not _alive(pid)
     assert not list(workers.glob("*.sock")) and not _pids(workers)
+
+
+def test_a_worker_that_hangs_up_before_answering_is_retried_then_bypassed(workers, caplog):
+    """A 'worker' that takes each connection and closes it (as one that was exiting or died
+    would): the message is offered twice, then handled in this process, with a warning."""
+    ctx = _context(501, 0)
+    hello = Message(RecordDict(), dst_node_id=501, message_type="query.hello")
+    path = node_worker._worker_path(ctx)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(4)
+    taken = []
+
+    def hang_up() -> None:
+        for _ in range(2):
+            conn, _ = server.accept()
+            taken.append(conn.recv(8))
+            conn.close()
+
+    thread = threading.Thread(target=hang_up, daemon=True)
+    thread.start()
+    try:
+        reply = node_worker.handle("hello", hello, ctx)
+    finally:
+        thread.join(timeout=10)
+        server.close()
+    assert len(taken) == 2  # offered twice
+    assert reply.content == HANDLERS["hello"](hello, ctx).content
+    assert "running this message in process" in caplog.text
+    assert not _pids(workers)  # nothing was started: a listener was there
+
+
+def test_a_socket_folder_that_is_not_private_is_never_used(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(node_worker, "enabled", lambda: True)
+    (tmp_path / "elsewhere").mkdir(mode=0o700)
+    (tmp_path / f"lorm-flwr-{os.getuid()}").symlink_to(tmp_path / "elsewhere")
+    ctx = _context(601, 0)
+    hello = Message(RecordDict(), dst_node_id=601, message_type="query.hello")
+    assert node_worker.handle("hello", hello, ctx).content == HANDLERS["hello"](hello, ctx).content
+    assert "not a folder private to this user" in caplog.text
+    assert not list((tmp_path / "elsewhere").iterdir())

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from lorm_flwr.local_federation import ray_cluster, simulation_superlink
+from lorm_flwr.local_federation import processes_mentioning, ray_cluster, simulation_superlink
 from tests.simulations import SHARED_CLIENTS, SHARED_RUN, run_app
 
 pytestmark = pytest.mark.slow
@@ -41,11 +41,13 @@ def test_simulation_runs_on_a_two_node_ray_cluster(tmp_path, per_strategy):
             capture_output=True, text=True, timeout=120, check=True,
         )  # fmt: skip
         nodes = json.loads(probe.stdout.strip().splitlines()[-1])
-        pids = cluster.pids
+        pids, temp = cluster.pids, str(cluster.temp_dir)
+        assert processes_mentioning(temp)  # the cluster's daemons name its folder
     assert len(nodes) == 2, f"client actors ran on {nodes}, not on both nodes"
-    for pid in pids:  # stopped by PID: no `ray start` process of the cluster is left
+    for pid in pids:  # stopped by PID, with everything the cluster started
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+    assert processes_mentioning(temp) == []
     single = per_strategy["lorm"][1]
     assert results["tasks"] == single["tasks"]
     assert results["accuracy_matrix"] == single["accuracy_matrix"]
