@@ -1,13 +1,16 @@
 """Where a fresh ClientApp process spends its start-up, with and without the node cache.
 
 On the deployment engine every message starts a new ClientApp process (Flower 1.42's
-``flwr-clientapp``), so this start-up is paid per message per node. Each repeat runs a
-fresh Python process that does what our ClientApp does before it trains: import torch,
-Flower, timm and peft (which imports transformers), import the app, parse the config,
-load the data set, draw the shards, build the backbone with its adapters, and build the
+``flwr-clientapp``). Without a node worker (``LORM_FLWR_NODE_WORKER=0``) that process
+runs the handlers itself, so this start-up is paid per message per node; with one, it is
+paid once per node, by the worker. Each repeat runs a fresh Python process that does
+what the handlers do before they train: import torch, Flower, timm and peft (which
+imports transformers), import the app, parse the config, load the data set, draw the
+shards, read this client's shard, build the backbone with its adapters, and build the
 seeded initial adapter. Rows: ``cold`` with ``LORM_FLWR_CACHE=off`` (every process
 rebuilds everything, as before the cache), ``warm`` with a node cache that an earlier
-process filled (every later message on the node). Medians over the repeats.
+process filled (every later message on the node; the data are memory-mapped, so reading
+the shard is where they are read). Medians over the repeats.
 
     python benchmarks/client_startup.py --repeats 5 --out benchmarks/results/client_startup
 """
@@ -34,6 +37,7 @@ PARTS = [
     "config",
     "data set",
     "shards",
+    "read the shard",
     "model + adapters",
     "initial adapter",
 ]
@@ -49,6 +53,7 @@ def child(num_clients: int) -> None:
         laps[name] = now - t
         t = now
 
+    import numpy as np
     import torch  # noqa: F401
 
     lap("import torch")
@@ -75,8 +80,12 @@ def child(num_clients: int) -> None:
     lap("config")
     runtime.data_of(cfg)
     lap("data set")
-    runtime.scenario_of(cfg, num_clients)
+    scenario = runtime.scenario_of(cfg, num_clients)
     lap("shards")
+    data = runtime.data_of(cfg)
+    shard = scenario.shards[0][0]
+    np.asarray(data.train_x[shard]).sum(), np.asarray(data.test_x[scenario.test_shards[0][0]]).sum()
+    lap("read the shard")
     runtime.model_of(cfg)
     lap("model + adapters")
     runtime.initial_tensors(cfg)

@@ -5,9 +5,10 @@ Each client count is one real ``flwr run`` (a simulation SuperLink of its own, R
 per task, LoRM by default. The shards come from Dirichlet(1.0) with at least 2 samples
 per client (digits has about 720 training samples per task, 7 per client at 100
 clients; the default β=0.5 cannot give 100 clients 6 samples each). While it runs, the
-resident memory of the SuperLink and everything under it (the ServerApp, Ray's daemons,
-the client actors) and of the ServerApp process alone is sampled every 0.2 s; each
-sample belongs to the round that was running. Per round: its wall time on the server,
+proportional set size (PSS: shared pages counted once) of the SuperLink and everything
+under it (the ServerApp, Ray's daemons, the client actors) and of the ServerApp process
+alone is sampled every 0.5 s; each sample belongs to the round that was running. Each
+client count starts with an empty node cache of its own. Per round: its wall time on the server,
 split into the exchange (messages out, clients' work, replies in and checked: minus
 the clients' own training and Gram time per actor, what is left is Flower's messaging,
 Ray's scheduling and each client's model loading), the merge, the evaluation and, in the first round of task 1, the end of
@@ -49,17 +50,22 @@ SCENARIO = {
 }
 
 
-def _rss(pid: int) -> int:
+def _pss(pid: int) -> int:
+    """Proportional set size (bytes): shared pages (torch's libraries in every actor, the
+    memory-mapped data) count once across processes, not once per process as in RSS."""
     try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
-        return 0
+        pass
+    return 0
 
 
-def _serverapp_pids(fed) -> list[int]:
+def _serverapp_pids(candidates: list[int]) -> list[int]:
     pids = []
-    for pid in fed._descendants():
+    for pid in candidates:
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
@@ -79,8 +85,10 @@ def _rounds_done(out: Path) -> int:
 
 
 def run(clients: int, strategy: str, cpus_per_client: int, tmp: Path) -> dict:
-    samples: list[tuple[int, int, int]] = []  # (rounds done, total rss, serverapp rss)
-    with simulation_superlink(tmp / f"sim-{clients}") as fed:
+    samples: list[tuple[int, int, int]] = []  # (rounds done, total pss, serverapp pss)
+    # An empty node cache of this count's own: every count pays its data preparation once.
+    cache = {"LORM_FLWR_CACHE": str(tmp / f"cache-{clients}")}
+    with simulation_superlink(tmp / f"sim-{clients}", extra_env=cache) as fed:
         out = tmp / f"runs-{clients}"
         cfg = {**SCENARIO, "strategy": strategy, "output-dir": str(out)}
         cmd = fed.command(cfg, num_supernodes=clients, cpus_per_client=cpus_per_client)
@@ -89,9 +97,10 @@ def run(clients: int, strategy: str, cpus_per_client: int, tmp: Path) -> dict:
         def sample() -> None:
             while not stop.is_set():
                 done = _rounds_done(out) if out.exists() else 0
-                server = sum(_rss(p) for p in _serverapp_pids(fed))
-                samples.append((done, fed.process_memory(), server))
-                time.sleep(0.2)
+                pids = fed._descendants()
+                server = sum(_pss(p) for p in _serverapp_pids(pids))
+                samples.append((done, sum(_pss(p) for p in pids), server))
+                time.sleep(0.5)
 
         sampler = threading.Thread(target=sample, daemon=True)
         start = time.perf_counter()
@@ -125,8 +134,8 @@ def run(clients: int, strategy: str, cpus_per_client: int, tmp: Path) -> dict:
             "client_grams_seconds_per_actor": r["client_grams_seconds_sum"] / actors,
             "merge_seconds": r["merge_seconds"], "evaluate_seconds": r["evaluate_seconds"],
             "previous_task_end_seconds": task_end,
-            "peak_rss_total_mib": max((s[1] for s in in_round), default=0) / 2**20,
-            "peak_rss_serverapp_mib": max((s[2] for s in in_round), default=0) / 2**20,
+            "peak_pss_total_mib": max((s[1] for s in in_round), default=0) / 2**20,
+            "peak_pss_serverapp_mib": max((s[2] for s in in_round), default=0) / 2**20,
             "bytes_up": r["bytes_up"], "replies": r["replies"],
         })  # fmt: skip
         previous = r["elapsed_seconds"]
@@ -135,14 +144,15 @@ def run(clients: int, strategy: str, cpus_per_client: int, tmp: Path) -> dict:
         "wall_seconds": wall,
         "run_seconds": results["wall_seconds"],
         "final_average_accuracy": results["final_average_accuracy"],
-        "peak_rss_total_mib": max(s[1] for s in samples) / 2**20,
-        "peak_rss_serverapp_mib": max(s[2] for s in samples) / 2**20,
+        "peak_pss_total_mib": max(s[1] for s in samples) / 2**20,
+        "peak_pss_serverapp_mib": max(s[2] for s in samples) / 2**20,
         "rounds": rows,
     }
 
 
 def _actors(cpus_per_client: int) -> int:
-    return max(1, int((os.cpu_count() or 1) // cpus_per_client))
+    # Ray counts the CPUs this process may run on.
+    return max(1, len(os.sched_getaffinity(0)) // cpus_per_client)
 
 
 def table(runs: list[dict]) -> str:
@@ -150,7 +160,7 @@ def table(runs: list[dict]) -> str:
         (
             "| clients | round | round (s) | exchange (s) | clients' training per actor (s) "
             "| clients' Grams per actor (s) | merge (s) | evaluate (s) | end of previous task (s) "
-            "| peak RSS, all processes (MiB) | peak RSS, ServerApp (MiB) |"
+            "| peak PSS, all processes (MiB) | peak PSS, ServerApp (MiB) |"
         ),
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -161,8 +171,8 @@ def table(runs: list[dict]) -> str:
                 f"| {r['exchange_seconds']:.1f} | {r['client_train_seconds_per_actor']:.1f} "
                 f"| {r['client_grams_seconds_per_actor']:.1f} "
                 f"| {r['merge_seconds']:.2f} | {r['evaluate_seconds']:.2f} "
-                f"| {r['previous_task_end_seconds']:.1f} | {r['peak_rss_total_mib']:.0f} "
-                f"| {r['peak_rss_serverapp_mib']:.0f} |"
+                f"| {r['previous_task_end_seconds']:.1f} | {r['peak_pss_total_mib']:.0f} "
+                f"| {r['peak_pss_serverapp_mib']:.0f} |"
             )
     lines += [
         "",
