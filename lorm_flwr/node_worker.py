@@ -22,7 +22,8 @@ reply. The ClientApp process itself then imports Flower and nothing heavy.
 - Failures: an exception in a handler comes back as the message's error (named
   ``NodeWorkerError: <the handler's exception>``); a worker that closes the connection
   before answering (it was exiting, or died) is replaced once, and if that fails too,
-  or no worker can start, the message runs in this process, with a warning. In a Ray
+  or no worker can start, the message runs in this process, with a warning (after a
+  failed start, for ``RETRY_START_AFTER`` seconds, before a new start is tried). In a Ray
   actor (simulation) it is never used: the actor is long-lived.
 - Unlike in-process handling: the handlers' log lines and tracebacks go to the worker's
   ``.log`` beside its socket, not to the SuperNode's output; a failed message leaves the
@@ -58,6 +59,7 @@ __all__ = ["ENV", "NodeWorkerError", "enabled", "handle"]
 ENV = "LORM_FLWR_NODE_WORKER"
 IDLE_ENV = "LORM_FLWR_NODE_WORKER_IDLE"
 START_TIMEOUT = 300.0  # seconds for a new worker to import everything and listen
+RETRY_START_AFTER = 300.0  # after a failed start, messages run in process this long
 _ON = {"1", "true", "on", "yes"}
 _CODE = Path(__file__).resolve().parents[1]  # the folder that holds lorm_flwr (a FAB's, too)
 
@@ -149,10 +151,24 @@ def _try_connect(path: Path) -> socket.socket | None:
 
 def _via_worker(kind: str, msg: Message, context: Context) -> Message:
     path = _worker_path(context)
+    failed = path.with_suffix(".failed")  # when a worker of this node last failed to start
     for _ in range(2):  # a worker that was just leaving (idle) is replaced once
         conn = _try_connect(path)
         if conn is None:
-            _start_worker(path)
+            with contextlib.suppress(FileNotFoundError):
+                age = time.time() - failed.stat().st_mtime
+                if age < RETRY_START_AFTER:  # do not pay a failing start on every message
+                    raise _Unavailable(
+                        f"a node worker failed to start {age:.0f} s ago (see "
+                        f"{path.with_suffix('.log')}); the next try is after "
+                        f"{RETRY_START_AFTER:.0f} s"
+                    )
+            try:
+                _start_worker(path)
+            except _Unavailable:
+                failed.touch()
+                raise
+            failed.unlink(missing_ok=True)
             conn = _try_connect(path)
             if conn is None:
                 raise _Unavailable("the new node worker does not accept connections")

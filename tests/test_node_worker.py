@@ -187,3 +187,23 @@ def test_a_socket_folder_that_is_not_private_is_never_used(tmp_path, monkeypatch
     assert node_worker.handle("hello", hello, ctx).content == HANDLERS["hello"](hello, ctx).content
     assert "not a folder private to this user" in caplog.text
     assert not list((tmp_path / "elsewhere").iterdir())
+
+
+def test_a_worker_that_fails_to_start_is_not_retried_on_every_message(workers, monkeypatch, caplog):
+    ctx = _context(701, 0)
+    hello = Message(RecordDict(), dst_node_id=701, message_type="query.hello")
+    starts = []
+
+    def fail(path):
+        starts.append(path)
+        raise node_worker._Unavailable("the node worker exited with code 1 while starting")
+
+    monkeypatch.setattr(node_worker, "_start_worker", fail)
+    for _ in range(3):  # every message is still answered, in process
+        reply = node_worker.handle("hello", hello, ctx)
+        assert reply.content == HANDLERS["hello"](hello, ctx).content
+    assert len(starts) == 1  # one failed start, then the back-off
+    assert "failed to start" in caplog.text
+    monkeypatch.setattr(node_worker, "RETRY_START_AFTER", 0.0)  # the back-off has passed
+    node_worker.handle("hello", hello, ctx)
+    assert len(starts) == 2
