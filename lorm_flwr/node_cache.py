@@ -90,18 +90,15 @@ def versions(*packages: str) -> dict[str, str]:
     return out
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("lorm-flwr")
-    except PackageNotFoundError:
-        return "unknown"
-
-
 def entry_name(kind: str, key: Mapping[str, Any]) -> str:
     blob = json.dumps(
-        {"format": FORMAT, "version": _version(), "code": package_digest(), **key}, sort_keys=True
+        {
+            "format": FORMAT,
+            "version": versions("lorm-flwr")["lorm-flwr"],
+            "code": package_digest(),
+            **key,
+        },
+        sort_keys=True,
     )
     return f"{kind}-{hashlib.sha256(blob.encode()).hexdigest()[:24]}"
 

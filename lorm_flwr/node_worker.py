@@ -113,8 +113,15 @@ def _recv_exact(conn: socket.socket, n: int) -> bytes:
     return bytes(buffer)
 
 
+# No frame is larger than a Flower message can be (gRPC's 2 GiB); a larger length is
+# garbage, refused before anything is allocated for it.
+MAX_FRAME = 2**31
+
+
 def _recv(conn: socket.socket) -> bytes:
     (n,) = struct.unpack(">Q", _recv_exact(conn, 8))
+    if n > MAX_FRAME:
+        raise ValueError(f"a frame of {n} bytes is over {MAX_FRAME}: not this protocol")
     return _recv_exact(conn, n)
 
 

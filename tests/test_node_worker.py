@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import sys
 import tempfile
 import threading
@@ -207,3 +208,32 @@ def test_a_worker_that_fails_to_start_is_not_retried_on_every_message(workers, m
     monkeypatch.setattr(node_worker, "RETRY_START_AFTER", 0.0)  # the back-off has passed
     node_worker.handle("hello", hello, ctx)
     assert len(starts) == 2
+
+
+def test_malformed_requests_are_refused_and_the_worker_keeps_serving(workers):
+    ctx = _context(801, 0)
+    hello = Message(RecordDict(), dst_node_id=801, message_type="query.hello")
+    node_worker.handle("hello", hello, ctx)
+    (pid,) = _pids(workers).values()
+    path = node_worker._worker_path(ctx)
+    frames = [
+        b"garbage!!",  # read as an absurd frame length: refused, nothing allocated
+        struct.pack(">Q", 8 * 2**30),  # 8 GiB announced: over MAX_FRAME
+        struct.pack(">Q", 5) + b"train" + struct.pack(">Q", 4) + b"\xff\xff\xff\xff",
+    ]
+    answers = []
+    for payload in frames:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(path))
+            s.sendall(payload)
+            s.shutdown(socket.SHUT_WR)
+            s.settimeout(30)
+            try:
+                answers.append(s.recv(4096))
+            except ConnectionResetError:
+                answers.append(b"")
+    assert b"DecodeError" in answers[2]  # a request that decodes badly is answered, named
+    assert node_worker.handle("hello", hello, ctx).content == HANDLERS["hello"](hello, ctx).content
+    assert _pids(workers) == {path.stem: pid}  # the same worker, still serving
+    log = path.with_suffix(".log").read_text()
+    assert "not this protocol" in log and "MemoryError" not in log
