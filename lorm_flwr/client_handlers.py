@@ -8,6 +8,9 @@ Client code only: nothing here (or below it) imports the server's strategies.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from lorm_flwr import wire
@@ -15,6 +18,7 @@ from lorm_flwr.client import evaluate_personal, task_grams, train_round
 from lorm_flwr.config import RunConfig
 from lorm_flwr.limits import check_reply_size
 from lorm_flwr.models.adapters import model_layout
+from lorm_flwr.packing import pack_content, unpack_content
 from lorm_flwr.runtime import model_of
 
 
@@ -112,10 +116,28 @@ def task_grams_query(msg: Message, context: Context) -> Message:
     return _reply(wire.reply_content(spec, {}, grams, {wire.NUM_EXAMPLES: n}), msg, cfg)
 
 
+def _on_the_wire(handler: Callable[[Message, Context], Message]):
+    """``handler`` between the wire and the app: the server's records unpacked before it
+    runs, its reply's packed after (:mod:`lorm_flwr.packing`)."""
+
+    @functools.wraps(handler)
+    def run(msg: Message, context: Context) -> Message:
+        msg.content = unpack_content(msg.content)
+        reply = handler(msg, context)
+        if not reply.has_error():
+            reply.content = pack_content(reply.content)
+        return reply
+
+    return run
+
+
 # message kind -> handler (the kinds client_app.py registers with Flower)
 HANDLERS = {
-    "hello": hello,
-    "train": train,
-    "evaluate": evaluate,
-    "task_grams": task_grams_query,
+    kind: _on_the_wire(handler)
+    for kind, handler in {
+        "hello": hello,
+        "train": train,
+        "evaluate": evaluate,
+        "task_grams": task_grams_query,
+    }.items()
 }

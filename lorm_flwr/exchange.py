@@ -18,9 +18,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
-from flwr.app import Message
+from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
+from lorm_flwr.packing import pack_content, unpack_content
 from lorm_flwr.wire import record_bytes
 
 __all__ = ["ExchangeFailed", "ExchangeLog", "Fold", "exchange"]
@@ -189,6 +190,14 @@ class _Attempt:
     def __init__(self, grid: Grid, sent: list[Message], decode, sink: Fold, entry, label: str):
         self.grid, self.decode, self.sink, self.entry, self.label = grid, decode, sink, entry, label
         self.nodes = [m.metadata.dst_node_id for m in sent]
+        # One array per record on the wire (results count the records as built). Content
+        # shared by several messages is packed once and stays shared.
+        packed: dict[int, tuple[RecordDict, RecordDict]] = {}
+        for m in sent:
+            if id(m.content) not in packed:
+                packed[id(m.content)] = (m.content, pack_content(m.content))
+            m.content = packed[id(m.content)][1]
+        del packed
         ids = list(grid.push_messages(sent))
         if len(ids) != len(self.nodes):  # e.g. a rejected batch: [] (nothing maps to a node)
             ids = [None] * len(self.nodes)
@@ -240,8 +249,11 @@ class _Attempt:
             entry.failures.append(f"{self.label}, node {node}: {reply.error.reason}")
             log.warning("%s: node %d failed: %s", self.label, node, reply.error.reason)
             return True
-        entry.bytes_up += _reply_bytes(reply)
         try:
+            try:
+                reply.content = unpack_content(reply.content)
+            finally:  # counted as built (a reply that cannot be unpacked: as it came)
+                entry.bytes_up += _reply_bytes(reply)
             self.slots[k] = self.decode(reply)
             self.valid += 1
         except Exception as exc:  # noqa: BLE001 - any bad reply is a rejection, never a crash

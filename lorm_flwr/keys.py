@@ -15,6 +15,10 @@ METRICS = "metrics"
 PAST_TASKS = "past-tasks"
 PAST_B = "sB"
 PAST_A = "A"
+# On the wire, an ArrayRecord of two or more arrays travels packed (lorm_flwr.packing):
+# one array PACKED, and beside it a ConfigRecord f"{record}{PACKED_LAYOUT}" with its layout.
+PACKED = "packed"
+PACKED_LAYOUT = ".layout"
 
 # Message types of the two queries (train and evaluate use Flower's own types).
 QUERY_HELLO = "query.hello"  # node -> partition-id / num-partitions

@@ -47,6 +47,8 @@ from lorm_flwr.keys import (  # noqa: F401 - re-exported: wire.ARRAYS, wire.gram
     METRICS,
     NUM_EXAMPLES,
     NUM_PARTITIONS,
+    PACKED,
+    PACKED_LAYOUT,
     PARTITION_ID,
     PAST_A,
     PAST_B,

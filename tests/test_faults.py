@@ -33,6 +33,7 @@ from lorm_flwr.limits import (
     nbytes,
 )
 from lorm_flwr.models.adapters import model_layout
+from lorm_flwr.packing import unpack_content
 from lorm_flwr.rounds import train_exchange
 from lorm_flwr.runtime import initial_tensors, model_of
 from lorm_flwr.strategies.fedit import FedIT
@@ -66,9 +67,11 @@ def test_a_round_with_too_few_replies_is_sent_again_and_then_merged():
     assert any(f.startswith("train, node 1") and "crashed" in f for f in log.failures)
     assert any("node 2" in f and "timeout" in f for f in log.failures)
     assert log.timeouts == [2]
+    # both attempts, counted as built (the grid got them packed: one array per record)
+    assert all(set(m.content[wire.ARRAYS].keys()) == {wire.PACKED} for m in grid.sent[0])
     assert log.bytes_down == 2 * sum(
-        wire.record_bytes(m.content) for m in grid.sent[0]
-    )  # both attempts
+        wire.record_bytes(unpack_content(m.content)) for m in grid.sent[0]
+    )
     torch.testing.assert_close(
         merged.tensors["l.lora_A.weight"], torch.full((2, 3), 2.0)
     )  # mean of 1, 2, 3

@@ -1,0 +1,154 @@
+"""One array per record on the wire (lorm_flwr.packing): exact round trip, far fewer Flower
+objects, and every malformed packed record rejected with its name."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+from lorm_flwr import wire
+from lorm_flwr.exchange import exchange
+from lorm_flwr.packing import PackingError, pack_content, unpack_content
+from tests.messages import ScriptedGrid, train_content
+
+
+def _arrays() -> ArrayRecord:
+    return ArrayRecord(
+        {
+            "w": Array(np.arange(12, dtype=np.float32).reshape(3, 4)),
+            "scalar": Array(np.array(2.5)),
+            "half": Array(torch.linspace(-1, 1, 5, dtype=torch.float16)),
+            "ints": Array(np.array([[1, -2]], dtype=np.int64)),
+            "empty": Array(np.zeros((0, 3), dtype=np.float32)),
+        }
+    )
+
+
+def test_round_trip_is_bit_exact_and_keeps_names_order_and_other_records():
+    arrays, single = _arrays(), ArrayRecord({"only": Array(np.ones(2))})
+    metrics = MetricRecord({"num-examples": 3})
+    content = RecordDict({"arrays": arrays, "single": single, "metrics": metrics})
+    packed = pack_content(content)
+    assert list(packed.keys()) == ["arrays", "arrays" + wire.PACKED_LAYOUT, "single", "metrics"]
+    assert list(packed["arrays"].keys()) == [wire.PACKED]
+    assert packed["single"] is single and packed["metrics"] is metrics  # nothing to gain
+    back = unpack_content(packed)
+    assert list(back.keys()) == ["arrays", "single", "metrics"]
+    assert list(back["arrays"].keys()) == list(arrays.keys())
+    for key, array in arrays.items():
+        got = back["arrays"][key]
+        assert (got.dtype, got.shape, got.stype, got.data) == (
+            array.dtype, array.shape, array.stype, array.data)  # fmt: skip
+        assert got.object_id == array.object_id
+        np.testing.assert_array_equal(got.numpy(), array.numpy())
+    assert wire.record_bytes(back) == wire.record_bytes(content)
+
+
+def test_only_scalars_round_trip():
+    content = RecordDict({"s": ArrayRecord({"a": Array(np.array(1.0)), "b": Array(np.array(2))})})
+    back = unpack_content(pack_content(content))
+    assert back["s"]["a"].numpy() == 1.0 and back["s"]["b"].numpy() == 2
+
+
+def test_unpacked_content_passes_through_unchanged():
+    content = train_content({"a": torch.ones(2, 3), "b": torch.zeros(4)}, 7)
+    back = unpack_content(content)
+    assert list(back.keys()) == list(content.keys())
+    assert all(back[k] is content[k] for k in content)
+
+
+def test_a_message_of_many_arrays_becomes_a_few_flower_objects():
+    # The default model's train reply is about 140 arrays; every one was an object (plus
+    # its chunk) on each hop of a deployment.
+    tensors = {f"layer{i}.lora_A.weight": torch.randn(4, 16) for i in range(140)}
+    content = train_content(tensors, 10)
+
+    def objects(c: RecordDict) -> int:
+        return len(get_all_nested_objects(Message(c, dst_node_id=1, message_type="train")))
+
+    assert objects(content) > 280
+    assert objects(pack_content(content)) <= 8
+
+
+def test_a_reserved_record_name_is_refused_when_packing():
+    with pytest.raises(PackingError, match="reserved"):
+        pack_content(RecordDict({"x" + wire.PACKED_LAYOUT: MetricRecord({"a": 1})}))
+
+
+def _packed() -> RecordDict:
+    return pack_content(RecordDict({"arrays": _arrays()}))
+
+
+def _with_layout(**change) -> RecordDict:
+    packed = _packed()
+    layout = packed["arrays" + wire.PACKED_LAYOUT]
+    fields = {k: layout[k] for k in layout}
+    fields.update(change)
+    packed["arrays" + wire.PACKED_LAYOUT] = ConfigRecord(fields)
+    return packed
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (lambda: RecordDict({"x" + wire.PACKED_LAYOUT: _packed()["arrays.layout"]}), "no record"),
+        (
+            lambda: RecordDict({"arrays": _arrays(), "arrays.layout": _packed()["arrays.layout"]}),
+            "one 'packed'",
+        ),
+        (
+            lambda: RecordDict(
+                {"arrays": _packed()["arrays"], "arrays.layout": MetricRecord({"keys": 1})}
+            ),
+            "ConfigRecord",
+        ),
+        (lambda: _with_layout(keys=["w", "w", "a", "b", "c"]), "malformed"),
+        (lambda: _with_layout(nbytes=[1, 2, 3, 4, 5]), "holds .* bytes"),
+        (lambda: _with_layout(ndims=[2, 0, 1, 2, 3]), "dims do not match"),
+        (lambda: _with_layout(ndims=[2, 0, 1, -2, 2]), "malformed"),
+        (lambda: _with_layout(dtypes=["float32"]), "malformed"),
+        (
+            lambda: RecordDict(
+                {
+                    "arrays": ArrayRecord({wire.PACKED: Array(np.zeros(3, dtype=np.float32))}),
+                    "arrays.layout": _packed()["arrays.layout"],
+                }
+            ),
+            "uint8",
+        ),
+    ],
+)
+def test_a_malformed_packed_record_is_named(content, reason):
+    with pytest.raises(PackingError, match=reason):
+        unpack_content(content())
+
+
+def test_the_server_rejects_a_malformed_packed_reply_and_names_the_node():
+    def bad(m: Message) -> RecordDict:
+        content = pack_content(train_content({"a": torch.ones(2), "b": torch.ones(3)}, 5))
+        del content[wire.ARRAYS + wire.PACKED_LAYOUT]
+        content["arrays" + wire.PACKED_LAYOUT] = MetricRecord({"keys": 1})
+        return content
+
+    def good(m: Message) -> RecordDict:
+        return pack_content(train_content({"a": torch.ones(2), "b": torch.ones(3)}, 5))
+
+    def decode(msg: Message) -> list[str]:
+        return list(msg.content[wire.ARRAYS].keys())
+
+    def messages():
+        content = train_content({"a": torch.ones(2), "b": torch.ones(3)}, 1)
+        return [Message(content, dst_node_id=n, message_type="train") for n in (1, 2)]
+
+    grid = ScriptedGrid([1, 2], [{1: good, 2: bad}])
+    values, log = exchange(grid, messages, decode, kind="train", min_replies=1, retries=0,
+                           timeout=1)  # fmt: skip
+    assert values == [["a", "b"]]  # node 1's reply, unpacked before its decode
+    assert len(log.rejected) == 1 and log.rejected[0].startswith("train, node 2: layout of")
+    # both messages went out packed, sharing one packed content
+    sent = grid.sent[0]
+    assert all(list(m.content[wire.ARRAYS].keys()) == [wire.PACKED] for m in sent)
+    assert sent[0].content is sent[1].content
