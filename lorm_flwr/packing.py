@@ -20,6 +20,8 @@ Flower records only: no torch.
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
@@ -28,6 +30,7 @@ from lorm_flwr.keys import PACKED, PACKED_LAYOUT
 # The layout's fields: one entry per array, in packing order (``dims`` holds every
 # array's shape end to end, ``ndims`` how many of them each array takes).
 _LIST_FIELDS = ("keys", "dtypes", "stypes", "ndims", "dims", "nbytes")
+_NUMPY = "numpy.ndarray"  # Flower's stype of a NumPy array
 
 
 class PackingError(ValueError):
@@ -46,14 +49,14 @@ def pack_content(content: RecordDict) -> RecordDict:
             raise PackingError(f"record name {name!r} ends in the reserved {PACKED_LAYOUT!r}")
         if isinstance(record, ArrayRecord) and len(record) >= 2:
             blob, layout = _pack(record)
-            out[name] = ArrayRecord({PACKED: Array(np.frombuffer(blob, dtype=np.uint8))})
+            out[name] = ArrayRecord({PACKED: blob})
             out[name + PACKED_LAYOUT] = layout
         else:
             out[name] = record
     return out
 
 
-def _pack(record: ArrayRecord) -> tuple[bytes, ConfigRecord]:
+def _pack(record: ArrayRecord) -> tuple[Array, ConfigRecord]:
     fields: dict[str, list] = {f: [] for f in _LIST_FIELDS}
     parts = []
     for key, array in record.items():
@@ -66,7 +69,13 @@ def _pack(record: ArrayRecord) -> tuple[bytes, ConfigRecord]:
         parts.append(array.data)
     if not fields["dims"]:  # a ConfigRecord list may not be empty: all arrays are scalars
         fields["dims"] = [-1]
-    return b"".join(parts), ConfigRecord(fields)
+    # A 1-D uint8 NumPy array, written as np.save would, with one copy of the bytes.
+    total = sum(fields["nbytes"])
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False,
+                                                  "shape": (total,)})  # fmt: skip
+    data = b"".join([header.getvalue(), *parts])
+    return Array(dtype="uint8", shape=(total,), stype=_NUMPY, data=data), ConfigRecord(fields)
 
 
 def unpack_content(content: RecordDict) -> RecordDict:
@@ -111,25 +120,42 @@ def _unpack(name: str, record: object, layout: object) -> ArrayRecord:
         dims = []
     if sum(ndims) != len(dims) or any(d < 0 for d in dims):
         raise PackingError(f"layout of {name!r}: dims do not match ndims")
-    packed = record[PACKED]
-    if packed.dtype != np.dtype(np.uint8).str and packed.dtype != "uint8":
-        raise PackingError(f"packed record {name!r} must hold bytes (uint8), not {packed.dtype}")
-    try:
-        blob = packed.numpy()
-    except Exception as exc:  # noqa: BLE001 - any undecodable blob is a named rejection
-        raise PackingError(f"packed record {name!r} cannot be read: {exc}") from None
-    if blob.ndim != 1 or blob.size != sum(nbytes):
+    data, start = _blob(name, record[PACKED])
+    if len(data) - start != sum(nbytes):
         raise PackingError(
-            f"packed record {name!r} holds {blob.size} bytes; its layout says {sum(nbytes)}"
+            f"packed record {name!r} holds {len(data) - start} bytes; its layout says {sum(nbytes)}"
         )
-    data = blob.tobytes()
+    view = memoryview(data)  # each array's bytes are copied once, out of the blob
     arrays = {}
-    offset = dim = 0
+    offset, dim = start, 0
     for key, dtype, stype, nd, size in zip(keys, dtypes, stypes, ndims, nbytes, strict=True):
         shape = tuple(dims[dim : dim + nd])
-        arrays[key] = Array(
-            dtype=dtype, shape=shape, stype=stype, data=data[offset : offset + size]
-        )
+        arrays[key] = Array(dtype=dtype, shape=shape, stype=stype,
+                            data=bytes(view[offset : offset + size]))  # fmt: skip
         offset += size
         dim += nd
     return ArrayRecord(arrays)
+
+
+def _blob(name: str, packed: Array) -> tuple[bytes, int]:
+    """The packed array's serialised bytes and where its contents start, checked to be a
+    1-D uint8 NumPy array (read from its header, without a copy of the contents)."""
+    if packed.stype != _NUMPY or packed.dtype != "uint8" or len(packed.shape) != 1:
+        raise PackingError(
+            f"packed record {name!r} must hold a 1-D uint8 NumPy array, not "
+            f"{packed.dtype} {tuple(packed.shape)} ({packed.stype})"
+        )
+    data = packed.data
+    stream = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(stream)
+        read = {(1, 0): np.lib.format.read_array_header_1_0,
+                (2, 0): np.lib.format.read_array_header_2_0}[version]  # fmt: skip
+        shape, fortran, dtype = read(stream)
+    except Exception as exc:  # noqa: BLE001 - any unreadable header is a named rejection
+        raise PackingError(f"packed record {name!r} cannot be read: {exc!r}") from None
+    start = stream.tell()
+    size = len(data) - start
+    if dtype != np.uint8 or fortran or shape != (size,) or tuple(packed.shape) != (size,):
+        raise PackingError(f"packed record {name!r}: its header does not match its bytes")
+    return data, start

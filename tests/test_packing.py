@@ -91,6 +91,15 @@ def _with_layout(**change) -> RecordDict:
     return packed
 
 
+def _with_blob(data: bytes) -> RecordDict:
+    """The packed record's bytes replaced (its metadata says what the layout expects)."""
+    packed = _packed()
+    total = sum(packed["arrays" + wire.PACKED_LAYOUT]["nbytes"])
+    blob = Array(dtype="uint8", shape=(total,), stype="numpy.ndarray", data=data)
+    packed["arrays"] = ArrayRecord({wire.PACKED: blob})
+    return packed
+
+
 @pytest.mark.parametrize(
     ("content", "reason"),
     [
@@ -119,6 +128,8 @@ def _with_layout(**change) -> RecordDict:
             ),
             "uint8",
         ),
+        (lambda: _with_blob(b"not a numpy header" + bytes(400)), "cannot be read"),
+        (lambda: _with_blob(_packed()["arrays"][wire.PACKED].data[:-1]), "does not match"),
     ],
 )
 def test_a_malformed_packed_record_is_named(content, reason):
