@@ -12,7 +12,7 @@ do for every simulated run). Each row starts with an empty node cache of its own
 ``flwr run`` until ``results.json`` holds round 2 (the first task's two rounds), plus
 the server-side time of those rounds from ``results.json``; "round 2 alone" is one
 training message per client, its merge and the evaluation (the end-of-task query comes
-after it). The run is then stopped.
+after it). The run is then stopped (``flwr stop``, then the script's ``stop``).
 
     python benchmarks/deployment_vs_simulation.py --out benchmarks/results/deployment_vs_simulation
 """
@@ -103,7 +103,26 @@ def deployment(tmp: Path, worker: bool) -> dict:
                "--run-config", f"output-dir='{out}'"]  # fmt: skip
         return _measure(cmd, {**env, "FLWR_HOME": str(state / "flwr-home")}, tmp, out)
     finally:
+        _stop_runs({**env, "FLWR_HOME": str(state / "flwr-home")}, tmp)
         subprocess.run([script, "stop", str(state)], env=env, timeout=180, check=False)
+
+
+def _stop_runs(env: dict, cwd: Path) -> None:
+    """Stop the deployment's unfinished runs through Flower: the ServerApp process that
+    Flower's SuperExec started for a run lives in a session of its own, so stopping the
+    SuperLink and SuperNodes alone leaves it behind."""
+    flwr = str(BIN / "flwr")
+    listed = subprocess.run([flwr, "list", "local-deploy", "--format", "json"], env=env,
+                            cwd=cwd, capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    try:
+        runs = json.loads(listed.stdout)["runs"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        print(f"could not list the runs to stop them: {listed.stdout[-500:]}", file=sys.stderr)
+        return
+    for run in runs:
+        if not str(run.get("status", "")).startswith("finished"):
+            subprocess.run([flwr, "stop", str(run["run-id"]), "local-deploy"], env=env, cwd=cwd,
+                           capture_output=True, timeout=120, check=False)  # fmt: skip
 
 
 def main() -> None:

@@ -40,6 +40,7 @@ def measure(clients: int, strategy_name: str) -> dict:
     from lorm_flwr import wire
     from lorm_flwr.config import RunConfig
     from lorm_flwr.models.adapters import model_layout
+    from lorm_flwr.packing import pack_content
     from lorm_flwr.registry import strategy_class
     from lorm_flwr.rounds import train_exchange
     from lorm_flwr.runtime import initial_tensors, keep_server_heap_flat, model_of
@@ -80,7 +81,7 @@ def measure(clients: int, strategy_name: str) -> dict:
             wire.GRAMS_SECONDS: 0.1,
         }
         content = wire.reply_content(spec, arrays, stats, metrics)
-        return Message(content, reply_to=request)
+        return Message(pack_content(content), reply_to=request)  # as a client sends it
 
     class Grid:
         """The SuperLink's side: a reply exists only once the server pulls it."""
