@@ -14,7 +14,11 @@ the server-side time of those rounds from ``results.json``; "round 2 alone" is o
 training message per client, its merge and the evaluation (the end-of-task query comes
 after it). The run is then stopped (``flwr stop``, then the script's ``stop``).
 
-    python benchmarks/deployment_vs_simulation.py --out benchmarks/results/deployment_vs_simulation
+    python benchmarks/deployment_vs_simulation.py --repeats 5 --out benchmarks/results/deployment_vs_simulation
+
+Rows alternate (simulation, process per message, node worker, then again), each run in
+a fresh temporary folder; the table gives each row's medians and the median of the
+repeats' deployment/simulation ratios.
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lorm_flwr.local_federation import BIN, simulation_superlink
+from lorm_flwr.local_federation import BIN, processes_mentioning, simulation_superlink
 
 ROUNDS = 2
 CLIENTS = 3
@@ -123,35 +130,82 @@ def _stop_runs(env: dict, cwd: Path) -> None:
         if not str(run.get("status", "")).startswith("finished"):
             subprocess.run([flwr, "stop", str(run["run-id"]), "local-deploy"], env=env, cwd=cwd,
                            capture_output=True, timeout=120, check=False)  # fmt: skip
+    # The ServerApp notices the stop within seconds; the SuperLink must still be up then.
+    address = re.search(
+        r'address = "([^"]+)"', (Path(env["FLWR_HOME"]) / "config.toml").read_text()
+    )
+    deadline = time.monotonic() + 60
+    while address and _server_apps(address.group(1)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid in _server_apps(address.group(1)) if address else []:
+        print(f"killing ServerApp {pid}: still running 60 s after flwr stop", file=sys.stderr)
+        os.kill(pid, signal.SIGKILL)
+
+
+def _server_apps(address: str) -> list[int]:
+    """PIDs of the ServerApp processes connected to the SuperLink at ``address``."""
+    pids = []
+    for pid in processes_mentioning(address):
+        try:
+            if b"flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.append(pid)
+        except OSError:
+            continue
+    return pids
+
+
+ROWS = {
+    "simulation": simulation,
+    "deployment, a process per message": lambda t: deployment(t, worker=False),
+    "deployment, node worker": lambda t: deployment(t, worker=True),
+}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=5, help="runs of each row, alternating")
     p.add_argument("--out", default="")
     args = p.parse_args()
-    rows = {}
-    with tempfile.TemporaryDirectory(prefix="lfr-dvs-") as tmp:
-        for name, fn in (
-            ("simulation", simulation),
-            ("deployment, a process per message", lambda t: deployment(t, worker=False)),
-            ("deployment, node worker", lambda t: deployment(t, worker=True)),
-        ):
-            rows[name] = fn(Path(tmp))
-            print(name, json.dumps(rows[name]), flush=True)
+    runs: dict[str, list[dict]] = {name: [] for name in ROWS}
+    for repeat in range(args.repeats):
+        for name, fn in ROWS.items():  # alternating: each repeat runs every row once
+            with tempfile.TemporaryDirectory(prefix="lfr-dvs-") as tmp:
+                runs[name].append(fn(Path(tmp)))
+            print(
+                f"repeat {repeat + 1}/{args.repeats}", name, json.dumps(runs[name][-1]), flush=True
+            )
     lines = [
         (
             "| engine | flwr run to end of round 2 (s) | server time, rounds 1-2 (s) "
-            "| round 2 alone (s) | round 2 against simulation's |"
+            "| round 2 alone (s) | round 2 against simulation's (median of the repeats' ratios) |"
         ),
         "|---|---|---|---|---|",
     ]
-    base = rows["simulation"]["round_2_seconds"]
-    for name, r in rows.items():
-        lines.append(f"| {name} | {r['wall_seconds_to_round_2']:.0f} | {r['server_seconds_rounds_1_2']:.0f} | "
-                     f"{r['round_2_seconds']:.1f} | {r['round_2_seconds'] / base:.1f}x |")  # fmt: skip
+    sim = [r["round_2_seconds"] for r in runs["simulation"]]
+    summary = {}
+    for name, rs in runs.items():
+        ratios = [r["round_2_seconds"] / base for r, base in zip(rs, sim, strict=True)]
+        summary[name] = {
+            "wall_seconds_to_round_2": statistics.median(r["wall_seconds_to_round_2"] for r in rs),
+            "server_seconds_rounds_1_2": statistics.median(
+                r["server_seconds_rounds_1_2"] for r in rs
+            ),
+            "round_2_seconds": statistics.median(r["round_2_seconds"] for r in rs),
+            "round_2_seconds_all": [r["round_2_seconds"] for r in rs],
+            "ratio_to_simulation": statistics.median(ratios),
+            "ratios": ratios,
+        }
+        m = summary[name]
+        lines.append(f"| {name} | {m['wall_seconds_to_round_2']:.0f} | {m['server_seconds_rounds_1_2']:.0f} | "
+                     f"{m['round_2_seconds']:.1f} ({min(m['round_2_seconds_all']):.1f}-"
+                     f"{max(m['round_2_seconds_all']):.1f}) | {m['ratio_to_simulation']:.2f}x "
+                     f"({min(ratios):.2f}-{max(ratios):.2f}) |")  # fmt: skip
+    lines.append(f"\nMedians of {args.repeats} repeats (range in brackets), rows alternating.")
     print("\n".join(lines))
     if args.out:
-        Path(args.out).with_suffix(".json").write_text(json.dumps(rows, indent=2))
+        Path(args.out).with_suffix(".json").write_text(
+            json.dumps({"repeats": args.repeats, "summary": summary, "runs": runs}, indent=2)
+        )
         Path(args.out).with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 

@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.supercore.task_identity import TaskIdentity
 
 from lorm_flwr import wire
 from lorm_flwr.config import RunConfig
@@ -35,6 +36,8 @@ from lorm_flwr.plan import Plan, _layout
 from lorm_flwr.registry import strategy_class
 
 STRATEGIES = ("lorm", "fedit", "ffa", "fedsa", "regmean")
+# Messages built outside a run read dummy run, node and task ids.
+TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
 
 
 def _content(shapes: dict[str, tuple[int, ...]], rng: np.random.Generator) -> RecordDict:
