@@ -122,8 +122,12 @@ def _on_the_wire(handler: Callable[[Message, Context], Message]):
 
     @functools.wraps(handler)
     def run(msg: Message, context: Context) -> Message:
-        msg.content = unpack_content(msg.content)
-        reply = handler(msg, context)
+        packed = msg.content
+        msg.content = unpack_content(packed)
+        try:
+            reply = handler(msg, context)
+        finally:  # the caller's message is left as it came
+            msg.content = packed
         if not reply.has_error():
             reply.content = pack_content(reply.content)
         return reply

@@ -94,6 +94,7 @@ def test_forwarded_rounds_equal_in_process_ones_with_the_local_state(workers):
         def reply(msg: Message) -> RecordDict:
             mine = HANDLERS["train"](msg, local[k]).content
             theirs = node_worker.handle("train", msg, remote[k]).content
+            assert list(mine[wire.ARRAYS].keys()) == [wire.PACKED]  # replies leave packed
             a, b = (
                 wire.arrays_to_tensors(mine[wire.ARRAYS]),
                 wire.arrays_to_tensors(theirs[wire.ARRAYS]),
