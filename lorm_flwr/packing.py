@@ -21,6 +21,7 @@ Flower records only: no torch.
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
@@ -120,6 +121,11 @@ def _unpack(name: str, record: object, layout: object) -> ArrayRecord:
         dims = []
     if sum(ndims) != len(dims) or any(d < 0 for d in dims):
         raise PackingError(f"layout of {name!r}: dims do not match ndims")
+    dim = 0
+    for key, nd, size in zip(keys, ndims, nbytes, strict=True):
+        if math.prod(dims[dim : dim + nd]) > size:  # every element takes at least a byte
+            raise PackingError(f"layout of {name!r}: {key!r} has more elements than bytes")
+        dim += nd
     data, start = _blob(name, record[PACKED])
     if len(data) - start != sum(nbytes):
         raise PackingError(
@@ -146,16 +152,29 @@ def _blob(name: str, packed: Array) -> tuple[bytes, int]:
             f"{packed.dtype} {tuple(packed.shape)} ({packed.stype})"
         )
     data = packed.data
-    stream = io.BytesIO(data)
+    try:
+        shape, fortran, dtype, start = npy_header(data)
+    except ValueError as exc:
+        raise PackingError(f"packed record {name!r} cannot be read: {exc}") from None
+    size = len(data) - start
+    if dtype != np.uint8 or fortran or shape != (size,) or tuple(packed.shape) != (size,):
+        raise PackingError(f"packed record {name!r}: its header does not match its bytes")
+    return data, start
+
+
+def npy_header(data: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """``(shape, fortran_order, dtype, start of the contents)`` from the header of an
+    ``np.save`` serialisation, without reading (or allocating) its contents. Raises
+    ``ValueError`` for anything that is not such a header; pickled object arrays are
+    refused (``np.load`` would need ``allow_pickle``)."""
+    stream = io.BytesIO(data)  # no copy: BytesIO shares the bytes until written to
     try:
         version = np.lib.format.read_magic(stream)
         read = {(1, 0): np.lib.format.read_array_header_1_0,
                 (2, 0): np.lib.format.read_array_header_2_0}[version]  # fmt: skip
         shape, fortran, dtype = read(stream)
-    except Exception as exc:  # noqa: BLE001 - any unreadable header is a named rejection
-        raise PackingError(f"packed record {name!r} cannot be read: {exc!r}") from None
-    start = stream.tell()
-    size = len(data) - start
-    if dtype != np.uint8 or fortran or shape != (size,) or tuple(packed.shape) != (size,):
-        raise PackingError(f"packed record {name!r}: its header does not match its bytes")
-    return data, start
+    except Exception as exc:  # noqa: BLE001 - any unreadable header is one error
+        raise ValueError(f"not a NumPy array header ({exc!r})") from None
+    if dtype.hasobject:
+        raise ValueError(f"an object array ({dtype}) is never loaded")
+    return tuple(int(d) for d in shape), bool(fortran), dtype, stream.tell()

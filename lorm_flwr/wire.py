@@ -66,6 +66,7 @@ from lorm_flwr.keys import (  # noqa: F401 - re-exported: wire.ARRAYS, wire.gram
     gram_key,
 )
 from lorm_flwr.layout import HEAD, ModelLayout
+from lorm_flwr.packing import npy_header
 from lorm_flwr.symmetric import PackedShape, pack_upper, unpack_upper
 
 __all__ = [
@@ -346,6 +347,22 @@ def decode_metrics(
     return out
 
 
+def _check_header(node: int, key: str, data: bytes, shape: tuple[int, ...]) -> None:
+    """The array's header says ``shape`` and its bytes hold exactly that many elements,
+    checked before NumPy loads it (``np.load`` allocates what a header declares first)."""
+    try:
+        got, _, dtype, start = npy_header(data)
+    except ValueError as exc:
+        raise PayloadError(f"node {node}: {key} cannot be decoded ({exc})") from None
+    if got != shape:
+        raise PayloadError(f"node {node}: {key} has shape {got}, expected {shape}")
+    if len(data) - start != math.prod(shape) * dtype.itemsize:
+        raise PayloadError(
+            f"node {node}: {key} holds {len(data) - start} bytes; shape {shape} of {dtype} "
+            f"needs {math.prod(shape) * dtype.itemsize}"
+        )
+
+
 def decode_tensors(
     node: int, record: ArrayRecord, expected: Shapes, dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
@@ -358,6 +375,7 @@ def decode_tensors(
         raise PayloadError(f"node {node}: wrong keys (missing {missing}, unexpected {extra})")
     out: dict[str, torch.Tensor] = {}
     for key, shape in expected.items():
+        _check_header(node, key, record[key].data, tuple(shape))
         try:
             array = record[key].numpy()
         except Exception as exc:  # noqa: BLE001 - corrupt bytes, pickled objects, another serialisation

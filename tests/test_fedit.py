@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -126,6 +128,18 @@ def _bad(kind: str) -> RecordDict:
         record = wire.tensors_to_arrays(t)
         record[KEY].data = b"\x93NUMPY garbage"
         content[wire.ARRAYS] = record
+    elif kind == "header declaring 4 TB":  # refused before NumPy would allocate it
+        record = wire.tensors_to_arrays(t)
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(
+            header, {"descr": "<f4", "fortran_order": False, "shape": (10**12,)}
+        )
+        record[KEY].data = header.getvalue() + bytes(16)
+        content[wire.ARRAYS] = record
+    elif kind == "truncated array bytes":
+        record = wire.tensors_to_arrays(t)
+        record[KEY].data = record[KEY].data[:-4]
+        content[wire.ARRAYS] = record
     return content
 
 
@@ -150,6 +164,8 @@ BAD = {
     "missing metric": "metrics missing",
     "string dtype": "expected a float",
     "corrupt array bytes": "cannot be decoded",
+    "header declaring 4 TB": "has shape (1000000000000,)",
+    "truncated array bytes": "needs",
 }
 
 

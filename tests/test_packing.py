@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from lorm_flwr import wire
@@ -115,7 +115,7 @@ def _with_blob(data: bytes) -> RecordDict:
             "ConfigRecord",
         ),
         (lambda: _with_layout(keys=["w", "w", "a", "b", "c"]), "malformed"),
-        (lambda: _with_layout(nbytes=[1, 2, 3, 4, 5]), "holds .* bytes"),
+        (lambda: _with_layout(nbytes=[1000] * 5), "holds .* bytes"),
         (lambda: _with_layout(ndims=[2, 0, 1, 2, 3]), "dims do not match"),
         (lambda: _with_layout(ndims=[2, 0, 1, -2, 2]), "malformed"),
         (lambda: _with_layout(dtypes=["float32"]), "malformed"),
@@ -163,3 +163,60 @@ def test_the_server_rejects_a_malformed_packed_reply_and_names_the_node():
     sent = grid.sent[0]
     assert all(list(m.content[wire.ARRAYS].keys()) == [wire.PACKED] for m in sent)
     assert sent[0].content is sent[1].content
+
+
+def test_layouts_declaring_more_elements_than_bytes_are_refused():
+    with pytest.raises(PackingError, match="more elements than bytes"):
+        unpack_content(_with_layout(dims=[2**40, 4, 5, 1, 2, 0, 3]))
+
+
+def test_any_array_layout_round_trips_through_flower_serialisation():
+    from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+
+    base = np.arange(24, dtype=np.float64).reshape(4, 6)
+    record = ArrayRecord(
+        {
+            "fortran": Array(np.asfortranarray(base)),
+            "strided": Array(base[:, ::2]),
+            "raw": Array(dtype="float32", shape=(2,), stype="custom", data=b"\x00" * 8),
+        }
+    )
+    scalars = ArrayRecord({"a": Array(np.array(1.5)), "b": Array(np.array(7, dtype=np.int8))})
+    content = RecordDict({"arrays": record, "scalars": scalars})
+    back = unpack_content(recorddict_from_proto(recorddict_to_proto(pack_content(content))))
+    for name in ("arrays", "scalars"):
+        for key, array in content[name].items():
+            got = back[name][key]
+            assert (got.dtype, got.shape, got.stype, got.data) == (
+                array.dtype, array.shape, array.stype, array.data)  # fmt: skip
+    np.testing.assert_array_equal(back["arrays"]["strided"].numpy(), base[:, ::2])
+
+
+def test_client_handlers_see_unpacked_messages_and_send_packed_replies():
+    from lorm_flwr.client_handlers import _on_the_wire
+
+    two = {"a": torch.ones(2), "b": torch.zeros(3)}
+    request = Message(pack_content(train_content(two, 1)), dst_node_id=1, message_type="train")
+    packed = request.content
+    seen = []
+
+    def handler(msg: Message, context) -> Message:
+        seen.append(list(msg.content[wire.ARRAYS].keys()))
+        return Message(train_content(two, 4), reply_to=msg)
+
+    reply = _on_the_wire(handler)(request, None)
+    assert seen == [["a", "b"]]  # the handler got the arrays by name
+    assert list(reply.content[wire.ARRAYS].keys()) == [wire.PACKED]  # and its reply left packed
+    assert request.content is packed  # the caller's message is left as it came
+
+    def failing(msg: Message, context) -> Message:
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        _on_the_wire(failing)(request, None)
+    assert request.content is packed
+
+    def error(msg: Message, context) -> Message:
+        return Message(Error(code=1, reason="no"), reply_to=msg)
+
+    assert _on_the_wire(error)(request, None).error.reason == "no"  # errors pass as they are
