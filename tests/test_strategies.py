@@ -23,6 +23,7 @@ from lorm_flwr.models.adapters import (
     model_layout,
 )
 from lorm_flwr.models.backbones import build_classifier
+from lorm_flwr.packing import unpack_content
 from lorm_flwr.products import gram_products
 from lorm_flwr.registry import strategy_class
 from lorm_flwr.rounds import train_exchange
@@ -67,7 +68,7 @@ def test_fedsa_keeps_b_and_head_per_client_and_averages_a_over_two_rounds():
         grid = ScriptedGrid(sorted(script), [script])
         replies, merged, _, _ = train_exchange(grid, strategy, glob, round_in_task)
         for m in grid.sent[0]:
-            sent = wire.arrays_to_tensors(m.content[wire.ARRAYS])
+            sent = wire.arrays_to_tensors(unpack_content(m.content)[wire.ARRAYS])  # sent packed
             assert {group_of(key) for key in sent} == {"A"}  # B and head never travel
         assert all({group_of(key) for key in r.arrays} == {"A"} for r in replies)
         locals_ = [wire.arrays_to_tensors(c.state[wire.LOCAL_STATE]) for c in contexts]
