@@ -200,7 +200,7 @@ def _start_worker(path: Path) -> None:
         idle = os.environ.get(IDLE_ENV, "600")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             [str(_CODE), *filter(None, [os.environ.get("PYTHONPATH")])])}  # fmt: skip
-        with open(path.with_suffix(".log"), "ab") as log:
+        with _open_log(path.with_suffix(".log")) as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "lorm_flwr.node_worker", "--socket", str(path),
                  "--supernode-pid", str(os.getppid()), "--idle", idle],
@@ -219,6 +219,18 @@ def _start_worker(path: Path) -> None:
                 proc.kill()
                 raise _Unavailable(f"the node worker did not listen within {START_TIMEOUT:.0f} s")
             time.sleep(0.02)
+
+
+LOG_BYTES = 10 * 2**20  # a worker's log past this is moved to .log.1 when the next one starts
+
+
+def _open_log(log: Path):
+    """The log a new worker appends to; one over ``LOG_BYTES`` becomes ``.log.1`` (the one
+    before it is dropped), so a node's logs stay under twice that however long it runs."""
+    with contextlib.suppress(FileNotFoundError):
+        if log.stat().st_size > LOG_BYTES:
+            log.replace(log.with_name(log.name + ".1"))
+    return open(log, "ab")
 
 
 class _NotAnswered(Exception):

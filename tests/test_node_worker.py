@@ -238,3 +238,18 @@ def test_malformed_requests_are_refused_and_the_worker_keeps_serving(workers):
     assert _pids(workers) == {path.stem: pid}  # the same worker, still serving
     log = path.with_suffix(".log").read_text()
     assert "not this protocol" in log and "MemoryError" not in log
+
+
+def test_a_long_worker_log_is_moved_aside_when_the_next_worker_starts(tmp_path, monkeypatch):
+    monkeypatch.setattr(node_worker, "LOG_BYTES", 100)
+    log = tmp_path / "w.log"
+    log.write_bytes(b"x" * 50)
+    with node_worker._open_log(log) as f:  # small: appended to
+        f.write(b"y")
+    assert log.read_bytes() == b"x" * 50 + b"y" and not (tmp_path / "w.log.1").exists()
+    log.write_bytes(b"old" * 100)
+    (tmp_path / "w.log.1").write_bytes(b"older")
+    with node_worker._open_log(log) as f:  # too long: moved aside, the one before dropped
+        f.write(b"new")
+    assert log.read_bytes() == b"new"
+    assert (tmp_path / "w.log.1").read_bytes() == b"old" * 100
