@@ -21,6 +21,7 @@ folder at any time is safe.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -28,6 +29,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -127,6 +129,7 @@ def cached(
     value = compute()
     try:
         root.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(root, kind)
         tmp = Path(tempfile.mkdtemp(prefix=f".{kind}-", dir=root))
         try:
             save(value, tmp)
@@ -141,6 +144,19 @@ def cached(
     except OSError as exc:  # read-only or full disk: run without the cache
         logger.warning("node cache: cannot write under %s (%s); continuing without it", root, exc)
     return value
+
+
+STALE_SECONDS = 3600.0  # a temporary folder untouched this long was left by a crash
+
+
+def _remove_stale_temporaries(root: Path, kind: str) -> None:
+    """Remove the temporary folders of ``kind`` that a killed process left behind (one
+    being written now was touched seconds ago, so it stays)."""
+    now = time.time()
+    for tmp in root.glob(f".{kind}-*"):
+        with contextlib.suppress(OSError):
+            if tmp.is_dir() and now - tmp.stat().st_mtime > STALE_SECONDS:
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_arrays(arrays: Mapping[str, np.ndarray | None], folder: Path) -> None:

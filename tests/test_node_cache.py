@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import time
 
 import numpy as np
 import pytest
@@ -131,3 +133,20 @@ def test_a_missing_array_is_damage_and_unkept_values_are_used_quietly(cache, cap
 
     assert node_cache.cached("u", {}, lambda: 7, refuse, load) == 7
     assert not _entries(cache, "u") and not list(cache.glob(".u-*")) and not caplog.text
+
+
+def test_temporary_folders_left_by_a_killed_process_are_removed(cache):
+    cache.mkdir(parents=True)
+    stale, fresh, other = cache / ".t-killed", cache / ".t-writing", cache / ".u-killed"
+    for folder in (stale, fresh, other):
+        folder.mkdir()
+        (folder / "x.npy").write_bytes(b"partial")
+    old = time.time() - 2 * node_cache.STALE_SECONDS
+    os.utime(stale, (old, old))
+    os.utime(other, (old, old))
+    node_cache.cached("t", {}, lambda: {"x": np.ones(2)}, node_cache.save_arrays,
+                      lambda f: node_cache.load_arrays(f, ["x"]))  # fmt: skip
+    assert not stale.exists()  # left by a crash: removed when the next entry of its kind is written
+    assert fresh.exists()  # another process may be writing it now
+    assert other.exists()  # another kind's: left to its own writes
+    assert len(_entries(cache, "t")) == 1
