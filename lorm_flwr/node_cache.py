@@ -121,6 +121,8 @@ def cached(
         return compute()
     final = root / entry_name(kind, key)
     if final.is_dir():
+        with contextlib.suppress(OSError):  # marks the entry used (a read-only cache: not)
+            os.utime(final)
         try:
             return load(final)
         except _DAMAGED as exc:  # a damaged entry: rebuild it, never fail the run on it
@@ -129,7 +131,7 @@ def cached(
     value = compute()
     try:
         root.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temporaries(root, kind)
+        _tidy(root, kind)
         tmp = Path(tempfile.mkdtemp(prefix=f".{kind}-", dir=root))
         try:
             save(value, tmp)
@@ -147,16 +149,21 @@ def cached(
 
 
 STALE_SECONDS = 3600.0  # a temporary folder untouched this long was left by a crash
+UNUSED_SECONDS = 30 * 86400.0  # an entry neither written nor read for 30 days is removed
 
 
-def _remove_stale_temporaries(root: Path, kind: str) -> None:
-    """Remove the temporary folders of ``kind`` that a killed process left behind (one
-    being written now was touched seconds ago, so it stays)."""
+def _tidy(root: Path, kind: str) -> None:
+    """Before writing an entry of ``kind``: remove that kind's temporary folders that a
+    killed process left behind (one being written now was touched seconds ago) and its
+    entries unused for ``UNUSED_SECONDS`` (each code or settings change makes new
+    entries; the old ones would otherwise stay forever). A process still reading a
+    removed entry keeps its memory maps; one that had not opened it yet rebuilds it."""
     now = time.time()
-    for tmp in root.glob(f".{kind}-*"):
-        with contextlib.suppress(OSError):
-            if tmp.is_dir() and now - tmp.stat().st_mtime > STALE_SECONDS:
-                shutil.rmtree(tmp, ignore_errors=True)
+    for folder, age in ((f".{kind}-*", STALE_SECONDS), (f"{kind}-*", UNUSED_SECONDS)):
+        for path in root.glob(folder):
+            with contextlib.suppress(OSError):
+                if path.is_dir() and now - path.stat().st_mtime > age:
+                    shutil.rmtree(path, ignore_errors=True)
 
 
 def save_arrays(arrays: Mapping[str, np.ndarray | None], folder: Path) -> None:

@@ -150,3 +150,21 @@ def test_temporary_folders_left_by_a_killed_process_are_removed(cache):
     assert fresh.exists()  # another process may be writing it now
     assert other.exists()  # another kind's: left to its own writes
     assert len(_entries(cache, "t")) == 1
+
+
+def test_entries_unused_for_30_days_are_removed_and_reading_one_marks_it_used(cache):
+    def load(folder):
+        return node_cache.load_arrays(folder, ["x"])
+
+    def make(key):
+        node_cache.cached("t", key, lambda: {"x": np.ones(2)}, node_cache.save_arrays, load)
+        return cache / node_cache.entry_name("t", key)
+
+    unused, read = make({"k": 1}), make({"k": 2})
+    old = time.time() - 2 * node_cache.UNUSED_SECONDS
+    for entry in (unused, read):
+        os.utime(entry, (old, old))
+    make({"k": 2})  # a read: marks that entry used
+    make({"k": 3})  # a write: removes what was unused for 30 days
+    assert not unused.exists() and read.exists()
+    assert len(_entries(cache, "t")) == 2
