@@ -166,6 +166,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5, help="runs of each row, alternating")
     p.add_argument("--out", default="")
     args = p.parse_args()
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
     runs: dict[str, list[dict]] = {name: [] for name in ROWS}
     for repeat in range(args.repeats):
         for name, fn in ROWS.items():  # alternating: each repeat runs every row once

@@ -31,9 +31,10 @@ from flwr.supercore.task_identity import TaskIdentity
 from lorm_flwr import wire
 from lorm_flwr.config import RunConfig
 from lorm_flwr.limits import message_shapes
+from lorm_flwr.models.adapters import model_layout
 from lorm_flwr.packing import pack_content, unpack_content
-from lorm_flwr.plan import Plan, _layout
 from lorm_flwr.registry import strategy_class
+from lorm_flwr.runtime import model_of
 
 STRATEGIES = ("lorm", "fedit", "ffa", "fedsa", "regmean")
 # Messages built outside a run read dummy run, node and task ids.
@@ -56,9 +57,7 @@ def _objects(content: RecordDict) -> int:
 
 def measure(strategy: str, overrides: dict[str, str]) -> list[dict]:
     cfg = RunConfig.from_mapping({"strategy": strategy, **overrides})
-    layout = _layout(cfg, Plan(cfg, 1))
-    if layout is None:
-        raise SystemExit(f"{strategy}: the model's architecture is unavailable here")
+    layout = model_layout(model_of(cfg))
     rng = np.random.default_rng(0)
     rows = []
     for name, shapes in message_shapes(strategy_class(strategy)(cfg, layout)).items():
@@ -81,20 +80,25 @@ def measure(strategy: str, overrides: dict[str, str]) -> list[dict]:
     return rows
 
 
-def _value(text: str):
-    try:  # numbers and booleans as JSON writes them; anything else is a string
-        return json.loads(text)
+def _override(text: str) -> tuple[str, object]:
+    """``key=value`` -> (key, value): numbers and booleans as JSON writes them, else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not key=value")
+    try:
+        return key, json.loads(value)
     except json.JSONDecodeError:
-        return text
+        return key, value
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
-    p.add_argument("--set", nargs="*", default=[], help="run-config overrides, key=value")
+    p.add_argument("--set", nargs="*", default=[], type=_override,
+                   help="run-config overrides, key=value")  # fmt: skip
     p.add_argument("--out", default="")
     args = p.parse_args()
-    overrides = {k: _value(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    overrides = dict(args.set)
     rows = [row for s in args.strategies for row in measure(s, overrides)]
     lines = [
         (
