@@ -83,11 +83,16 @@ def unpack_content(content: RecordDict) -> RecordDict:
     """Undo :func:`pack_content`: each packed record back to its named arrays.
 
     Raises :class:`PackingError` naming the record for a layout without its record, a
-    record whose layout is malformed, or a blob whose length is not the layout's."""
+    layout of a layout (``arrays.layout.layout``: every record of a reply is either
+    unpacked or kept, none is dropped unseen), a record whose layout is malformed, or a
+    blob whose length is not the layout's."""
     out = RecordDict()
     layouts = {n[: -len(PACKED_LAYOUT)] for n in content if n.endswith(PACKED_LAYOUT)}
-    for missing in sorted(layouts - set(content.keys())):
-        raise PackingError(f"layout {missing + PACKED_LAYOUT!r} has no record {missing!r}")
+    for base in sorted(layouts):
+        if base.endswith(PACKED_LAYOUT):
+            raise PackingError(f"layout {base + PACKED_LAYOUT!r} describes another layout")
+        if base not in content:
+            raise PackingError(f"layout {base + PACKED_LAYOUT!r} has no record {base!r}")
     for name, record in content.items():
         if name.endswith(PACKED_LAYOUT):
             continue

@@ -220,3 +220,35 @@ def test_client_handlers_see_unpacked_messages_and_send_packed_replies():
         return Message(Error(code=1, reason="no"), reply_to=msg)
 
     assert _on_the_wire(error)(request, None).error.reason == "no"  # errors pass as they are
+
+
+def test_a_layout_of_a_layout_is_refused():
+    content = _packed()
+    content["arrays" + wire.PACKED_LAYOUT * 2] = ConfigRecord({"anything": "x" * 1000})
+    with pytest.raises(PackingError, match="describes another layout"):
+        unpack_content(content)
+
+
+def test_a_reply_carrying_a_layout_of_a_layout_is_rejected_named_and_counted():
+    """Such a record was dropped unseen and its bytes were missing from ``bytes_up``."""
+    extra = ConfigRecord({"padding": "x" * 5000})
+
+    def smuggling(m: Message) -> RecordDict:
+        content = pack_content(train_content({"a": torch.ones(2), "b": torch.ones(3)}, 5))
+        content[wire.ARRAYS + wire.PACKED_LAYOUT * 2] = extra
+        return content
+
+    def decode(msg: Message) -> list[str]:
+        return list(msg.content[wire.ARRAYS].keys())
+
+    def messages():
+        content = train_content({"a": torch.ones(2), "b": torch.ones(3)}, 1)
+        return [Message(content, dst_node_id=1, message_type="train")]
+
+    grid = ScriptedGrid([1], [{1: smuggling}])
+    values, log = exchange(grid, messages, decode, kind="train", min_replies=0, retries=0,
+                           timeout=1)  # fmt: skip
+    assert values == []
+    assert len(log.rejected) == 1 and log.rejected[0].startswith("train, node 1: layout")
+    assert "another layout" in log.rejected[0]
+    assert log.bytes_up >= extra.count_bytes()  # everything the reply carried is counted
