@@ -99,6 +99,17 @@ class PayloadError(ValueError):
 
 
 # --------------------------------------------------------------- instructions
+def _flag(record: ConfigRecord, key: str) -> bool:
+    """A yes/no instruction: a bool, or its spelling ``"true"``/``"false"`` (any case).
+    ``bool("false")`` would be True, so anything else is malformed."""
+    value = record[key]
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ValueError(f"{key}={value!r} is not true or false")
+
+
 @dataclass(frozen=True)
 class Instructions:
     """What the server asks of a client, for every kind of message it sends.
@@ -148,9 +159,9 @@ class Instructions:
             return cls(
                 task=int(record["task"]),
                 round_in_task=int(record["round-in-task"]),
-                train_a=bool(record["train-a"]),
-                train_b=bool(record["train-b"]),
-                train_head=bool(record["train-head"]),
+                train_a=_flag(record, "train-a"),
+                train_b=_flag(record, "train-b"),
+                train_head=_flag(record, "train-head"),
                 grams=grams,
                 seed=int(record["seed"]),
                 local=frozenset(g for g in str(record.get("local", "")).split(",") if g),
@@ -328,7 +339,8 @@ def _check_records(node: int, content: RecordDict, expected: dict[str, type]) ->
 def decode_metrics(
     node: int, record: MetricRecord, keys: tuple[str, ...] | frozenset[str]
 ) -> dict[str, float]:
-    """Exactly ``keys``, each a finite number; ``num-examples`` a positive integer."""
+    """Exactly ``keys``, each a finite number >= 0 (every metric of ours is a count, a
+    cross-entropy loss, a duration or an id); ``num-examples`` a positive integer."""
     if set(record.keys()) != set(keys):
         missing = sorted(set(keys) - set(record.keys()))
         extra = sorted(set(record.keys()) - set(keys))
@@ -340,6 +352,8 @@ def decode_metrics(
             raise PayloadError(f"node {node}: metric {key}={value!r} is not a number")
         if not math.isfinite(value):
             raise PayloadError(f"node {node}: metric {key}={value!r} is not finite")
+        if value < 0:
+            raise PayloadError(f"node {node}: metric {key}={value!r} is negative")
         out[key] = value
     n = out.get(NUM_EXAMPLES)
     if n is not None and (n != int(n) or not 0 < n <= MAX_EXAMPLES):

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
@@ -80,7 +82,7 @@ def _evaluation(**values) -> RecordDict:
         ({"correct-task-0": 6}, "6 correct out of 5"),  # would record an accuracy above 1
         ({"correct-task-1": float("nan")}, "not finite"),
         ({"total-task-1": [1, 2]}, "not a number"),
-        ({"correct-task-0": -1}, "non-negative integer"),
+        ({"correct-task-0": -1}, "is negative"),
         ({"total-task-0": 2.5}, "non-negative integer"),
         ({"total-task-0": 7, wire.NUM_EXAMPLES: 11}, "its test splits have [5, 4]"),
         ({"extra": 1}, "unexpected ['extra']"),
@@ -162,3 +164,29 @@ def test_the_handshake_waits_for_partitions_still_connecting():
     grid = Connecting([7, 9], [{7: wire.hello_reply(1, 2), 9: wire.hello_reply(0, 2)}])
     mapping, log = handshake(grid, RunConfig(min_clients=1, num_clients=2))
     assert mapping == {7: 1, 9: 0} and log.attempts == 2 and grid.calls == 2
+
+
+def test_instruction_flags_spelt_as_strings_decode_as_they_read():
+    """``bool("false")`` is True: a ``"false"`` flag used to switch training on."""
+    values = dict(wire.Instructions(task=0, train_a=True).to_config())
+    spelt = ConfigRecord({**values, "train-a": "false", "train-b": "TRUE", "train-head": False})
+    got = wire.Instructions.from_config(spelt)
+    assert (got.train_a, got.train_b, got.train_head) == (False, True, False)
+    with pytest.raises(wire.PayloadError, match="train-a='maybe' is not true or false"):
+        wire.Instructions.from_config(ConfigRecord({**values, "train-a": "maybe"}))
+    with pytest.raises(wire.PayloadError, match="train-b=1 is not true or false"):
+        wire.Instructions.from_config(ConfigRecord({**values, "train-b": 1}))
+
+
+@pytest.mark.parametrize("key", [wire.TRAIN_LOSS, wire.TRAIN_SECONDS, wire.GRAMS_SECONDS])
+def test_a_train_reply_with_a_negative_loss_or_duration_is_refused(key):
+    spec = wire.train_reply_spec(LAYOUT, wire.Instructions(0, grams=wire.GRAMS_TASK), 1.0, 1.0)
+    spec = dataclasses.replace(spec, metrics=wire.TRAIN_METRICS)
+    metrics = {wire.NUM_EXAMPLES: 6, wire.TRAIN_LOSS: 0.5, wire.TRAIN_SECONDS: 1.0,
+               wire.GRAMS_SECONDS: 0.1}  # fmt: skip
+    grams = wire.tensors_to_arrays({"l|G": pack_upper(torch.eye(3))})
+    good = RecordDict({wire.METRICS: MetricRecord(metrics), wire.GRAMS: grams})
+    assert wire.decode_reply(reply_to(2, good), spec).metrics[key] >= 0
+    bad = RecordDict({wire.METRICS: MetricRecord({**metrics, key: -0.25}), wire.GRAMS: grams})
+    with pytest.raises(wire.PayloadError, match=f"node 2: metric {key}=-0.25 is negative"):
+        wire.decode_reply(reply_to(2, bad), spec)
