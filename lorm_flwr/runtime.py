@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 from pathlib import Path
 
@@ -16,8 +17,10 @@ import numpy as np
 import torch
 from peft import PeftModel
 
+from lorm_flwr.cache_checks import check_data, check_scenario
 from lorm_flwr.config import RunConfig
 from lorm_flwr.data.datasets import (
+    DATASETS,
     LabelledData,
     cap_per_class,
     hold_out_validation,
@@ -26,7 +29,15 @@ from lorm_flwr.data.datasets import (
 from lorm_flwr.data.scenario import Scenario, build_scenario
 from lorm_flwr.models.adapters import adapter_kind, attach_lora
 from lorm_flwr.models.backbones import BACKBONES, build_classifier
-from lorm_flwr.node_cache import NotCacheable, cached, load_arrays, save_arrays, versions
+from lorm_flwr.node_cache import (
+    Damaged,
+    Entry,
+    NotCacheable,
+    cached,
+    load_arrays,
+    save_arrays,
+    versions,
+)
 from lorm_flwr.seeds import validation_split_seed
 from lorm_flwr.train import InputSpec, TokenInputs, pick_device
 
@@ -60,7 +71,13 @@ def _data(
         return _prepare_data(dataset, test_fraction, seed, cap, backbone, max_length, checkpoint,
                              validation_fraction)  # fmt: skip
 
-    return cached("data", key, compute, _save_data, _load_data)
+    load = functools.partial(
+        _load_data,
+        num_classes=DATASETS[dataset].num_classes if dataset in DATASETS else 0,
+        text_length=max_length if text else None,
+        validation=validation_fraction > 0,
+    )
+    return cached("data", key, compute, _save_data, load)
 
 
 def _prepare_data(
@@ -78,7 +95,8 @@ def _prepare_data(
     return encode(data, tokenizer, max_length)
 
 
-_DATA_ARRAYS = ["train_x", "train_y", "test_x", "test_y", "validation_x", "validation_y"]
+_VALIDATION = ("validation_x", "validation_y")
+_DATA_ARRAYS = ["train_x", "train_y", "test_x", "test_y", *_VALIDATION]
 
 
 def _save_data(data: LabelledData, folder: Path) -> None:
@@ -89,10 +107,18 @@ def _save_data(data: LabelledData, folder: Path) -> None:
     (folder / "classes.json").write_text(json.dumps(list(data.class_names)))
 
 
-def _load_data(folder: Path) -> LabelledData:
-    arrays = load_arrays(folder, _DATA_ARRAYS, optional=("validation_x", "validation_y"))
-    names = tuple(json.loads((folder / "classes.json").read_text()))
-    return LabelledData(class_names=names, **arrays)
+def _load_data(
+    entry: Entry, *, num_classes: int, text_length: int | None, validation: bool
+) -> LabelledData:
+    """The entry's data, checked against its key (:func:`check_data`): the validation
+    arrays are required when the key holds a validation split out, absent otherwise."""
+    arrays = load_arrays(entry, _DATA_ARRAYS, optional=() if validation else _VALIDATION)
+    names = entry.json("classes.json")
+    if not isinstance(names, list):
+        raise Damaged("classes.json is not a list of class names")
+    data = LabelledData(class_names=tuple(names), **arrays)
+    check_data(data, num_classes=num_classes, text_length=text_length, validation=validation)
+    return data
 
 
 @functools.lru_cache(maxsize=4)
@@ -121,7 +147,11 @@ def scenario_of(cfg: RunConfig, num_clients: int) -> Scenario:
             seed=cfg.seed,
         )
 
-    return cached("scenario", key, compute, _save_scenario, _load_scenario)
+    load = functools.partial(
+        _load_scenario, data=data, num_tasks=cfg.num_tasks, num_clients=num_clients,
+        order=cfg.class_order, seed=cfg.seed,
+    )  # fmt: skip
+    return cached("scenario", key, compute, _save_scenario, load)
 
 
 def _save_scenario(scenario: Scenario, folder: Path) -> None:
@@ -137,16 +167,26 @@ def _save_scenario(scenario: Scenario, folder: Path) -> None:
     }))  # fmt: skip
 
 
-def _load_scenario(folder: Path) -> Scenario:
-    meta = json.loads((folder / "tasks.json").read_text())
+def _load_scenario(
+    entry: Entry, *, data: LabelledData, num_tasks: int, num_clients: int, order: str, seed: int
+) -> Scenario:
+    """The entry's scenario, checked against its key and data (:func:`check_scenario`)."""
+    meta = entry.json("tasks.json")
     tasks, n = meta["tasks"], meta["clients"]
-    with np.load(folder / "shards.npz", allow_pickle=False) as z:
+    if not (
+        isinstance(tasks, list)
+        and all(isinstance(t, list) and all(type(c) is int for c in t) for t in tasks)
+        and type(n) is int
+        and meta["test"] is True
+    ):
+        raise Damaged("tasks.json is not tasks of class ids, a number of clients, test shards")
+    with np.load(io.BytesIO(entry.read_bytes("shards.npz")), allow_pickle=False) as z:
         shards = tuple(tuple(z[f"train-{t}-{k}"] for k in range(n)) for t in range(len(tasks)))
-        tests = (
-            tuple(tuple(z[f"test-{t}-{k}"] for k in range(n)) for t in range(len(tasks)))
-            if meta["test"] else ()
-        )  # fmt: skip
-    return Scenario(tuple(tuple(int(c) for c in t) for t in tasks), shards, tests)
+        tests = tuple(tuple(z[f"test-{t}-{k}"] for k in range(n)) for t in range(len(tasks)))
+    scenario = Scenario(tuple(tuple(t) for t in tasks), shards, tests)
+    check_scenario(scenario, data=data, num_tasks=num_tasks, num_clients=num_clients,
+                   order=order, seed=seed)  # fmt: skip
+    return scenario
 
 
 def input_spec(cfg: RunConfig, *, train: bool = False) -> InputSpec | TokenInputs:
