@@ -16,7 +16,8 @@ reply. The ClientApp process itself then imports Flower and nothing heavy.
   Other code (a new FAB) gets a new worker; the old one idles out.
 - It talks over a Unix socket in a folder only this user can open, in Flower's own
   protobuf encoding of the message and the context; the reply content and the node's
-  updated state come back. Nothing is pickled.
+  updated state come back. Nothing is pickled. Frames: :mod:`lorm_flwr.worker_framing`
+  (why not :mod:`multiprocessing.connection`: ``benchmarks/results/node_worker_framing.md``).
 - The handlers are the same functions (:mod:`lorm_flwr.client_handlers`), so results
   equal an in-process run (tests/test_node_worker.py, tests/test_deployment.py).
 - Failures: an exception in a handler comes back as the message's error (named
@@ -25,6 +26,24 @@ reply. The ClientApp process itself then imports Flower and nothing heavy.
   or no worker can start, the message runs in this process, with a warning (after a
   failed start, for ``RETRY_START_AFTER`` seconds, before a new start is tried). In a Ray
   actor (simulation) it is never used: the actor is long-lived.
+- Timeouts, so that a stopped or hung worker never holds the node's ClientApps: the
+  worker's accept queue must take the connection within ``CONNECT_TIMEOUT`` s (it
+  refuses one when full; the kernel fills it while the worker is stopped); then the
+  worker sends one byte (``.``) every ``HEARTBEAT`` s from a thread of its own for as
+  long as it holds the request, queued behind another message or being handled, and
+  ``!`` when the answer follows. A ClientApp that gets nothing for ``LORM_FLWR_NODE_WORKER_TIMEOUT`` s
+  (default 60, at least ``4 * HEARTBEAT``; the request's sending and the answer's frames
+  have the same bound) handles the message in process and logs a warning naming the
+  worker's PID, socket and the timeout. So a training may last hours: only silence
+  counts, and silence means the worker's process is not running (stopped, or its
+  interpreter is stuck). A worker seen stopped (``T`` in ``/proc/<pid>/stat``) is not
+  waited for at all. A handler stuck inside its own work keeps the heartbeat going, as
+  it would keep its ClientApp in process; the server's ``round-timeout`` covers that.
+  A request the worker resumes after its ClientApp left is dropped unhandled.
+- The worker's process is :mod:`lorm_flwr.worker_server`: it reads each request (its
+  three frames) by one deadline (``REQUEST_SECONDS``) in a thread per connection, so a
+  slow or silent peer holds neither the worker nor other requests, and handles the
+  messages one at a time, in its main thread.
 - Unlike in-process handling: the handlers' log lines and tracebacks go to the worker's
   ``.log`` beside its socket, not to the SuperNode's output; a failed message leaves the
   node's state as it was before it (in process, Flower keeps what the handler changed
@@ -33,17 +52,15 @@ reply. The ClientApp process itself then imports Flower and nothing heavy.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
-import signal
 import socket
 import stat
-import struct
 import subprocess
 import sys
 import tempfile
@@ -51,13 +68,19 @@ import time
 from pathlib import Path
 
 from flwr.app import Context, Message
+from flwr.common.serde import context_to_proto, message_to_proto, recorddict_from_proto
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
 from lorm_flwr.node_cache import package_digest
+from lorm_flwr.worker_framing import HEARTBEAT, recv_frame, send_frames
 
-__all__ = ["ENV", "NodeWorkerError", "enabled", "handle"]
+__all__ = ["ENV", "TIMEOUT_ENV", "NodeWorkerError", "enabled", "handle"]
 
 ENV = "LORM_FLWR_NODE_WORKER"
 IDLE_ENV = "LORM_FLWR_NODE_WORKER_IDLE"
+TIMEOUT_ENV = "LORM_FLWR_NODE_WORKER_TIMEOUT"
+DEFAULT_TIMEOUT = 60.0  # seconds a ClientApp waits for a sign of life from its worker
+CONNECT_TIMEOUT = 10.0  # seconds for the worker to accept a connection
 START_TIMEOUT = 300.0  # seconds for a new worker to import everything and listen
 RETRY_START_AFTER = 300.0  # after a failed start, messages run in process this long
 _ON = {"1", "true", "on", "yes"}
@@ -96,36 +119,21 @@ class _Unavailable(Exception):
     """No worker could take the message (the message itself was not handled)."""
 
 
-# ------------------------------------------------------------------ framing
-def _send(conn: socket.socket, payload: bytes) -> None:
-    conn.sendall(struct.pack(">Q", len(payload)))
-    conn.sendall(payload)
-
-
-def _recv_exact(conn: socket.socket, n: int) -> bytes:
-    buffer = bytearray(n)
-    view, got = memoryview(buffer), 0
-    while got < n:
-        k = conn.recv_into(view[got:], min(n - got, 1 << 24))
-        if k == 0:
-            raise EOFError("the other side closed the connection mid-message")
-        got += k
-    return bytes(buffer)
-
-
-# No frame is larger than a Flower message can be (gRPC's 2 GiB); a larger length is
-# garbage, refused before anything is allocated for it.
-MAX_FRAME = 2**31
-
-
-def _recv(conn: socket.socket) -> bytes:
-    (n,) = struct.unpack(">Q", _recv_exact(conn, 8))
-    if n > MAX_FRAME:
-        raise ValueError(f"a frame of {n} bytes is over {MAX_FRAME}: not this protocol")
-    return _recv_exact(conn, n)
-
-
 # ------------------------------------------------------------------ client side
+def _reply_timeout() -> float:
+    """Seconds without a sign of life after which a ClientApp stops waiting for its worker."""
+    raw = os.environ.get(TIMEOUT_ENV, "").strip()
+    try:
+        value = float(raw) if raw else DEFAULT_TIMEOUT
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        logger.warning("lorm-flwr: %s=%r is not a number of seconds; using %g", TIMEOUT_ENV,
+                       raw, DEFAULT_TIMEOUT)  # fmt: skip
+        value = DEFAULT_TIMEOUT
+    return max(value, 4 * HEARTBEAT)  # several heartbeats fit in it, even on a busy host
+
+
 def _socket_dir() -> Path:
     """A folder only this user can open (sockets need short paths: the system temp)."""
     folder = Path(tempfile.gettempdir()) / f"lorm-flwr-{os.getuid()}"
@@ -143,20 +151,55 @@ def _worker_path(context: Context) -> Path:
 
 
 def _try_connect(path: Path) -> socket.socket | None:
-    """A connection to the worker at ``path``, or None when no worker listens there."""
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    """A connection to the worker at ``path``, or None when no worker listens there; a
+    listener that accepts nothing within ``CONNECT_TIMEOUT`` s (its queue stays full) is
+    ``_Unavailable``."""
+    deadline = time.monotonic() + CONNECT_TIMEOUT
+    while True:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.settimeout(CONNECT_TIMEOUT)
+        try:
+            conn.connect(str(path))
+            return conn
+        except (FileNotFoundError, ConnectionRefusedError):
+            conn.close()
+            return None
+        except (BlockingIOError, TimeoutError) as exc:  # its accept queue is full
+            conn.close()
+            if time.monotonic() >= deadline:
+                raise _Unavailable(
+                    f"the node worker ({_who(path)}) accepted no connection within "
+                    f"{CONNECT_TIMEOUT:g} s"
+                ) from exc
+            time.sleep(0.05)
+        except OSError as exc:
+            conn.close()
+            raise _Unavailable(f"cannot connect to {path}: {exc}") from exc
+
+
+def _who(path: Path) -> str:
+    """The worker at ``path``, as its ``.pid`` file names it."""
+    with contextlib.suppress(OSError, ValueError):
+        return f"PID {int(path.with_suffix('.pid').read_text())}, {path}"
+    return f"PID unknown, {path}"
+
+
+def _stopped(path: Path) -> bool:
+    """Whether the worker at ``path`` is stopped (SIGSTOP, or traced): not worth a wait."""
     try:
-        conn.connect(str(path))
-    except (FileNotFoundError, ConnectionRefusedError):
-        conn.close()
-        return None
-    except OSError as exc:
-        conn.close()
-        raise _Unavailable(f"cannot connect to {path}: {exc}") from exc
-    return conn
+        pid = int(path.with_suffix(".pid").read_text())
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, ValueError, IndexError):  # no .pid, no /proc: the heartbeat decides
+        return False
 
 
 def _via_worker(kind: str, msg: Message, context: Context) -> Message:
+    request = [
+        kind.encode(),
+        message_to_proto(msg).SerializeToString(),
+        context_to_proto(context).SerializeToString(),
+    ]  # encoded once, before any connection: the worker's deadline is for the transfer
     path = _worker_path(context)
     failed = path.with_suffix(".failed")  # when a worker of this node last failed to start
     for _ in range(2):  # a worker that was just leaving (idle) is replaced once
@@ -180,11 +223,16 @@ def _via_worker(kind: str, msg: Message, context: Context) -> Message:
             if conn is None:
                 raise _Unavailable("the new node worker does not accept connections")
         with conn:
+            if _stopped(path):
+                raise _Unavailable(f"the node worker ({_who(path)}) is stopped")
             try:
-                return _forward(conn, kind, msg, context)
+                return _forward(conn, path, request, msg, context)
             except _NotAnswered:
                 continue
     raise _Unavailable("the node worker closed the connection twice before answering")
+
+
+REQUEST_SECONDS = 30.0  # for the worker to read a whole request once connected
 
 
 def _start_worker(path: Path) -> None:
@@ -202,8 +250,9 @@ def _start_worker(path: Path) -> None:
             [str(_CODE), *filter(None, [os.environ.get("PYTHONPATH")])])}  # fmt: skip
         with _open_log(path.with_suffix(".log")) as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "lorm_flwr.node_worker", "--socket", str(path),
-                 "--supernode-pid", str(os.getppid()), "--idle", idle],
+                [sys.executable, "-m", "lorm_flwr.worker_server", "--socket", str(path),
+                 "--supernode-pid", str(os.getppid()), "--idle", idle,
+                 "--request-seconds", str(REQUEST_SECONDS)],
                 env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=str(_CODE),
             )  # fmt: skip
         # The worker binds before its heavy imports and renames the socket into place, so
@@ -234,140 +283,53 @@ def _open_log(log: Path):
 
 
 class _NotAnswered(Exception):
-    """The worker closed the connection before its status: it did not take the message."""
+    """The worker closed the connection before its answer: it did not take the message."""
 
 
-def _forward(conn: socket.socket, kind: str, msg: Message, context: Context) -> Message:
-    from flwr.common.serde import context_to_proto, message_to_proto, recorddict_from_proto
-    from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+def _await_answer(conn: socket.socket, timeout: float) -> None:
+    """Wait for the worker's ``!`` (its answer follows); each heartbeat ``.`` restarts
+    the ``timeout``, after which silence is ``TimeoutError``."""
+    conn.settimeout(timeout)
+    while (byte := conn.recv(1)) != b"!":
+        if not byte:
+            raise EOFError("the node worker closed the connection before answering")
+        if byte != b".":
+            raise NodeWorkerError(f"the node worker sent {byte!r}: not this protocol")
 
+
+def _forward(
+    conn: socket.socket, path: Path, request: list[bytes], msg: Message, context: Context
+) -> Message:
+    timeout = _reply_timeout()
     try:
-        _send(conn, kind.encode())
-        _send(conn, message_to_proto(msg).SerializeToString())
-        _send(conn, context_to_proto(context).SerializeToString())
-        status = json.loads(_recv(conn))
-    except (EOFError, BrokenPipeError, ConnectionResetError) as exc:
-        raise _NotAnswered(str(exc)) from exc
+        try:
+            send_frames(conn, request, time.monotonic() + timeout)
+            _await_answer(conn, timeout)
+        except (EOFError, BrokenPipeError, ConnectionResetError) as exc:
+            raise _NotAnswered(str(exc)) from exc
+        deadline = time.monotonic() + timeout  # the answer's frames are ready: sent at once
+        try:
+            status = json.loads(recv_frame(conn, deadline))
+            if status["ok"]:
+                content = recorddict_from_proto(
+                    ProtoRecordDict.FromString(recv_frame(conn, deadline))
+                )
+                state = recorddict_from_proto(
+                    ProtoRecordDict.FromString(recv_frame(conn, deadline))
+                )
+        except TimeoutError:
+            raise
+        except (EOFError, OSError) as exc:
+            raise NodeWorkerError(f"the node worker died while replying ({exc})") from exc
+    except TimeoutError as exc:
+        raise _Unavailable(
+            f"the node worker ({_who(path)}) gave no sign of life for {timeout:g} s ({TIMEOUT_ENV})"
+        ) from exc
     if not status["ok"]:
         raise NodeWorkerError(status["error"])
-    try:
-        content = recorddict_from_proto(ProtoRecordDict.FromString(_recv(conn)))
-        state = recorddict_from_proto(ProtoRecordDict.FromString(_recv(conn)))
-    except (EOFError, OSError) as exc:
-        raise NodeWorkerError(f"the node worker died while replying ({exc})") from exc
     # The node's state as the handler left it (FedSA's local parts live there).
     for key in list(context.state.keys()):
         del context.state[key]
     for key, record in state.items():
         context.state[key] = record
     return Message(content, reply_to=msg)
-
-
-# ------------------------------------------------------------------ worker side
-REQUEST_SECONDS = 120.0  # to read a request once connected; a silent peer is dropped
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _serve_one(conn: socket.socket, handlers: dict) -> None:
-    from flwr.common.serde import context_from_proto, message_from_proto, recorddict_to_proto
-    from flwr.proto.message_pb2 import Context as ProtoContext
-    from flwr.proto.message_pb2 import Message as ProtoMessage
-
-    conn.settimeout(REQUEST_SECONDS)
-    try:
-        kind = _recv(conn).decode()
-    except EOFError:
-        return  # connected and left without a request
-    try:
-        msg = message_from_proto(ProtoMessage.FromString(_recv(conn)))
-        context = context_from_proto(ProtoContext.FromString(_recv(conn)))
-        conn.settimeout(None)
-        if kind not in handlers:
-            raise NodeWorkerError(f"unknown message kind {kind!r}")
-        reply = handlers[kind](msg, context)
-        if reply.has_error():
-            raise NodeWorkerError(f"{reply.error.code}: {reply.error.reason}")
-        content = recorddict_to_proto(reply.content).SerializeToString()
-        state = recorddict_to_proto(context.state).SerializeToString()
-    except Exception as exc:
-        logger.exception("lorm-flwr node worker: %s failed", kind)
-        _send(conn, json.dumps({"ok": False, "error": f"{type(exc).__name__}: {exc}"}).encode())
-        return
-    _send(conn, json.dumps({"ok": True}).encode())
-    _send(conn, content)
-    _send(conn, state)
-
-
-def _publish(path: Path, write) -> int:
-    """Create ``path`` under a temporary name, then rename it into place (atomic);
-    returns its inode, so that only this process removes it later."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    write(tmp)
-    os.rename(tmp, path)
-    return os.stat(path).st_ino
-
-
-def _remove_if_mine(path: Path, inode: int) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        if os.stat(path).st_ino == inode:
-            path.unlink()
-
-
-def serve(path: Path, supernode_pid: int, idle: float) -> None:
-    """Accept one message at a time until idle for ``idle`` s or the SuperNode is gone."""
-    # Stopping the SuperNode's process group sends SIGTERM: leave through `finally`.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    socket_inode = _publish(path, lambda tmp: (server.bind(str(tmp)), server.listen(16)))
-    pid_file = path.with_suffix(".pid")
-    pid_inode = _publish(pid_file, lambda tmp: tmp.write_text(str(os.getpid())))
-    try:
-        # Bound first, imports second: the starter need not wait for them, and a worker that
-        # cannot import fails a request (and its starter falls back) instead of hanging.
-        from lorm_flwr.client_handlers import HANDLERS
-
-        server.settimeout(2.0)
-        last = time.monotonic()
-        logger.info("lorm-flwr node worker %d listening on %s", os.getpid(), path)
-        while True:
-            try:
-                conn, _ = server.accept()
-            except TimeoutError:
-                if time.monotonic() - last > idle or not _alive(supernode_pid):
-                    break
-                continue
-            with conn:
-                try:
-                    _serve_one(conn, HANDLERS)
-                except Exception:
-                    logger.exception("lorm-flwr node worker: connection failed")
-            last = time.monotonic()
-    finally:
-        server.close()
-        _remove_if_mine(path, socket_inode)
-        _remove_if_mine(pid_file, pid_inode)
-
-
-def main() -> None:
-    p = argparse.ArgumentParser(description="lorm-flwr's node worker (started by the ClientApp)")
-    p.add_argument("--socket", required=True, type=Path)
-    p.add_argument("--supernode-pid", required=True, type=int)
-    p.add_argument("--idle", type=float, default=600.0)
-    args = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    serve(args.socket, args.supernode_pid, args.idle)
-
-
-if __name__ == "__main__":
-    main()
