@@ -7,7 +7,8 @@ reply within the timeout, a reply the checks rejected), decodes each reply with
 the caller's ``decode`` (which raises :class:`~lorm_flwr.wire.PayloadError` on
 anything unexpected; any other exception is a rejection too, never a crash), and
 sends the whole exchange again while fewer than ``min_replies`` replies are valid,
-up to ``retries`` times.
+up to ``retries`` times. :func:`live_nodes` bounds every wait for nodes to connect, so
+a federation that shrank below what a round needs fails the run instead of hanging it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,15 @@ from flwr.serverapp import Grid
 from lorm_flwr.packing import pack_content, unpack_content
 from lorm_flwr.wire import record_bytes
 
-__all__ = ["ExchangeFailed", "ExchangeLog", "Fold", "exchange"]
+__all__ = [
+    "ExchangeFailed",
+    "ExchangeLog",
+    "FixedNodes",
+    "Fold",
+    "TooFewNodes",
+    "exchange",
+    "live_nodes",
+]
 
 log = logging.getLogger("flwr.lorm")
 
@@ -45,6 +54,9 @@ class ExchangeLog:
     failures: list[str] = field(default_factory=list)  # error replies and timeouts
     rejected: list[str] = field(default_factory=list)  # replies the checks refused
     timeouts: list[int] = field(default_factory=list)  # nodes that did not reply in time
+    # Every node that failed, timed out, was rejected or could not be sent to, in any
+    # attempt: a retry of a partial-participation round asks others in their place.
+    failed_nodes: list[int] = field(default_factory=list)
     # Most decoded replies held at once, waiting for an earlier node's (0: every reply went
     # straight into the fold). Bounds the server's memory beyond the fold's sums.
     held_max: int = 0
@@ -61,6 +73,7 @@ class ExchangeLog:
         self.failures += later.failures
         self.rejected += later.rejected
         self.timeouts += later.timeouts
+        self.failed_nodes += later.failed_nodes
         self.replies = later.replies
         self.held_max = max(self.held_max, later.held_max)
 
@@ -72,6 +85,49 @@ class ExchangeFailed(RuntimeError):
         super().__init__(message)
         self.log = exchange_log
         self.where: dict[str, int] = {}  # task and round, filled in by the round loop
+
+
+class TooFewNodes(RuntimeError):
+    """Fewer nodes connected than an exchange needs, after waiting its whole timeout."""
+
+
+def live_nodes(grid: Grid, need: int, timeout: float, key: str = "min-clients") -> list[int]:
+    """The connected nodes (sorted) once there are at least ``need``; after ``timeout``
+    seconds, :class:`TooFewNodes` naming the run-config ``key`` that asked for them.
+
+    Flower's own sampling (``sample_nodes``, inside ``configure_train``) waits for nodes
+    with no limit at all; every wait of the app goes through here instead.
+    """
+    clock = getattr(grid, "clock", time.monotonic)
+    sleep = getattr(grid, "sleep", time.sleep)
+    deadline = clock() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= need:
+            return nodes
+        if clock() >= deadline:
+            raise TooFewNodes(
+                f"only {len(nodes)} SuperNodes connected after waiting {timeout:g} s; "
+                f"{key}={need} needed"
+            )
+        sleep(1.0)
+
+
+class FixedNodes:
+    """A grid whose ``get_node_ids`` is a list already checked by :func:`live_nodes`.
+
+    Handed to Flower's ``configure_train``/``configure_evaluate``: their sampling then
+    sees the nodes this exchange waited for and never waits again on its own.
+    """
+
+    def __init__(self, grid: Grid, nodes: list[int]) -> None:
+        self._grid, self._nodes = grid, list(nodes)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._nodes)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
 
 
 class Fold(Protocol[T_contra, R_co]):
@@ -124,6 +180,7 @@ def exchange(
     timeout: float,
     order: Callable[[int], int] = lambda node: node,
     fold: Callable[[], Fold[T, Any]] | None = None,
+    entry: ExchangeLog | None = None,
 ) -> tuple[Any, ExchangeLog]:
     """Send ``messages()``; deliver each valid decoded reply to a fold, in ``order(node)``.
 
@@ -144,14 +201,22 @@ def exchange(
     fresh fold. Raises :class:`ExchangeFailed` when an attempt has fewer than
     ``min_replies`` valid replies and no retry is left. A grid may provide
     ``clock()``/``sleep(seconds)`` (test grids run on a fake clock).
+
+    ``entry``: the log to fill (default: a new one), for a ``messages`` that reads
+    ``entry.failed_nodes`` to ask other nodes in a retry. A ``messages`` that raises
+    :class:`TooFewNodes` (its bounded wait for nodes ran out) fails the exchange at
+    once: waiting again would only wait as long once more.
     """
-    entry = ExchangeLog(kind=kind)
+    entry = entry if entry is not None else ExchangeLog(kind=kind)
     clock = getattr(grid, "clock", time.monotonic)
     sleep = getattr(grid, "sleep", time.sleep)
     for attempt in range(1, retries + 2):
         entry.attempts = attempt
         prefix = f"attempt {attempt}: " if attempt > 1 else ""
-        sent = sorted(messages(), key=lambda m: order(m.metadata.dst_node_id))
+        try:
+            sent = sorted(messages(), key=lambda m: order(m.metadata.dst_node_id))
+        except TooFewNodes as exc:
+            raise ExchangeFailed(f"{prefix}{kind}: {exc}", entry) from None
         entry.bytes_down += sum(record_bytes(m.content) for m in sent)
         run = _Attempt(grid, sent, decode, fold() if fold is not None else _Collect(), entry,
                        f"{prefix}{kind}")  # fmt: skip
@@ -165,6 +230,7 @@ def exchange(
             else:
                 sleep(POLL_SECONDS)
         silent = sorted(run.silent)
+        entry.failed_nodes += silent
         for node in silent:
             entry.timeouts.append(node)
             entry.failures.append(f"{prefix}{kind}, node {node}: no reply (timeout)")
@@ -209,6 +275,7 @@ class _Attempt:
             if i is None:
                 self.slots[k] = _INVALID
                 entry.failures.append(f"{label}, node {self.nodes[k]}: could not be sent")
+                entry.failed_nodes.append(self.nodes[k])
         self.valid = self.folded = self.ready = 0  # valid replies; folded; slots delivered
         self.silent: list[int] = []
 
@@ -246,6 +313,7 @@ class _Attempt:
         # Named by the node asked: an error Flower creates itself comes from the SuperLink.
         node, entry = self.nodes[k], self.entry
         if reply.has_error():
+            entry.failed_nodes.append(node)
             entry.failures.append(f"{self.label}, node {node}: {reply.error.reason}")
             log.warning("%s: node %d failed: %s", self.label, node, reply.error.reason)
             return True
@@ -259,6 +327,7 @@ class _Attempt:
         except Exception as exc:  # noqa: BLE001 - any bad reply is a rejection, never a crash
             reason = str(exc) if str(exc).startswith("node ") else f"node {node}: {exc}"
             entry.rejected.append(f"{self.label}, {reason}")
+            entry.failed_nodes.append(node)
             log.warning("%s: rejected reply: %s", self.label, reason)
         return True
 

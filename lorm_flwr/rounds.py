@@ -32,7 +32,13 @@ from lorm_flwr.config import ConfigError, RunConfig
 from lorm_flwr.continual import pool_personal
 from lorm_flwr.data.scenario import Scenario
 from lorm_flwr.evaluation import evaluate_global
-from lorm_flwr.exchange import ExchangeFailed, ExchangeLog, exchange
+from lorm_flwr.exchange import (
+    ExchangeFailed,
+    ExchangeLog,
+    FixedNodes,
+    exchange,
+    live_nodes,
+)
 from lorm_flwr.export import export_adapter
 from lorm_flwr.layout import group_of
 from lorm_flwr.limits import check_message_sizes
@@ -62,16 +68,7 @@ HELLO_TIMEOUT_SECONDS = 600.0
 def wait_for_nodes(grid: Grid, count: int, key: str = "min-clients") -> list[int]:
     """The connected nodes once there are ``count``; after ``NODE_WAIT_SECONDS``, an error
     naming the run-config ``key`` that asked for them."""
-    deadline = time.monotonic() + NODE_WAIT_SECONDS
-    while True:
-        nodes = sorted(grid.get_node_ids())
-        if len(nodes) >= count:
-            return nodes
-        if time.monotonic() > deadline:
-            raise RuntimeError(
-                f"only {len(nodes)} SuperNodes connected after {NODE_WAIT_SECONDS:.0f} s; {key}={count}"
-            )
-        time.sleep(1.0)
+    return live_nodes(grid, count, NODE_WAIT_SECONDS, key)
 
 
 def _hello(
@@ -93,11 +90,24 @@ def _hello(
 
 
 def _federation_size(cfg: RunConfig, replies: list[tuple[int, int, int]]) -> int:
-    totals = {num for _, _, num in replies}
-    if len(totals) != 1:
-        raise RuntimeError(f"nodes disagree on num-partitions: {sorted(totals)}")
-    num = totals.pop()
-    if cfg.num_clients and num != cfg.num_clients:
+    """The federation's num-partitions: ``num-clients`` when any node claims it, else the
+    count most nodes claim (a node that claims another is rejected by the caller).
+
+    When no node claims ``num-clients`` the federation is not the one the run asked
+    for, and the run stops at once with the remedy; nodes that disagree with no
+    majority stop it too, naming what each claims.
+    """
+    claims: dict[int, list[int]] = {}
+    for node, _, num in replies:
+        claims.setdefault(num, []).append(node)
+    if cfg.num_clients and cfg.num_clients in claims:
+        return cfg.num_clients
+    ranked = sorted(claims, key=lambda num: -len(claims[num]))
+    if len(ranked) > 1 and len(claims[ranked[0]]) == len(claims[ranked[1]]):
+        said = "; ".join(f"nodes {sorted(claims[num])}: {num}" for num in sorted(claims))
+        raise RuntimeError(f"nodes disagree on num-partitions with no majority ({said})")
+    num = ranked[0]
+    if cfg.num_clients:
         raise ConfigError(
             f"num-clients={cfg.num_clients}, but the federation has {num} partitions: start "
             f"{cfg.num_clients} clients (simulation: flwr run . --federation-config "
@@ -108,12 +118,45 @@ def _federation_size(cfg: RunConfig, replies: list[tuple[int, int, int]]) -> int
     return num
 
 
-def handshake(grid: Grid, cfg: RunConfig) -> tuple[dict[int, int], ExchangeLog]:
-    """Ask every node for its partition: node id -> partition id, ``0..N-1`` once each.
+def _consistent(
+    cfg: RunConfig, replies: list[tuple[int, int, int]], hello: ExchangeLog
+) -> tuple[dict[int, int], int]:
+    """Node id -> partition id of the nodes whose hello fits the federation, and its size.
+
+    A node that claims another num-partitions, or a partition another node claims too
+    (which of them is right cannot be told), is rejected and named in ``hello`` and
+    the log; it gets no message of this run.
+    """
+    num = _federation_size(cfg, replies)
+    claimed: dict[int, list[int]] = {}
+    for node, pid, n in replies:
+        if n == num:
+            claimed.setdefault(pid, []).append(node)
+    mapping: dict[int, int] = {}
+    for node, pid, n in replies:
+        if n != num:
+            reason = f"num-partitions={n}, but the federation has {num} partitions"
+        elif len(claimed[pid]) > 1:
+            reason = f"partition-id={pid} is claimed by nodes {sorted(claimed[pid])} too"
+        else:
+            mapping[node] = pid
+            continue
+        hello.rejected.append(f"hello, node {node}: {reason}")
+        hello.failed_nodes.append(node)
+        log.warning("hello: rejected node %d: %s", node, reason)
+    return mapping, num
+
+
+def handshake(grid: Grid, cfg: RunConfig) -> tuple[dict[int, int], ExchangeLog, int]:
+    """Ask every node for its partition: node id -> partition id, once each in ``0..N-1``;
+    the hello's log; the federation's size ``N``.
 
     The first replies tell the federation's size (a mismatch with ``num-clients`` stops
     here, at once); while fewer nodes than partitions are connected (a deployment still
-    starting), it waits for the rest and asks again.
+    starting), it waits for the rest and asks again. A node whose hello does not fit
+    (another num-partitions, a partition claimed twice) is rejected and named; the run
+    goes on without it, and without partitions no node answered for, while at least
+    ``min-clients`` nodes remain.
     """
     nodes = wait_for_nodes(grid, cfg.min_clients)
     replies, hello = _hello(grid, cfg, nodes)
@@ -121,21 +164,23 @@ def handshake(grid: Grid, cfg: RunConfig) -> tuple[dict[int, int], ExchangeLog]:
     if len(nodes) < num:
         nodes = wait_for_nodes(grid, num, key=f"num-partitions (num-clients={cfg.num_clients})")
         replies, again = _hello(grid, cfg, nodes)
-        num = _federation_size(cfg, replies)
         hello.merge(again)
-    mapping = {node: pid for node, pid, _ in replies}
-    pids = sorted(mapping.values())
-    if len(pids) != num or pids != list(range(num)):
-        missing = (
-            sorted(set(range(num)) - set(pids))
-            if num <= 10 * len(pids)
-            else f"{num - len(set(pids))}"
-        )
+    mapping, num = _consistent(cfg, replies, hello)
+    missing = sorted(set(range(num)) - set(mapping.values()))
+    shown = missing if len(missing) <= 20 else f"{len(missing)} partitions"
+    if len(mapping) < cfg.min_clients:
         raise RuntimeError(
-            f"partition ids {pids} of num-partitions={num} are not 0..N-1 once each "
-            f"(missing: {missing}; failures: {hello.failures})"
+            f"only {len(mapping)} nodes answered the hello with a partition of num-partitions="
+            f"{num} once each, min-clients={cfg.min_clients} needed (missing: {shown}; "
+            f"failures: {hello.failures}; rejected: {hello.rejected})"
         )
-    return mapping, hello
+    if missing:
+        log.warning(
+            "hello: no node answered for partitions %s of %d; the run goes on with %d clients "
+            "(min-clients=%d): those shards are not trained",
+            shown, num, len(mapping), cfg.min_clients,
+        )  # fmt: skip
+    return mapping, hello, num
 
 
 class FederatedRun:
@@ -189,6 +234,24 @@ class FederatedRun:
         chosen = rng.choice(len(nodes), size=k, replace=False)
         return {nodes[i] for i in chosen}
 
+    def redraw(
+        self, task: int, round_in_task: int, asked: set[int], failed: frozenset[int],
+        live: list[int], attempt: int,
+    ) -> set[int]:  # fmt: skip
+        """A retry's draw: the nodes of the failed draw ``asked`` that answered, and in place
+        of each that failed (``failed``: in any attempt), a live node never asked that has
+        not failed, drawn with the run's seed and the attempt (by partition, so every run
+        with the same failures redraws the same). When fewer are left, all of them."""
+        kept = (asked - failed) & set(live)  # a drawn node no longer connected got no message
+        pool = sorted(
+            (n for n in set(live) & set(self.partition_of) if n not in failed and n not in asked),
+            key=self.order,
+        )
+        need = min(self.cfg.clients_per_round - len(kept), len(pool))
+        seed = participants_seed(self.cfg.seed, task, round_in_task)
+        chosen = np.random.default_rng([seed, attempt]).choice(len(pool), size=need, replace=False)
+        return kept | {pool[i] for i in chosen}
+
     def trained_on(self, task: int) -> list[int]:
         """The nodes asked to train in any round of ``task`` (all without clients-per-round),
         in partition order; read from the results rows, so a resumed run agrees."""
@@ -205,23 +268,34 @@ class FederatedRun:
     def train_round(self, task: int, round_in_task: int, tensors: Tensors) -> Tensors:
         strategy, cfg = self.strategy, self.cfg
         started = time.perf_counter()
+        draws: list[set[int]] = []  # the nodes asked, attempt by attempt
+
+        def draw(failed: frozenset[int], live: list[int]) -> set[int]:
+            if not draws:
+                chosen = self.participants(task, round_in_task) or set(self.partition_of)
+            elif cfg.clients_per_round > 0:  # a retry asks others in place of the failed
+                chosen = self.redraw(task, round_in_task, draws[-1], failed, live, len(draws) + 1)
+            else:  # everyone, again
+                chosen = draws[-1]
+            draws.append(chosen)
+            return chosen
+
         try:
-            participants = self.participants(task, round_in_task)
             replies, merged, train, merge_seconds = train_exchange(
                 self.grid, strategy, tensors, round_in_task,
                 examples=lambda node: self.shard_size(node, task), order=self.order,
-                nodes=participants,
+                nodes=draw,
             )  # fmt: skip
         except ExchangeFailed as exc:
             exc.where = {"task": task, "round_in_task": round_in_task}
             raise
+        participants = draws[-1]
         row = RoundRow.from_exchange(task, round_in_task, train)
         row.merge_seconds = merge_seconds
         # Messages out, clients' work, replies in, checks and folds: the round less its merge.
         row.extra["exchange_seconds"] = time.perf_counter() - started - merge_seconds
-        if cfg.clients_per_round > 0:  # the partitions asked to train (all when the draw is all)
-            asked = participants if participants is not None else self.partition_of
-            row.extra["participants"] = sorted(self.partition_of[n] for n in asked)
+        if cfg.clients_per_round > 0:  # the partitions asked to train (the last attempt's)
+            row.extra["participants"] = sorted(self.partition_of[n] for n in participants)
         weights = [r.num_examples for r in replies]
         row.train_loss = sum(
             w * r.metrics[wire.TRAIN_LOSS] for w, r in zip(weights, replies)
@@ -264,11 +338,11 @@ class FederatedRun:
         arrays = wire.tensors_to_arrays(self.strategy.shared(tensors))
 
         def messages() -> list[Message]:
-            return list(
-                self.strategy.configure_evaluate(
-                    round_in_task + 1, arrays, ConfigRecord(), self.grid
-                )
+            live = live_nodes(self.grid, self.cfg.min_clients, self.cfg.round_timeout)
+            sent = self.strategy.configure_evaluate(
+                round_in_task + 1, arrays, ConfigRecord(), FixedNodes(self.grid, live)
             )
+            return [m for m in sent if m.metadata.dst_node_id in self.partition_of]
 
         def decode(msg: Message) -> tuple[list[int], list[int]]:
             return wire.decode_evaluation(
@@ -367,12 +441,15 @@ def train_exchange(
     *,
     examples: Callable[[int], int | None] = lambda node: None,
     order: Callable[[int], int] = lambda node: node,
-    nodes: set[int] | None = None,
+    nodes: set[int] | Callable[[frozenset[int], list[int]], set[int]] | None = None,
 ) -> tuple[Gathered, Merged, ExchangeLog, float]:
     """One training round of the current task: send, check, merge.
 
-    ``nodes``: train on these nodes only (partial participation); None: every node
-    Flower's sampling gives.
+    ``nodes``: train on these nodes only (partial participation); a function
+    ``nodes(failed, live)`` of the nodes that failed earlier attempts and the nodes
+    connected now, called once per attempt, to ask others in a retry; None: every node
+    connected. Before each attempt it waits, up to ``round-timeout``, for ``min-clients``
+    nodes to be connected, and fails the round when they are not.
     ``examples(node)``: the sample count the node must report (its shard size), or
     None to accept any positive count. Returns the checked replies (in ``order``,
     their Gram statistics already summed and dropped: see
@@ -384,10 +461,16 @@ def train_exchange(
     spec = strategy.reply_spec(plan)
     dtype = next(iter(tensors.values())).dtype  # every reply is cast to the global dtype
     arrays = wire.tensors_to_arrays(strategy.shared(tensors))
+    entry = ExchangeLog(kind="train")
 
     def messages() -> list[Message]:
-        sent = strategy.configure_train(round_in_task + 1, arrays, ConfigRecord(), grid)
-        return [m for m in sent if nodes is None or m.metadata.dst_node_id in nodes]
+        live = live_nodes(grid, cfg.min_clients, cfg.round_timeout)
+        chosen = nodes(frozenset(entry.failed_nodes), live) if callable(nodes) else nodes
+        # Flower's sampling sees the nodes just checked, so it never waits on its own.
+        sent = strategy.configure_train(
+            round_in_task + 1, arrays, ConfigRecord(), FixedNodes(grid, live)
+        )
+        return [m for m in sent if chosen is None or m.metadata.dst_node_id in chosen]
 
     def decode(msg: Message) -> wire.Reply:
         return wire.decode_reply(msg, spec, dtype, num_examples=examples(msg.metadata.src_node_id))
@@ -395,6 +478,7 @@ def train_exchange(
     gathered, log_ = exchange(
         grid, messages, decode, kind="train", min_replies=cfg.min_clients,
         retries=cfg.round_retries, timeout=cfg.round_timeout, order=order, fold=Gathered,
+        entry=entry,
     )  # fmt: skip
     begin = time.perf_counter()
     merged = strategy.merge(plan, gathered, tensors)
@@ -414,63 +498,22 @@ def _changes(strategy: LoraStrategy, before: Tensors, after: Tensors) -> dict[st
 
 
 def run_federated(grid: Grid, cfg: RunConfig, run_id: int | None = None) -> None:
-    """The whole federated run; results and a checkpoint are written after every round."""
+    """The whole federated run; results and a checkpoint are written after every round.
+
+    The run folder exists from the start: a run that fails at any point after it, the
+    hello included, leaves ``results.json`` with ``status: failed`` and the error (a
+    resumed run: the results its checkpoint holds, with the new error). Only a resume
+    refused before any work leaves the folder it names as it was.
+    """
     checkpoint = resume_point(cfg)  # a resume it cannot honour stops here
     if checkpoint is None:
         check_output_dir(cfg)  # so does an output folder it cannot write
-    partition_of, hello = handshake(grid, cfg)
-    num_clients = len(partition_of)
-    if cfg.clients_per_round > num_clients:
-        raise ConfigError(
-            f"clients-per-round={cfg.clients_per_round} is more than the {num_clients} clients "
-            "of this federation"
-        )
-    scenario = scenario_of(cfg, num_clients)  # impossible splits stop here
-    log.info(
-        "lorm-flwr: %s on %s, %d clients, %d tasks %s, shard sizes %s",
-        cfg.strategy, cfg.dataset, num_clients, scenario.num_tasks,
-        [list(t) for t in scenario.tasks], scenario.shard_sizes(),
-    )  # fmt: skip
-    strategy = strategy_class(cfg.strategy)(cfg, model_layout(model_of(cfg)))
-    if cfg.validation_fraction > 0 and not strategy.has_global_model:
-        log.warning(
-            "lorm-flwr: validation-fraction=%s holds the samples out of training (so the data "
-            "match other strategies' runs), but %s has no global model to score on them: its "
-            "evaluation stays personalised, on each client's test split",
-            cfg.validation_fraction, cfg.strategy,
-        )  # fmt: skip
-    message_bytes = check_message_sizes(strategy, cfg.max_message_bytes)  # too big stops here
-    tasks = [list(t) for t in scenario.tasks]
-    if checkpoint is None:
         folder = run_folder(cfg)
-        recorder = RunRecorder(cfg, folder, tasks, scenario.shard_sizes())
-        recorder.accuracy_kind = (
-            "global" if strategy.has_global_model else "personalised, sample-weighted over clients"
-        )
-        tensors = dict(initial_tensors(cfg))  # the same seeded start as every client's
-        first_task, first_round, elapsed = 0, 0, 0.0
     else:
         folder = checkpoint_path(cfg.resume_from).parent
-        recorder = RunRecorder(cfg, folder, tasks, scenario.shard_sizes())
+    recorder = RunRecorder(cfg, folder, tasks=[], shard_sizes=[])  # filled once the hello is done
+    if checkpoint is not None:
         recorder.load_state(checkpoint.recorder)
-        if checkpoint.recorder.get("shard_sizes", recorder.shard_sizes) != recorder.shard_sizes:
-            raise ConfigError(
-                f"resume-from: the checkpoint was made with shards {checkpoint.recorder['shard_sizes']}, "
-                f"this federation gives {recorder.shard_sizes}: start the same number of clients"
-            )
-        strategy.load_state_dict(checkpoint.strategy)
-        restore_rng(checkpoint.rng)
-        tensors = dict(checkpoint.tensors)
-        first_task, first_round, elapsed = (
-            checkpoint.task,
-            checkpoint.round_in_task,
-            checkpoint.elapsed_seconds,
-        )
-        recorder.resumed.append({"task": first_task, "round_in_task": first_round,
-                                 "at": time.strftime("%Y-%m-%d %H:%M:%S")})  # fmt: skip
-        log.info("lorm-flwr: resuming task %d round %d from %s", first_task, first_round,
-                 checkpoint_path(cfg.resume_from))  # fmt: skip
-    recorder.message_bytes = message_bytes
     if recorder.provenance:  # a resume: one more Flower run, maybe on other code or versions
         now = provenance(run_id)
         recorder.provenance["flower_run_ids"].append(run_id)
@@ -479,33 +522,9 @@ def run_federated(grid: Grid, cfg: RunConfig, run_id: int | None = None) -> None
         )
     else:
         recorder.provenance = provenance(run_id)
-    recorder.handshakes.append(
-        {**hello.to_dict(), "partitions": {str(n): p for n, p in partition_of.items()}}
-    )
     log.info("lorm-flwr: writing results to %s", folder)
-    start = time.perf_counter() - elapsed
-    run = FederatedRun(grid, cfg, strategy, scenario, recorder, partition_of, start)
-
-    def save(task: int, round_in_task: int, current: Tensors) -> None:
-        save_checkpoint(folder, Checkpoint(
-            config=cfg.to_dict(), task=task, round_in_task=round_in_task, tensors=current,
-            strategy=strategy.state_dict(),
-            recorder={**recorder.state(), "shard_sizes": recorder.shard_sizes},
-            rng=capture_rng(), elapsed_seconds=time.perf_counter() - start,
-        ))  # fmt: skip
-
     try:
-        for task in range(first_task, scenario.num_tasks):
-            round0 = first_round if task == first_task else 0
-            if round0 == 0:
-                tensors = strategy.begin_task(task, tensors)
-            else:
-                strategy.task = task  # mid-task: the factors are the checkpoint's
-            for round_in_task in range(round0, cfg.rounds_per_task):
-                tensors = run.train_round(task, round_in_task, tensors)
-                save(task, round_in_task + 1, tensors)
-            run.end_task(task, tensors)
-            save(task + 1, 0, tensors)
+        _run(grid, cfg, checkpoint, recorder)
     except BaseException as exc:
         recorder.status = "failed"
         recorder.error = f"{type(exc).__name__}: {exc}"
@@ -522,4 +541,81 @@ def run_federated(grid: Grid, cfg: RunConfig, run_id: int | None = None) -> None
             exc, folder, folder,
         )  # fmt: skip
         raise
+
+
+def _run(grid: Grid, cfg: RunConfig, checkpoint: Checkpoint | None, recorder: RunRecorder) -> None:
+    """The hello, the scenario, then tasks x rounds from the start or the checkpoint."""
+    partition_of, hello, num_clients = handshake(grid, cfg)
+    recorder.handshakes.append(
+        {**hello.to_dict(), "partitions": {str(n): p for n, p in partition_of.items()}}
+    )
+    if cfg.clients_per_round > len(partition_of):
+        raise ConfigError(
+            f"clients-per-round={cfg.clients_per_round} is more than the {len(partition_of)} "
+            "clients of this federation"
+        )
+    scenario = scenario_of(cfg, num_clients)  # impossible splits stop here
+    recorder.tasks = [list(t) for t in scenario.tasks]
+    recorder.shard_sizes = scenario.shard_sizes()
+    log.info(
+        "lorm-flwr: %s on %s, %d clients, %d tasks %s, shard sizes %s",
+        cfg.strategy, cfg.dataset, num_clients, scenario.num_tasks,
+        recorder.tasks, recorder.shard_sizes,
+    )  # fmt: skip
+    strategy = strategy_class(cfg.strategy)(cfg, model_layout(model_of(cfg)))
+    if cfg.validation_fraction > 0 and not strategy.has_global_model:
+        log.warning(
+            "lorm-flwr: validation-fraction=%s holds the samples out of training (so the data "
+            "match other strategies' runs), but %s has no global model to score on them: its "
+            "evaluation stays personalised, on each client's test split",
+            cfg.validation_fraction, cfg.strategy,
+        )  # fmt: skip
+    recorder.message_bytes = check_message_sizes(strategy, cfg.max_message_bytes)  # too big stops
+    if checkpoint is None:
+        recorder.accuracy_kind = (
+            "global" if strategy.has_global_model else "personalised, sample-weighted over clients"
+        )
+        tensors = dict(initial_tensors(cfg))  # the same seeded start as every client's
+        first_task, first_round, elapsed = 0, 0, 0.0
+    else:
+        saved_shards = checkpoint.recorder.get("shard_sizes", recorder.shard_sizes)
+        if saved_shards != recorder.shard_sizes:
+            raise ConfigError(
+                f"resume-from: the checkpoint was made with shards {saved_shards}, "
+                f"this federation gives {recorder.shard_sizes}: start the same number of clients"
+            )
+        strategy.load_state_dict(checkpoint.strategy)
+        restore_rng(checkpoint.rng)
+        tensors = dict(checkpoint.tensors)
+        first_task, first_round, elapsed = (
+            checkpoint.task,
+            checkpoint.round_in_task,
+            checkpoint.elapsed_seconds,
+        )
+        recorder.resumed.append({"task": first_task, "round_in_task": first_round,
+                                 "at": time.strftime("%Y-%m-%d %H:%M:%S")})  # fmt: skip
+        log.info("lorm-flwr: resuming task %d round %d from %s", first_task, first_round,
+                 checkpoint_path(cfg.resume_from))  # fmt: skip
+    start = time.perf_counter() - elapsed
+    run = FederatedRun(grid, cfg, strategy, scenario, recorder, partition_of, start)
+
+    def save(task: int, round_in_task: int, current: Tensors) -> None:
+        save_checkpoint(recorder.folder, Checkpoint(
+            config=cfg.to_dict(), task=task, round_in_task=round_in_task, tensors=current,
+            strategy=strategy.state_dict(),
+            recorder={**recorder.state(), "shard_sizes": recorder.shard_sizes},
+            rng=capture_rng(), elapsed_seconds=time.perf_counter() - start,
+        ))  # fmt: skip
+
+    for task in range(first_task, scenario.num_tasks):
+        round0 = first_round if task == first_task else 0
+        if round0 == 0:
+            tensors = strategy.begin_task(task, tensors)
+        else:
+            strategy.task = task  # mid-task: the factors are the checkpoint's
+        for round_in_task in range(round0, cfg.rounds_per_task):
+            tensors = run.train_round(task, round_in_task, tensors)
+            save(task, round_in_task + 1, tensors)
+        run.end_task(task, tensors)
+        save(task + 1, 0, tensors)
     recorder.finish(start)

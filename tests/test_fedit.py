@@ -151,7 +151,7 @@ BAD = {
     "Inf": "NaN or Inf",
     "wrong shape": "has shape",
     "float64 overflowing fp32": "NaN or Inf",
-    "negative count": "must be a positive integer",
+    "negative count": "metric num-examples=-3 is negative",
     "zero count": "must be a positive integer",
     "fractional count": "must be a positive integer",
     "count 1e15 (not the shard size)": "its shard has 10",

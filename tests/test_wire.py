@@ -125,34 +125,49 @@ def test_an_end_of_task_reply_without_its_statistics_is_refused():
 def test_the_handshake_maps_nodes_to_partitions_and_refuses_bad_hellos():
     cfg = RunConfig(min_clients=2, num_clients=0, round_retries=0)
     grid = ScriptedGrid([7, 9], [{7: wire.hello_reply(1, 2), 9: wire.hello_reply(0, 2)}])
-    mapping, log = handshake(grid, cfg)
-    assert mapping == {7: 1, 9: 0} and log.replies == 2 and log.bytes_up > 0
+    mapping, log, num = handshake(grid, cfg)
+    assert mapping == {7: 1, 9: 0} and num == 2 and log.replies == 2 and log.bytes_up > 0
     bad = RecordDict({wire.METRICS: MetricRecord({wire.PARTITION_ID: 5, wire.NUM_PARTITIONS: 2})})
     grid = ScriptedGrid([7, 9], [{7: wire.hello_reply(1, 2), 9: bad}])
     with pytest.raises(
         ExchangeFailed, match=r"node 9: partition-id=5 outside \[0, num-partitions=2\)"
     ):
         handshake(grid, cfg)
+    # Two nodes claim partition 1: which is right cannot be told, so both are rejected.
     grid = ScriptedGrid([7, 9], [{7: wire.hello_reply(1, 2), 9: wire.hello_reply(1, 2)}])
-    with pytest.raises(RuntimeError, match="not 0..N-1 once each"):
+    with pytest.raises(RuntimeError, match=r"only 0 nodes answered.*missing: \[0, 1\]") as info:
         handshake(grid, cfg)
+    assert "hello, node 9: partition-id=1 is claimed by nodes [7, 9] too" in str(info.value)
     grid = ScriptedGrid(
         [7, 9, 11], [{7: wire.hello_reply(1, 3), 9: wire.hello_reply(0, 3), 11: "silent"}]
     )
-    with pytest.raises(RuntimeError, match=r"missing: \[2\]"):  # partition 2's node never answered
-        handshake(grid, cfg)
+    with pytest.raises(ExchangeFailed, match=r"node 11: no reply \(timeout\)"):
+        handshake(grid, cfg.replace(min_clients=3))  # partition 2's node never answered
+    # With min-clients=2 the run goes on without partition 2 (its shard is not trained).
+    mapping, log, num = handshake(grid, cfg)
+    assert mapping == {7: 1, 9: 0} and num == 3 and log.timeouts == [11]
 
 
-def test_a_federation_of_another_size_than_num_clients_stops_with_the_remedy():
-    from lorm_flwr.config import ConfigError
-
-    grid = ScriptedGrid([7, 9], [{7: wire.hello_reply(1, 2), 9: wire.hello_reply(0, 2)}])
-    with pytest.raises(
-        ConfigError, match=r"num-clients=3, but the federation has 2 partitions.*num-supernodes=3"
-    ):
-        handshake(grid, RunConfig(num_clients=3))
-    mapping, _ = handshake(grid, RunConfig(num_clients=0))  # 0: whatever the federation has
-    assert sorted(mapping.values()) == [0, 1]
+def test_one_nodes_inconsistent_hello_is_rejected_and_named_and_the_run_goes_on():
+    """A node claiming num-partitions=4 in a federation of 3 used to stop the whole run."""
+    grid = ScriptedGrid(
+        [7, 9, 11, 13],
+        [{7: wire.hello_reply(0, 3), 9: wire.hello_reply(1, 3), 11: wire.hello_reply(2, 3),
+          13: wire.hello_reply(3, 4)}],
+    )  # fmt: skip
+    mapping, log, num = handshake(grid, RunConfig(num_clients=3))
+    assert mapping == {7: 0, 9: 1, 11: 2} and num == 3
+    assert log.rejected == ["hello, node 13: num-partitions=4, but the federation has 3 partitions"]
+    # Without num-clients the majority tells the federation's size.
+    mapping, log, num = handshake(grid, RunConfig(num_clients=0))
+    assert num == 3 and 13 not in mapping and log.failed_nodes == [13]
+    # Too few left: the run stops, naming the rejected node.
+    with pytest.raises(RuntimeError, match=r"only 3 nodes.*min-clients=4.*node 13: num-part"):
+        handshake(grid, RunConfig(num_clients=3, min_clients=4))
+    # No majority and no num-clients: the nodes and what each claims are named.
+    tie = ScriptedGrid([7, 9], [{7: wire.hello_reply(0, 3), 9: wire.hello_reply(1, 4)}])
+    with pytest.raises(RuntimeError, match=r"no majority \(nodes \[7\]: 3; nodes \[9\]: 4\)"):
+        handshake(tie, RunConfig(num_clients=0, min_clients=1))
 
 
 def test_the_handshake_waits_for_partitions_still_connecting():
@@ -162,7 +177,7 @@ def test_the_handshake_waits_for_partitions_still_connecting():
             return [7] if self.looks == 1 else [7, 9]
 
     grid = Connecting([7, 9], [{7: wire.hello_reply(1, 2), 9: wire.hello_reply(0, 2)}])
-    mapping, log = handshake(grid, RunConfig(min_clients=1, num_clients=2))
+    mapping, log, _ = handshake(grid, RunConfig(min_clients=1, num_clients=2))
     assert mapping == {7: 1, 9: 0} and log.attempts == 2 and grid.calls == 2
 
 
