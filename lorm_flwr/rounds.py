@@ -545,6 +545,9 @@ def run_federated(grid: Grid, cfg: RunConfig, run_id: int | None = None) -> None
 
 def _run(grid: Grid, cfg: RunConfig, checkpoint: Checkpoint | None, recorder: RunRecorder) -> None:
     """The hello, the scenario, then tasks x rounds from the start or the checkpoint."""
+    # The server's model first (cached): a lora-rank or max-length the backbone cannot
+    # hold stops the run here, before any node is asked anything.
+    layout = model_layout(model_of(cfg))
     partition_of, hello, num_clients = handshake(grid, cfg)
     recorder.handshakes.append(
         {**hello.to_dict(), "partitions": {str(n): p for n, p in partition_of.items()}}
@@ -562,7 +565,7 @@ def _run(grid: Grid, cfg: RunConfig, checkpoint: Checkpoint | None, recorder: Ru
         cfg.strategy, cfg.dataset, num_clients, scenario.num_tasks,
         recorder.tasks, recorder.shard_sizes,
     )  # fmt: skip
-    strategy = strategy_class(cfg.strategy)(cfg, model_layout(model_of(cfg)))
+    strategy = strategy_class(cfg.strategy)(cfg, layout)
     if cfg.validation_fraction > 0 and not strategy.has_global_model:
         log.warning(
             "lorm-flwr: validation-fraction=%s holds the samples out of training (so the data "

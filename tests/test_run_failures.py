@@ -139,3 +139,15 @@ def test_a_federation_of_the_wrong_size_leaves_a_failed_run_folder_with_the_reme
         run_federated(grid, cfg)
     results = _results(tmp_path)
     assert results["status"] == "failed" and "num-supernodes=3" in results["error"]
+
+
+def test_a_lora_rank_the_backbone_cannot_hold_stops_before_any_node_is_asked(tmp_path):
+    class Untouchable:
+        def __getattr__(self, name):
+            raise AssertionError(f"the grid was used ({name}) before the config was checked")
+
+    cfg = _cfg(tmp_path, **{"lora-rank": 1_000_000, "clients-per-round": 0})
+    with pytest.raises(ConfigError, match=r"lora-rank=1000000 is invalid: the smallest adapted"):
+        run_federated(Untouchable(), cfg)
+    results = _results(tmp_path)
+    assert results["status"] == "failed" and "lora-rank=1000000" in results["error"]
