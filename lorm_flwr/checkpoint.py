@@ -57,6 +57,7 @@ RESUMABLE_CHANGES = frozenset(
         "num-clients",  # checks the federation; the shards themselves are compared on resume
         "max-message-mb",
         "dry-run",
+        "resume-unverified",
     }
 )
 
@@ -187,17 +188,40 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 def resume_point(cfg: RunConfig) -> Checkpoint | None:
-    """The checkpoint ``resume-from`` names, checked against this run's config before any work."""
+    """The checkpoint ``resume-from`` names, checked against this run before any work.
+
+    A format without a checksum is refused unless ``resume-unverified=true``; then every
+    field is checked against this run's schedule, model and strategy
+    (:func:`lorm_flwr.checkpoint_checks.check_fields`), since a checksum in the same file
+    tells accidental damage only. Each refusal is a ``ConfigError`` naming the file.
+    """
+    from lorm_flwr.checkpoint_checks import CheckpointError, Invalid, check_fields
+
     if not cfg.resume_from:
         return None
+    where = f"resume-from={cfg.resume_from!r}"
     try:
         checkpoint = load_checkpoint(cfg.resume_from)
     except (FileNotFoundError, ValueError) as exc:
-        raise ConfigError(f"resume-from={cfg.resume_from!r}: {exc}") from None
+        raise ConfigError(f"{where}: {exc}") from None
+    file = checkpoint_path(cfg.resume_from)
+    if checkpoint.version < FORMAT_VERSION and not cfg.resume_unverified:
+        raise CheckpointError(
+            f"{where}: {file} has checkpoint format {checkpoint.version}, which carries no "
+            "checksum, so damage to it cannot be detected; resume from it anyway with "
+            "resume-unverified=true (its fields are still checked)"
+        )
+    config = checkpoint.config
+    if not (isinstance(config, dict) and all(isinstance(k, str) for k in config)):
+        raise CheckpointError(f"{where}: {file}: config is not a mapping of run-config keys")
     changes = config_changes(checkpoint.config, cfg.to_dict())
     if changes:
         raise ConfigError(
-            f"resume-from={cfg.resume_from!r}: the run config differs from the checkpoint's in "
+            f"{where}: the run config differs from the checkpoint's in "
             f"keys a resumed run must keep: {'; '.join(changes)}"
         )
+    try:
+        check_fields(checkpoint, cfg)
+    except Invalid as exc:
+        raise CheckpointError(f"{where}: {file} does not fit this run: {exc}") from None
     return checkpoint

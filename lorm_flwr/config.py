@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +96,7 @@ class RunConfig:
     round_timeout: float = 3600.0
     max_message_mb: float = 0.0
     resume_from: str = ""
+    resume_unverified: bool = False
 
     def __post_init__(self) -> None:
         # Resolve gram-alpha once, so that every reader sees the number actually used.
@@ -178,7 +180,8 @@ class RunConfig:
                 f"dataset '{self.dataset}' is {data_kind} but backbone '{self.backbone}' is a "
                 f"{model_kind} model; backbones for {data_kind}: {', '.join(fitting)}"
             )
-        _one_of("device", self.device, ("auto", "cpu", "cuda"), prefix_ok=("cuda:",))
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            _one_of("device", self.device, ("auto", "cpu", "cuda", "cuda:N"))
         for name in (
             "num_tasks",
             "rounds_per_task",
@@ -239,6 +242,11 @@ class RunConfig:
         _positive("round_timeout", self.round_timeout)
         _non_negative("max_message_mb", self.max_message_mb)
         # resume-from is checked by the ServerApp: clients (other machines) lack the file.
+        if self.resume_unverified and not self.resume_from:
+            raise ConfigError(
+                "resume-unverified=true applies to resume-from only (no resume-from given): "
+                "leave it at false"
+            )
         for name in ("gram_alpha", "head_gram_alpha"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -331,6 +339,9 @@ def _coerce(key: str, raw: Any, annotation: Any) -> Any:
                 raise TypeError
             return value
         if kind == "str":
+            # A TOML list or table would become its Python spelling ("['a', 'b']").
+            if not isinstance(raw, str | int | float):
+                raise TypeError
             return str(raw)
         if kind == "bool":
             if isinstance(raw, bool):
@@ -339,7 +350,10 @@ def _coerce(key: str, raw: Any, annotation: Any) -> Any:
                 return str(raw).lower() == "true"
             raise TypeError
     except (TypeError, ValueError):
-        raise ConfigError(f"{key}={raw!r} is invalid: expected a {kind}") from None
+        what = "a single value, not a list or table" if isinstance(raw, list | dict) else ""
+        raise ConfigError(
+            f"{key}={raw!r} is invalid: expected a {kind}{' (' + what + ')' if what else ''}"
+        ) from None
     return raw
 
 

@@ -38,6 +38,7 @@ from lorm_flwr.rounds import train_exchange
 from lorm_flwr.runtime import initial_tensors, model_of
 from lorm_flwr.strategies.fedit import FedIT
 from lorm_flwr.strategies.lorm import LoRM
+from tests.checkpoints import small_config, valid_checkpoint
 from tests.messages import ScriptedGrid, train_content
 
 SHAPES = {"l.lora_A.weight": (2, 3), "l.lora_B.weight": (4, 2), "linear_head.weight": (5, 4),
@@ -205,14 +206,12 @@ def test_the_server_refuses_a_resume_it_cannot_honour_before_any_work(tmp_path):
     from lorm_flwr.config import ConfigError
 
     with pytest.raises(ConfigError, match="no checkpoint"):
-        resume_point(RunConfig(resume_from=str(tmp_path)))
-    saved = RunConfig(lr=0.002)
-    save_checkpoint(tmp_path, Checkpoint(config=saved.to_dict(), task=0, round_in_task=1, tensors={},
-                                         strategy={}, recorder={}, rng=capture_rng(),
-                                         elapsed_seconds=0.0))  # fmt: skip
+        resume_point(small_config(resume_from=str(tmp_path)))
+    saved = small_config(lr=0.002)
+    save_checkpoint(tmp_path, valid_checkpoint(saved, task=0, round_in_task=1))
     with pytest.raises(ConfigError, match=r"lr: 0\.002 -> 0\.001"):
-        resume_point(RunConfig(resume_from=str(tmp_path)))
-    ok = resume_point(RunConfig(lr=0.002, resume_from=str(tmp_path), output_dir="/other"))
+        resume_point(small_config(resume_from=str(tmp_path)))
+    ok = resume_point(small_config(lr=0.002, resume_from=str(tmp_path), output_dir="/other"))
     assert ok.round_in_task == 1
 
 
