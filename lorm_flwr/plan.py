@@ -120,7 +120,7 @@ def _short(exc: BaseException) -> str:
 
 def _layout(cfg: RunConfig, plan: Plan):
     from lorm_flwr.data.datasets import DATASETS
-    from lorm_flwr.models.adapters import adapter_kind, attach_lora, model_layout
+    from lorm_flwr.models.adapters import adapter_kind, attach_lora, check_lora_rank, model_layout
     from lorm_flwr.models.backbones import BackboneUnavailableError, build_classifier
     from lorm_flwr.runtime import lora_targets
 
@@ -139,6 +139,7 @@ def _layout(cfg: RunConfig, plan: Plan):
         except (BackboneUnavailableError, OSError) as exc2:
             plan.unreachable.append(f"the architecture of '{cfg.backbone}': {_short(exc2)}")
             return None
+    check_lora_rank(base, lora_targets(cfg), cfg.lora_rank)
     model = attach_lora(
         base, rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=lora_targets(cfg),
         kind=adapter_kind(cfg.strategy), seed=cfg.seed,

@@ -18,7 +18,7 @@ import torch
 from peft import PeftModel
 
 from lorm_flwr.cache_checks import check_data, check_scenario
-from lorm_flwr.config import RunConfig
+from lorm_flwr.config import ConfigError, RunConfig
 from lorm_flwr.data.datasets import (
     DATASETS,
     LabelledData,
@@ -27,7 +27,7 @@ from lorm_flwr.data.datasets import (
     load_dataset,
 )
 from lorm_flwr.data.scenario import Scenario, build_scenario
-from lorm_flwr.models.adapters import adapter_kind, attach_lora
+from lorm_flwr.models.adapters import adapter_kind, attach_lora, check_lora_rank
 from lorm_flwr.models.backbones import BACKBONES, build_classifier
 from lorm_flwr.node_cache import (
     Damaged,
@@ -89,10 +89,16 @@ def _prepare_data(
     if BACKBONES[backbone].modality != "text":
         return data
     from lorm_flwr.data.text import encode
-    from lorm_flwr.models.backbones import load_tokenizer
+    from lorm_flwr.models.backbones import load_tokenizer, max_positions
 
-    tokenizer = load_tokenizer(checkpoint or BACKBONES[backbone].weights())
-    return encode(data, tokenizer, max_length)
+    path = checkpoint or BACKBONES[backbone].weights()
+    positions = max_positions(path)
+    if positions is not None and max_length > positions:  # before (N, max-length) is allocated
+        raise ConfigError(
+            f"max-length={max_length} is invalid: backbone '{backbone}' takes at most "
+            f"{positions} tokens; give max-length <= {positions}"
+        )
+    return encode(data, load_tokenizer(path), max_length)
 
 
 _VALIDATION = ("validation_x", "validation_y")
@@ -210,10 +216,14 @@ def lora_targets(cfg: RunConfig) -> list[str]:
 
 @functools.lru_cache(maxsize=3)
 def _cached_model(
-    backbone: str, image_size: int, num_classes: int, seed: int, rank: int, alpha: float,
-    targets: tuple[str, ...], device: str, kind: str, checkpoint: str, dropout: float,
+    backbone: str, image_size: int, num_classes: int, seed: int, rank: int, configured_rank: int,
+    alpha: float, targets: tuple[str, ...], device: str, kind: str, checkpoint: str,
+    dropout: float,
 ) -> PeftModel:  # fmt: skip
     base = build_classifier(backbone, image_size, num_classes, seed, checkpoint)
+    # The run's lora-rank must fit every adapted layer; LoRM's end-of-task model of rank
+    # (t+1) r may exceed it (its factors are only ever sent, never merged further).
+    check_lora_rank(base, list(targets), configured_rank)
     model = attach_lora(
         base, rank=rank, alpha=alpha, targets=list(targets), kind=kind, seed=seed, dropout=dropout
     )
@@ -231,6 +241,7 @@ def initial_tensors(cfg: RunConfig) -> dict[str, torch.Tensor]:
         cfg.backbone, cfg.image_size, data_of(cfg).num_classes, cfg.seed, cfg.backbone_checkpoint
     )
     kind = adapter_kind(cfg.strategy)
+    check_lora_rank(base, lora_targets(cfg), cfg.lora_rank)
     model = attach_lora(
         base, rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=lora_targets(cfg),
         kind=kind, seed=cfg.seed,
@@ -248,6 +259,7 @@ def model_of(
         data_of(cfg).num_classes,
         cfg.seed,
         rank or cfg.lora_rank,
+        cfg.lora_rank,
         alpha if alpha is not None else cfg.lora_alpha,
         tuple(lora_targets(cfg)),
         str(pick_device(cfg.device)),

@@ -43,6 +43,10 @@ def test_pyproject_defaults_parse_and_match_dataclass():
         ("image-size", 1_000_000, "image-size=1000000 is invalid: must be in [8, 1024]"),
         ("num-clients", -1, "num-clients=-1 is invalid: must be >= 0"),
         ("num-clients", 1, "min-clients=2 is invalid: more than num-clients=1"),
+        ("device", "cuda:abc", "device='cuda:abc' is not known"),
+        ("device", "cuda:", "device='cuda:' is not known"),
+        ("lora-targets", ["conv_pw", "conv_pwl"], "expected a str (a single value, not a list"),
+        ("output-dir", {"a": 1}, "expected a str (a single value, not a list or table)"),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(key, value, fragment):
@@ -93,3 +97,34 @@ def test_gram_alpha_auto_is_each_strategys_default_and_a_number_overrides_it():
     for bad in ("full", True, float("nan")):
         with pytest.raises(ConfigError, match="gram-alpha="):
             RunConfig.from_mapping({"gram-alpha": bad})
+
+
+def test_valid_device_strings_pass():
+    for device in ("auto", "cpu", "cuda", "cuda:0", "cuda:12"):
+        assert RunConfig.from_mapping({"device": device}).device == device
+
+
+def test_the_dry_run_bounds_lora_rank_by_the_smallest_adapted_layer():
+    """lora-rank=1000000 used to reach peft and die with a raw allocator error."""
+    from lorm_flwr.plan import main as plan_main
+    from lorm_flwr.plan import make_plan
+
+    cfg = RunConfig.from_mapping({"dataset": "digits", "image-size": 16, "lora-rank": 1_000_000})
+    with pytest.raises(ValueError, match=r"lora-rank=1000000 is invalid: the smallest adapted "
+                       r"layer, .*, has dimension 16; give lora-rank <= 16"):  # fmt: skip
+        make_plan(cfg, 3)
+    with pytest.raises(SystemExit, match="lora-rank=17 is invalid"):
+        plan_main(["--clients", "3", "dataset='digits'", "image-size=16", "lora-rank=17"])
+    assert make_plan(cfg.replace(lora_rank=16), 3).adapter_parameters > 0
+
+
+def test_the_dry_run_bounds_max_length_by_the_text_backbones_positions():
+    """max-length=1000000000 used to allocate (N, 1e9) token ids and die."""
+    from lorm_flwr.plan import make_plan
+
+    cfg = RunConfig.from_mapping(
+        {"dataset": "bbc-news", "backbone": "minilm", "max-length": 1_000_000_000}
+    )
+    with pytest.raises(ConfigError, match=r"max-length=1000000000 is invalid: backbone 'minilm' "
+                       r"takes at most 512 tokens"):  # fmt: skip
+        make_plan(cfg, 3)

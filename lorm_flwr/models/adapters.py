@@ -20,6 +20,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 
+from lorm_flwr.config import ConfigError
 from lorm_flwr.layout import HEAD, AdaptedLayer, ModelLayout, group_of
 from lorm_flwr.models.backbones import Classifier
 
@@ -60,6 +61,36 @@ def _layer_names(model: nn.Module) -> str:
         if isinstance(m, nn.Conv2d | nn.Linear)
     }
     return ", ".join(sorted(leaf))
+
+
+def _targeted(name: str, targets: list[str]) -> bool:
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def check_lora_rank(model: nn.Module, targets: list[str], rank: int) -> None:
+    """Raise :class:`~lorm_flwr.config.ConfigError` (naming ``lora-rank``) when ``rank`` exceeds the smallest
+    dimension of an adapted layer: a Linear's ``min(d_in, d_out)``, a convolution's
+    ``min(c_in * kh * kw / groups, c_out)``. Past it the factors are no longer low rank
+    and, for absurd values, peft's allocation of A ``(r, k)`` fails with a raw allocator
+    error instead of this message."""
+    smallest: tuple[int, str] | None = None
+    for name, module in model.named_modules():
+        if not _targeted(name, targets):
+            continue
+        if isinstance(module, nn.Linear):
+            dim = min(module.in_features, module.out_features)
+        elif isinstance(module, nn.Conv2d):
+            fan_in = module.in_channels * math.prod(module.kernel_size) // module.groups
+            dim = min(fan_in, module.out_channels)
+        else:
+            continue
+        if smallest is None or dim < smallest[0]:
+            smallest = (dim, name)
+    if smallest is not None and rank > smallest[0]:
+        raise ConfigError(
+            f"lora-rank={rank} is invalid: the smallest adapted layer, {smallest[1]}, has "
+            f"dimension {smallest[0]}; give lora-rank <= {smallest[0]} (or fewer lora-targets)"
+        )
 
 
 def attach_lora(

@@ -111,6 +111,23 @@ def _hf_text(weights: Callable[[], str]) -> Callable[[int, str], nn.Module]:
     return build
 
 
+def max_positions(path: str) -> int | None:
+    """The longest input (tokens) a text backbone's weights take: the smaller of the
+    tokenizer's ``model_max_length`` and the model's ``max_position_embeddings`` (RoBERTa
+    keeps two of those for padding), or None when neither says."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    limits = [int(getattr(config, "max_position_embeddings", 0) or 0)]
+    if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+        limits[0] -= 2  # positions start after the padding index
+    tokenizer_limit = getattr(load_tokenizer(path), "model_max_length", 0) or 0
+    if 0 < tokenizer_limit < 10**8:  # transformers' "no limit" is a huge sentinel
+        limits.append(int(tokenizer_limit))
+    limits = [n for n in limits if n > 0]
+    return min(limits) if limits else None
+
+
 def load_tokenizer(path: str):
     """The tokenizer that belongs to a text backbone's weights."""
     from transformers import AutoTokenizer
