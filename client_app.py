@@ -1,7 +1,7 @@
-"""Flower ClientApp: each message goes to its handler in :mod:`lorm_flwr.client_handlers`.
+"""Flower ClientApp: each message goes to its handler in :mod:`lorm_flwr.client.handlers`.
 
 The handlers run in this process, or, with ``LORM_FLWR_NODE_WORKER=1`` on a deployed
-SuperNode, in the node's long-lived worker (:mod:`lorm_flwr.node_worker`): Flower starts
+SuperNode, in the node's long-lived worker (:mod:`lorm_flwr.client.node_worker`): Flower starts
 a fresh process like this one for every deployed message, and the worker spares it the
 imports and the model build. Nothing heavy is imported here for that reason.
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from lorm_flwr.node_worker import handle
+from lorm_flwr.client.node_worker import handle
 
 app = ClientApp()
 

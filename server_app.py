@@ -1,8 +1,8 @@
 """Flower ServerApp: parses the run config once and hands over to the run.
 
-Thin: the federated loop is :mod:`lorm_flwr.rounds`, every message goes through
-:mod:`lorm_flwr.exchange` and :mod:`lorm_flwr.wire`, the merges live in the
-strategies and the math in :mod:`lorm_flwr.merge` and :mod:`lorm_flwr.cross_task`.
+Thin: the federated run is :mod:`lorm_flwr.server.run`, every message goes through
+:mod:`lorm_flwr.server.exchange` and :mod:`lorm_flwr.wire`, the merges live in the
+strategies and the math in :mod:`lorm_flwr.math.merge` and :mod:`lorm_flwr.math.cross_task`.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from lorm_flwr.config import RunConfig
-from lorm_flwr.joint import JOINT_STRATEGIES, main_joint
-from lorm_flwr.rounds import run_federated, wait_for_nodes
 from lorm_flwr.runtime import keep_server_heap_flat
+from lorm_flwr.server.hello import wait_for_nodes
+from lorm_flwr.server.joint import JOINT_STRATEGIES, main_joint
+from lorm_flwr.server.run import run_federated
 
 log = logging.getLogger("flwr.lorm")
 app = ServerApp()
@@ -23,7 +24,7 @@ app = ServerApp()
 
 def _dry_run(grid: Grid, cfg: RunConfig) -> None:
     """Print the plan (tasks, shards, message sizes) and stop; nothing is trained."""
-    from lorm_flwr.plan import make_plan
+    from lorm_flwr.server.plan import make_plan
 
     if cfg.strategy in JOINT_STRATEGIES:
         plan = make_plan(cfg, 1)

@@ -1,9 +1,9 @@
 """Client overhead of LoRM: the statistics passes relative to local training.
 
-Runs the client's real code path (:func:`lorm_flwr.client.train_round`, which
+Runs the client's real code path (:func:`lorm_flwr.client.round.train_round`, which
 times its training and its statistics pass separately) on one client's shard of
 task 0, alternating a B-round and an A-round, plus the end-of-task Gram pass
-(:func:`lorm_flwr.client.task_grams`). Each ratio is taken within one repeat, then
+(:func:`lorm_flwr.client.round.task_grams`). Each ratio is taken within one repeat, then
 the median over ``--repeats`` is reported.
 
 - B-round pass: a no-grad forward recording ``A G A^T`` (r x r) per layer and the
@@ -27,8 +27,9 @@ import time
 import torch
 
 from benchmarks.compare import _parse_sets
-from lorm_flwr import client, wire
-from lorm_flwr.client import task_grams, train_round
+from lorm_flwr import wire
+from lorm_flwr.client import round as client
+from lorm_flwr.client.round import task_grams, train_round
 from lorm_flwr.config import RunConfig
 from lorm_flwr.runtime import initial_tensors, scenario_of
 

@@ -23,8 +23,8 @@ import threading
 import time
 from pathlib import Path
 
+from harness.local_federation import load_results, simulation_superlink
 from lorm_flwr import report
-from lorm_flwr.local_federation import load_results, simulation_superlink
 
 
 def _parse_sets(items: list[str]) -> dict:

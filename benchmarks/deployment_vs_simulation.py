@@ -5,7 +5,7 @@ this machine. Deployment: ``scripts/deploy_local.sh`` starts a SuperLink and 3
 SuperNodes on 127.0.0.1 first (long-lived in a real deployment, so not timed), then
 ``flwr run . local-deploy``; once with every message handled in its fresh ClientApp
 process (``LORM_FLWR_NODE_WORKER=0``), once through each node's long-lived worker
-(``lorm_flwr/node_worker.py``, the script's default). Simulation: a simulation
+(``lorm_flwr/client/node_worker.py``, the script's default). Simulation: a simulation
 SuperLink, then ``flwr run`` (Ray and its actors start inside the timed span, as they
 do for every simulated run). Each row starts with an empty node cache of its own
 (``LORM_FLWR_CACHE``), so each pays its first data preparation once. Timed: from
@@ -38,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lorm_flwr.local_federation import BIN, processes_mentioning, simulation_superlink
+from harness.local_federation import BIN, processes_mentioning, simulation_superlink
 
 ROUNDS = 2
 CLIENTS = 3

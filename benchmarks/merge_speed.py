@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from lorm_flwr.merge import gram_sum, merge_from_sums
+from lorm_flwr.math.merge import gram_sum, merge_from_sums
 
 
 def reference_a_step(uploads, grams):

@@ -24,7 +24,7 @@ import time
 import tracemalloc
 from multiprocessing.connection import Client, Connection, Listener
 
-from lorm_flwr.worker_framing import recv_frame, send_frames
+from lorm_flwr.client.worker_framing import recv_frame, send_frames
 
 AUTHKEY = b"lorm-flwr-bench"
 FAR = 3600.0  # a deadline that never passes in this benchmark

@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lorm_flwr.local_federation import simulation_superlink
+from harness.local_federation import simulation_superlink
 
 SCENARIO = {
     "dataset": "digits",

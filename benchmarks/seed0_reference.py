@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from lorm_flwr.local_federation import load_results, simulation_superlink
+from harness.local_federation import load_results, simulation_superlink
 
 STRATEGIES = ("lorm", "fedit")
 

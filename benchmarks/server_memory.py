@@ -2,7 +2,7 @@
 
 The real strategy (default ``lorm``) merges an A-round, the round with the largest
 replies (every adapted layer's full Gram), through the real round path
-(``lorm_flwr.rounds.train_exchange``: push, pull a window of replies in partition
+(``lorm_flwr.server.rounds.train_exchange``: push, pull a window of replies in partition
 order, check, fold into fp64 sums, merge) on a stand-in Grid that plays the
 SuperLink: it builds each client's valid reply of the real shapes of a small
 backbone (ViT-tiny at 16 px) only when the server pulls it, as a SuperLink holds
@@ -40,10 +40,10 @@ def measure(clients: int, strategy_name: str) -> dict:
     from lorm_flwr import wire
     from lorm_flwr.config import RunConfig
     from lorm_flwr.models.adapters import model_layout
-    from lorm_flwr.packing import pack_content
     from lorm_flwr.registry import strategy_class
-    from lorm_flwr.rounds import train_exchange
     from lorm_flwr.runtime import initial_tensors, keep_server_heap_flat, model_of
+    from lorm_flwr.server.rounds import train_exchange
+    from lorm_flwr.wire.packing import pack_content
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = (
         1,

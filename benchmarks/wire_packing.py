@@ -1,10 +1,10 @@
 """Flower objects and bytes of each message one client sends or receives, as built and packed.
 
 For each strategy on the default configuration (``--run-config`` style overrides with
-``--set key=value``), every message kind of ``lorm_flwr.limits.message_shapes`` is
+``--set key=value``), every message kind of ``lorm_flwr.wire.limits.message_shapes`` is
 built with random float32 tensors of its shapes (random, so that no two arrays share
 an object id: Flower sends identical objects once), then packed as the exchange does
-(``lorm_flwr.packing``). Reported per message: arrays, the Flower objects a hop moves
+(``lorm_flwr.wire.packing``). Reported per message: arrays, the Flower objects a hop moves
 (``get_all_nested_objects``: the message, its records, arrays and array chunks),
 Flower's byte count (``count_bytes``), and the time to pack and unpack it.
 
@@ -30,11 +30,11 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from lorm_flwr import wire
 from lorm_flwr.config import RunConfig
-from lorm_flwr.limits import message_shapes
 from lorm_flwr.models.adapters import model_layout
-from lorm_flwr.packing import pack_content, unpack_content
 from lorm_flwr.registry import strategy_class
 from lorm_flwr.runtime import model_of
+from lorm_flwr.wire.limits import message_shapes
+from lorm_flwr.wire.packing import pack_content, unpack_content
 
 STRATEGIES = ("lorm", "fedit", "ffa", "fedsa", "regmean")
 # Messages built outside a run read dummy run, node and task ids.

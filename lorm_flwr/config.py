@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lorm_flwr.errors import ConfigError
+
 __all__ = ["GRAM_ALPHA_DEFAULTS", "ConfigError", "RunConfig"]
 
 # Every derived seed (lorm_flwr.seeds) must stay an int64 on the wire and a valid
@@ -27,10 +29,6 @@ MAX_IMAGE_SIZE = 1024
 # RegMean's merge of whole deltas collapses class-incrementally with them.
 GRAM_ALPHA_DEFAULTS = {"lorm": 1.0, "regmean": 0.0}
 GRAM_ALPHA_FALLBACK = 1.0  # strategies that send no Grams
-
-
-class ConfigError(ValueError):
-    """A run-config value is invalid. The message names the key, the value and what is allowed."""
 
 
 def _key(name: str) -> str:
@@ -151,6 +149,14 @@ class RunConfig:
 
     # -------------------------------------------------------------- validation
     def validate(self) -> None:
+        """Every key's value, then the keys that only some strategies read."""
+        self._check_names()
+        self._check_numbers()
+        self._check_federation()
+        self._check_strategy_keys()
+
+    def _check_names(self) -> None:
+        """Names from a registry or a fixed list; data and backbone of the same kind."""
         # Imported here: the registries import torch-heavy modules lazily, and the
         # config module must stay importable without them.
         from lorm_flwr.data.datasets import DATASETS
@@ -182,6 +188,14 @@ class RunConfig:
             )
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             _one_of("device", self.device, ("auto", "cpu", "cuda", "cuda:N"))
+
+    def _check_numbers(self) -> None:
+        """Sizes, rates and fractions within their ranges."""
+        # Imported here: the registries import torch-heavy modules lazily, and the
+        # config module must stay importable without them.
+        from lorm_flwr.data.datasets import DATASETS
+        from lorm_flwr.models.backbones import BACKBONES
+
         for name in (
             "num_tasks",
             "rounds_per_task",
@@ -221,32 +235,6 @@ class RunConfig:
         _non_negative("seed", self.seed)
         if self.seed > MAX_SEED:
             raise ConfigError(f"seed={self.seed} is invalid: must be in [0, {MAX_SEED}]")
-        _non_negative("num_clients", self.num_clients)
-        if self.num_clients and self.min_clients > self.num_clients:
-            raise ConfigError(
-                f"min-clients={self.min_clients} is invalid: more than num-clients={self.num_clients}"
-            )
-        self._check_strategy_keys()
-        _non_negative("clients_per_round", self.clients_per_round)
-        if self.clients_per_round and self.clients_per_round < self.min_clients:
-            raise ConfigError(
-                f"clients-per-round={self.clients_per_round} is invalid: fewer than "
-                f"min-clients={self.min_clients}, so no round could merge"
-            )
-        if self.num_clients and self.clients_per_round > self.num_clients:
-            raise ConfigError(
-                f"clients-per-round={self.clients_per_round} is invalid: more than "
-                f"num-clients={self.num_clients}"
-            )
-        _non_negative("round_retries", self.round_retries)
-        _positive("round_timeout", self.round_timeout)
-        _non_negative("max_message_mb", self.max_message_mb)
-        # resume-from is checked by the ServerApp: clients (other machines) lack the file.
-        if self.resume_unverified and not self.resume_from:
-            raise ConfigError(
-                "resume-unverified=true applies to resume-from only (no resume-from given): "
-                "leave it at false"
-            )
         for name in ("gram_alpha", "head_gram_alpha"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -274,6 +262,34 @@ class RunConfig:
             )
         if not self.output_dir.strip():
             raise ConfigError("output-dir='' is invalid: give a folder path")
+
+    def _check_federation(self) -> None:
+        """Clients, participation, retries and resuming."""
+        _non_negative("num_clients", self.num_clients)
+        if self.num_clients and self.min_clients > self.num_clients:
+            raise ConfigError(
+                f"min-clients={self.min_clients} is invalid: more than num-clients={self.num_clients}"
+            )
+        _non_negative("clients_per_round", self.clients_per_round)
+        if self.clients_per_round and self.clients_per_round < self.min_clients:
+            raise ConfigError(
+                f"clients-per-round={self.clients_per_round} is invalid: fewer than "
+                f"min-clients={self.min_clients}, so no round could merge"
+            )
+        if self.num_clients and self.clients_per_round > self.num_clients:
+            raise ConfigError(
+                f"clients-per-round={self.clients_per_round} is invalid: more than "
+                f"num-clients={self.num_clients}"
+            )
+        _non_negative("round_retries", self.round_retries)
+        _positive("round_timeout", self.round_timeout)
+        _non_negative("max_message_mb", self.max_message_mb)
+        # resume-from is checked by the ServerApp: clients (other machines) lack the file.
+        if self.resume_unverified and not self.resume_from:
+            raise ConfigError(
+                "resume-unverified=true applies to resume-from only (no resume-from given): "
+                "leave it at false"
+            )
 
     def _check_strategy_keys(self) -> None:
         """Keys that only one kind of strategy reads: set for another, they would do nothing."""
@@ -308,15 +324,6 @@ class RunConfig:
         side when set (> 0), ``lr`` otherwise (and for the head)."""
         chosen = {"A": self.lr_a, "B": self.lr_b}.get(group, 0.0)
         return chosen if chosen > 0 else self.lr
-
-    @property
-    def max_message_bytes(self) -> int:
-        """The largest message allowed: ``max-message-mb``, or Flower's gRPC limit when 0."""
-        from flwr.common import GRPC_MAX_MESSAGE_LENGTH
-
-        if self.max_message_mb <= 0:
-            return int(GRPC_MAX_MESSAGE_LENGTH)
-        return min(int(self.max_message_mb * 2**20), int(GRPC_MAX_MESSAGE_LENGTH))
 
     @property
     def output_root(self) -> Path:

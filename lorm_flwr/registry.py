@@ -1,6 +1,6 @@
 """Strategy registry: the run-config ``strategy`` name -> strategy class.
 
-A new strategy is one module under ``lorm_flwr/strategies/`` plus one line here.
+A new strategy is one module under ``lorm_flwr/server/strategies/`` plus one line here.
 This module sits outside that package and imports the classes lazily, so that
 ``lorm_flwr.config`` (which every ClientApp handler runs) validates names without
 importing any server code.
@@ -12,17 +12,17 @@ import importlib
 
 # name -> "module:Class"
 STRATEGIES: dict[str, str] = {
-    "fedit": "lorm_flwr.strategies.fedit:FedIT",
-    "lorm": "lorm_flwr.strategies.lorm:LoRM",
-    "fedsa": "lorm_flwr.strategies.fedsa:FedSA",
-    "fedsa-rslora": "lorm_flwr.strategies.fedsa:FedSA",
-    "fedsa-vera": "lorm_flwr.strategies.fedsa:FedSA",
-    "ffa": "lorm_flwr.strategies.ffa:FFA",
-    "regmean": "lorm_flwr.strategies.regmean:RegMean",
-    # Not federated: run by lorm_flwr.joint in the ServerApp process. FedIT's
+    "fedit": "lorm_flwr.server.strategies.fedit:FedIT",
+    "lorm": "lorm_flwr.server.strategies.lorm:LoRM",
+    "fedsa": "lorm_flwr.server.strategies.fedsa:FedSA",
+    "fedsa-rslora": "lorm_flwr.server.strategies.fedsa:FedSA",
+    "fedsa-vera": "lorm_flwr.server.strategies.fedsa:FedSA",
+    "ffa": "lorm_flwr.server.strategies.ffa:FFA",
+    "regmean": "lorm_flwr.server.strategies.regmean:RegMean",
+    # Not federated: run by lorm_flwr.server.joint in the ServerApp process. FedIT's
     # layout-only use of the class keeps the registry uniform.
-    "joint": "lorm_flwr.strategies.fedit:FedIT",
-    "joint-incremental": "lorm_flwr.strategies.fedit:FedIT",
+    "joint": "lorm_flwr.server.strategies.fedit:FedIT",
+    "joint-incremental": "lorm_flwr.server.strategies.fedit:FedIT",
 }
 
 

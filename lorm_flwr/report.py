@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorm_flwr.checkpoint import RESUMABLE_CHANGES
 from lorm_flwr.config import RunConfig
+from lorm_flwr.server.checkpoint import RESUMABLE_CHANGES
 
 __all__ = ["Run", "find_runs", "group_runs", "main", "markdown", "plot"]
 

@@ -17,7 +17,16 @@ import numpy as np
 import torch
 from peft import PeftModel
 
-from lorm_flwr.cache_checks import check_data, check_scenario
+from lorm_flwr.cache.checks import check_data, check_scenario
+from lorm_flwr.cache.node_cache import (
+    Damaged,
+    Entry,
+    NotCacheable,
+    cached,
+    load_arrays,
+    save_arrays,
+    versions,
+)
 from lorm_flwr.config import ConfigError, RunConfig
 from lorm_flwr.data.datasets import (
     DATASETS,
@@ -29,15 +38,6 @@ from lorm_flwr.data.datasets import (
 from lorm_flwr.data.scenario import Scenario, build_scenario
 from lorm_flwr.models.adapters import adapter_kind, attach_lora, check_lora_rank
 from lorm_flwr.models.backbones import BACKBONES, build_classifier
-from lorm_flwr.node_cache import (
-    Damaged,
-    Entry,
-    NotCacheable,
-    cached,
-    load_arrays,
-    save_arrays,
-    versions,
-)
 from lorm_flwr.seeds import validation_split_seed
 from lorm_flwr.train import InputSpec, TokenInputs, pick_device
 
@@ -129,7 +129,7 @@ def _load_data(
 
 @functools.lru_cache(maxsize=4)
 def scenario_of(cfg: RunConfig, num_clients: int) -> Scenario:
-    """Tasks and every client's shards; drawn once per node (:mod:`lorm_flwr.node_cache`)."""
+    """Tasks and every client's shards; drawn once per node (:mod:`lorm_flwr.cache.node_cache`)."""
     data = data_of(cfg)
     key = {
         "labels": hashlib.sha256(np.ascontiguousarray(data.train_y).tobytes()).hexdigest(),

@@ -165,7 +165,7 @@ def batches(
 def _parameter_groups(model: nn.Module, lr: float | Mapping[str, float]) -> list[dict]:
     """Trainable parameters grouped as the adapter's A side, B side and the rest (the head),
     each with its learning rate (``lr`` a float: the same for all)."""
-    from lorm_flwr.layout import GROUPS
+    from lorm_flwr.models.layout import GROUPS
 
     rates = dict.fromkeys(("A", "B", "head"), lr) if isinstance(lr, float | int) else lr
     groups: dict[str, list] = {"A": [], "B": [], "head": []}

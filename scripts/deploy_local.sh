@@ -70,7 +70,7 @@ start)
   echo $! > "$state/pids"
   wait_port "$port" "$!" flower-superlink
   for k in $(seq 0 $((n - 1))); do
-    # Each SuperNode's messages go to its long-lived node worker (lorm_flwr/node_worker.py)
+    # Each SuperNode's messages go to its long-lived node worker (lorm_flwr/client/node_worker.py)
     # unless LORM_FLWR_NODE_WORKER=0 is set: a fresh ClientApp process per message then
     # relays instead of importing torch and building the model again.
     LORM_FLWR_NODE_WORKER="${LORM_FLWR_NODE_WORKER:-1}" setsid "$bin_dir/flower-supernode" "${node_tls[@]}" --superlink "127.0.0.1:$port" \

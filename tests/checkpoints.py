@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from lorm_flwr.checkpoint import Checkpoint, capture_rng
 from lorm_flwr.config import RunConfig
-from lorm_flwr.cross_task import TaskHistory, fold_task
+from lorm_flwr.math.cross_task import TaskHistory, fold_task
 from lorm_flwr.models.adapters import model_layout
 from lorm_flwr.registry import strategy_class
 from lorm_flwr.runtime import initial_tensors, model_of
+from lorm_flwr.server.checkpoint import Checkpoint, capture_rng
 
 # The small model other tests use for speed.
 SMALL = {"dataset": "digits", "backbone": "vit-tiny", "image_size": 16, "lora_rank": 2}

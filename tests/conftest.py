@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-# The node cache (lorm_flwr.node_cache) of this test session: shared by its processes, never
+# The node cache (lorm_flwr.cache.node_cache) of this test session: shared by its processes, never
 # the user's ~/.cache, removed at exit.
 if "LORM_FLWR_CACHE" not in os.environ:
     os.environ["LORM_FLWR_CACHE"] = tempfile.mkdtemp(prefix="lorm-flwr-test-cache-")
@@ -33,7 +33,7 @@ from tests.simulations import ALL_STRATEGIES, SHARED_CLIENTS, SHARED_RUN, run_ap
 
 @pytest.fixture(scope="session")
 def federation(tmp_path_factory):
-    from lorm_flwr.local_federation import simulation_superlink
+    from harness.local_federation import simulation_superlink
 
     with simulation_superlink(tmp_path_factory.mktemp("federation")) as fed:
         yield fed

@@ -9,7 +9,7 @@ from flwr.app import Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from lorm_flwr import wire
-from lorm_flwr.symmetric import pack_upper
+from lorm_flwr.math.symmetric import pack_upper
 
 # Messages read the run and node ids of the current task; give them dummy ones.
 TaskIdentity.run_id = 1

@@ -1,6 +1,6 @@
 """The list forms of the closed-form merges, from every client's own matrices (test oracles).
 
-The server never sees per-client matrices, only sums (:func:`lorm_flwr.merge.merge_from_sums`);
+The server never sees per-client matrices, only sums (:func:`lorm_flwr.math.merge.merge_from_sums`);
 these build the sums from per-client inputs exactly as the clients and the server do
 together, so that tests can hold the production solver against an independent
 least-squares solution and against the strategies' merges.
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from lorm_flwr.merge import (
+from lorm_flwr.math.merge import (
     client_weights,
     gram_sum,
     merge_from_sums,

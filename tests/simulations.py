@@ -28,7 +28,7 @@ SHARED_CLIENTS = 2
 
 def run_app(federation, out, num_clients, cfg, **kwargs):
     """``flwr run`` of ``cfg`` to the end; returns (run folder, results, process)."""
-    from lorm_flwr.local_federation import load_results
+    from harness.local_federation import load_results
 
     proc = federation.run({**cfg, "output-dir": str(out)}, num_supernodes=num_clients, **kwargs)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -10,7 +10,6 @@ from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from lorm_flwr.config import RunConfig
-from lorm_flwr.export import ADAPTER_INFO, export_adapter, load_classifier
 from lorm_flwr.models.adapters import (
     adapter_layout,
     attach_lora,
@@ -21,6 +20,7 @@ from lorm_flwr.models.adapters import (
     set_trainable,
 )
 from lorm_flwr.models.backbones import build_classifier
+from lorm_flwr.models.export import ADAPTER_INFO, export_adapter, load_classifier
 
 
 def _model(seed=0):

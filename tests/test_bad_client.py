@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorm_flwr.checkpoint import load_checkpoint
-from lorm_flwr.local_federation import ROOT, load_results
+from harness.local_federation import ROOT, load_results
+from lorm_flwr.server.checkpoint import load_checkpoint
 from tests.simulations import TINY
 
 pytestmark = pytest.mark.slow
@@ -29,6 +29,9 @@ def _faulty_app(tmp: Path) -> Path:
     pyproject, n = re.subn(
         r'clientapp = "client_app:app"', 'clientapp = "faulty_client:app"', pyproject
     )
+    assert n == 1
+    # This copy holds two modules, not the app's files: it bundles whatever it has.
+    pyproject, n = re.subn(r"^fab-include = .*\n", "", pyproject, flags=re.MULTILINE)
     assert n == 1
     (app / "pyproject.toml").write_text(pyproject)
     shutil.copy(ROOT / "tests" / "faulty_app" / "faulty_client.py", app / "faulty_client.py")

@@ -15,7 +15,8 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from lorm_flwr.checkpoint import (
+from lorm_flwr.config import ConfigError, RunConfig
+from lorm_flwr.server.checkpoint import (
     CHECKPOINT_FILE,
     FORMAT_VERSION,
     Checkpoint,
@@ -24,9 +25,8 @@ from lorm_flwr.checkpoint import (
     resume_point,
     save_checkpoint,
 )
-from lorm_flwr.checkpoint_checks import CheckpointError
-from lorm_flwr.config import ConfigError, RunConfig
-from lorm_flwr.rounds import run_federated
+from lorm_flwr.server.checkpoint_checks import CheckpointError
+from lorm_flwr.server.run import run_federated
 from tests.checkpoints import small_config, valid_checkpoint
 
 CFG = small_config()  # LoRM, 5 tasks of 2 rounds

@@ -9,9 +9,9 @@ import torch
 
 from lorm_flwr import wire
 from lorm_flwr.config import RunConfig
+from lorm_flwr.math.symmetric import PackedShape, pack_upper, packed_length, side_of, unpack_upper
 from lorm_flwr.models.adapters import HEAD, model_layout
 from lorm_flwr.runtime import model_of
-from lorm_flwr.symmetric import PackedShape, pack_upper, packed_length, side_of, unpack_upper
 
 
 @pytest.mark.parametrize("kind", [wire.GRAMS_LORM_A, wire.GRAMS_LORM_B])

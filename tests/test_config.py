@@ -106,8 +106,8 @@ def test_valid_device_strings_pass():
 
 def test_the_dry_run_bounds_lora_rank_by_the_smallest_adapted_layer():
     """lora-rank=1000000 used to reach peft and die with a raw allocator error."""
-    from lorm_flwr.plan import main as plan_main
-    from lorm_flwr.plan import make_plan
+    from lorm_flwr.server.plan import main as plan_main
+    from lorm_flwr.server.plan import make_plan
 
     cfg = RunConfig.from_mapping({"dataset": "digits", "image-size": 16, "lora-rank": 1_000_000})
     with pytest.raises(ValueError, match=r"lora-rank=1000000 is invalid: the smallest adapted "
@@ -120,7 +120,7 @@ def test_the_dry_run_bounds_lora_rank_by_the_smallest_adapted_layer():
 
 def test_the_dry_run_bounds_max_length_by_the_text_backbones_positions():
     """max-length=1000000000 used to allocate (N, 1e9) token ids and die."""
-    from lorm_flwr.plan import make_plan
+    from lorm_flwr.server.plan import make_plan
 
     cfg = RunConfig.from_mapping(
         {"dataset": "bbc-news", "backbone": "minilm", "max-length": 1_000_000_000}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from lorm_flwr.continual import (
+from lorm_flwr.math.continual import (
     average_forgetting,
     factor_of_round,
     final_average_accuracy,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from lorm_flwr.local_federation import BIN, ROOT, load_results
+from harness.local_federation import BIN, ROOT, load_results
 from tests.simulations import SHARED_CLIENTS, SHARED_RUN
 
 pytestmark = pytest.mark.slow

@@ -11,7 +11,12 @@ import torch
 from flwr.app import Error, Message, RecordDict
 
 from lorm_flwr import wire
-from lorm_flwr.checkpoint import (
+from lorm_flwr.config import RunConfig
+from lorm_flwr.math.cross_task import TaskHistory
+from lorm_flwr.models.adapters import model_layout
+from lorm_flwr.models.layout import ModelLayout, group_of
+from lorm_flwr.runtime import initial_tensors, model_of
+from lorm_flwr.server.checkpoint import (
     CHECKPOINT_FILE,
     Checkpoint,
     capture_rng,
@@ -21,23 +26,19 @@ from lorm_flwr.checkpoint import (
     resume_point,
     save_checkpoint,
 )
-from lorm_flwr.config import RunConfig
-from lorm_flwr.cross_task import TaskHistory
-from lorm_flwr.exchange import PULL_WINDOW, ExchangeFailed, _Collect, exchange
-from lorm_flwr.layout import ModelLayout, group_of
-from lorm_flwr.limits import (
+from lorm_flwr.server.exchange import PULL_WINDOW, ExchangeFailed, _Collect, exchange
+from lorm_flwr.server.rounds import train_exchange
+from lorm_flwr.server.strategies.fedit import FedIT
+from lorm_flwr.server.strategies.lorm import LoRM
+from lorm_flwr.wire.limits import (
     MessageTooLarge,
     check_message_sizes,
     check_reply_size,
+    max_message_bytes,
     message_shapes,
     nbytes,
 )
-from lorm_flwr.models.adapters import model_layout
-from lorm_flwr.packing import unpack_content
-from lorm_flwr.rounds import train_exchange
-from lorm_flwr.runtime import initial_tensors, model_of
-from lorm_flwr.strategies.fedit import FedIT
-from lorm_flwr.strategies.lorm import LoRM
+from lorm_flwr.wire.packing import unpack_content
 from tests.checkpoints import small_config, valid_checkpoint
 from tests.messages import ScriptedGrid, train_content
 
@@ -181,7 +182,7 @@ def test_message_sizes_are_known_before_sending():
     }
     record = RecordDict({wire.ARRAYS: wire.tensors_to_arrays(sent)})
     assert nbytes(shapes["round 0 down"]) == wire.record_bytes(record)
-    sizes = check_message_sizes(strategy, cfg.max_message_bytes)
+    sizes = check_message_sizes(strategy, max_message_bytes(cfg))
     assert sizes["round 1 up"] > sizes["round 0 up"]  # A-rounds send full Grams
 
 
@@ -190,9 +191,9 @@ def test_a_message_over_the_limit_names_the_tensor_and_the_remedy():
     with pytest.raises(
         MessageTooLarge, match=r"'round 1 up'.*largest tensor is grams/.*\|G.*gram-alpha=0"
     ):
-        check_message_sizes(strategy, cfg.max_message_bytes)
+        check_message_sizes(strategy, max_message_bytes(cfg))
     cfg, strategy = _tiny(max_message_mb=0.05, gram_alpha=0.0, head_gram_alpha=0.0)
-    check_message_sizes(strategy, cfg.max_message_bytes)  # diagonals fit
+    check_message_sizes(strategy, max_message_bytes(cfg))  # diagonals fit
     with pytest.raises(MessageTooLarge, match="lower lora-rank"):
         check_reply_size(
             RecordDict(
@@ -217,7 +218,7 @@ def test_the_server_refuses_a_resume_it_cannot_honour_before_any_work(tmp_path):
 
 def test_an_output_dir_that_cannot_be_written_stops_before_any_work(tmp_path):
     from lorm_flwr.config import ConfigError
-    from lorm_flwr.results import check_output_dir
+    from lorm_flwr.server.results import check_output_dir
 
     check_output_dir(RunConfig(output_dir=str(tmp_path / "new" / "runs")))  # created
     blocker = tmp_path / "a-file"
@@ -288,7 +289,7 @@ def test_replies_reach_the_fold_in_partition_order_whatever_the_arrival(arrival)
 
 def test_gathered_sums_are_the_ordered_fp64_sums_and_drop_the_grams():
     from lorm_flwr import wire
-    from lorm_flwr.strategies.base import Gathered
+    from lorm_flwr.server.strategies.base import Gathered
 
     gen = torch.Generator().manual_seed(0)
     grams = [torch.randn(5, 5, generator=gen) for _ in range(4)]

@@ -13,11 +13,11 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from lorm_flwr import wire
 from lorm_flwr.config import RunConfig
-from lorm_flwr.exchange import ExchangeFailed
-from lorm_flwr.layout import ModelLayout
-from lorm_flwr.merge import fedavg_mean
-from lorm_flwr.rounds import train_exchange
-from lorm_flwr.strategies.fedit import FedIT
+from lorm_flwr.math.merge import fedavg_mean
+from lorm_flwr.models.layout import ModelLayout
+from lorm_flwr.server.exchange import ExchangeFailed
+from lorm_flwr.server.rounds import train_exchange
+from lorm_flwr.server.strategies.fedit import FedIT
 from tests.messages import ScriptedGrid, train_content
 
 SHAPES = {"l.lora_A.weight": (2, 3), "l.lora_B.weight": (4, 2), "linear_head.weight": (5, 4),

@@ -17,13 +17,13 @@ from torch import nn
 
 from lorm_flwr import wire
 from lorm_flwr.config import ConfigError, RunConfig
-from lorm_flwr.cross_task import TaskHistory, mean_delta, mean_delta_factors
 from lorm_flwr.data.datasets import LabelledData, hold_out_validation
-from lorm_flwr.merge import merge_from_sums, psd_solve_right
+from lorm_flwr.math.cross_task import TaskHistory, mean_delta, mean_delta_factors
+from lorm_flwr.math.merge import merge_from_sums, psd_solve_right
 from lorm_flwr.models.adapters import get_tensors, model_layout
 from lorm_flwr.runtime import initial_tensors, model_of
-from lorm_flwr.strategies.base import Gathered
-from lorm_flwr.strategies.lorm import LoRM
+from lorm_flwr.server.strategies.base import Gathered
+from lorm_flwr.server.strategies.lorm import LoRM
 from lorm_flwr.train import CENTER_CROP_RATIO, InputSpec, _parameter_groups, train_local
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -334,7 +334,7 @@ def test_mean_delta_round_messages_carry_the_past_tasks_and_evaluate_on_the_mean
 
 def test_a_client_records_mean_delta_grams_on_the_past_and_its_own_delta():
     """The client's Grams with past factors equal those on the dense mean-delta model."""
-    from lorm_flwr.client import _mean_delta_model
+    from lorm_flwr.client.round import _mean_delta_model
 
     cfg = _tiny_cfg()
     model = model_of(cfg)

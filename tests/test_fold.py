@@ -15,10 +15,10 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from lorm_flwr.client.gram import layer_grams
 from lorm_flwr.config import RunConfig
-from lorm_flwr.gram import layer_grams
+from lorm_flwr.math.fold import batchnorm_folded, conv_bn_pairs
 from lorm_flwr.models.adapters import adapter_layout, get_tensors, merged_for_inference, set_tensors
-from lorm_flwr.models.fold import batchnorm_folded, conv_bn_pairs
 from lorm_flwr.models.pointwise import is_pointwise, pointwise_as_matmul
 from lorm_flwr.runtime import model_of
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from lorm_flwr.gram import GramRecorder, GramStats, gram_of, layer_grams, tokens_of
-from lorm_flwr.merge import project_gram, smooth_gram
+from lorm_flwr.client.gram import GramRecorder, GramStats, gram_of, layer_grams, tokens_of
+from lorm_flwr.math.merge import project_gram, smooth_gram
 
 
 def test_linear_gram_is_sum_of_outer_products_over_batches():

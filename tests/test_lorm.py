@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from lorm_flwr import wire
+from lorm_flwr.client.gram import GramRecorder
+from lorm_flwr.client.products import gram_products
 from lorm_flwr.config import RunConfig
-from lorm_flwr.gram import GramRecorder
-from lorm_flwr.layout import AdaptedLayer
-from lorm_flwr.merge import smooth_gram, weighted_mean
+from lorm_flwr.math.merge import smooth_gram, weighted_mean
 from lorm_flwr.models.adapters import (
     HEAD,
     adapter_layout,
@@ -20,9 +20,9 @@ from lorm_flwr.models.adapters import (
     set_tensors,
 )
 from lorm_flwr.models.backbones import build_classifier
-from lorm_flwr.products import gram_products
-from lorm_flwr.rounds import train_exchange
-from lorm_flwr.strategies.lorm import LoRM
+from lorm_flwr.models.layout import AdaptedLayer
+from lorm_flwr.server.rounds import train_exchange
+from lorm_flwr.server.strategies.lorm import LoRM
 from tests.messages import ScriptedGrid, train_content
 from tests.oracles import merge_lora_a, merge_lora_b, regmean
 
@@ -245,7 +245,7 @@ def test_diagonal_grams_upload_only_diagonals():
 def test_b_round_code_grams_give_the_products_of_full_grams():
     """A B-round client records A G~ A^T directly (merged forward, codes' Gram); the
     products it sends equal those computed from the full Grams of an unmerged pass."""
-    from lorm_flwr.client import input_grams
+    from lorm_flwr.client.round import input_grams
 
     cfg = RunConfig.from_mapping(
         {"strategy": "lorm", "backbone": "vit-tiny", "image-size": 16, "gram-alpha": 0.7,

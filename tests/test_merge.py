@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lorm_flwr.merge import PINV_RCOND, psd_solve_right, smooth_gram, weighted_mean
+from lorm_flwr.math.merge import PINV_RCOND, psd_solve_right, smooth_gram, weighted_mean
 from tests.oracles import merge_lora_a, merge_lora_b, regmean
 
 
@@ -181,7 +181,7 @@ def test_weighted_mean():
 
 def test_anchor_picks_the_minimiser_closest_to_it():
     """With a singular S, the anchored solution is optimal too and keeps unexcited directions."""
-    from lorm_flwr.merge import merge_from_sums
+    from lorm_flwr.math.merge import merge_from_sums
 
     rng = np.random.default_rng(7)
     k, r = 6, 2
@@ -200,7 +200,7 @@ def test_anchor_picks_the_minimiser_closest_to_it():
 
 
 def test_cross_task_factor_form_equals_dense_r_s_pinv():
-    from lorm_flwr.merge import cross_task_factors
+    from lorm_flwr.math.merge import cross_task_factors
 
     rng = np.random.default_rng(8)
     d, k, r, s = 7, 12, 2, 0.5

@@ -12,7 +12,8 @@ import time
 import numpy as np
 import pytest
 
-from lorm_flwr import node_cache, runtime
+from lorm_flwr import runtime
+from lorm_flwr.cache import node_cache
 from lorm_flwr.config import RunConfig
 
 # The file that marks a folder as the cache's own (the only folders it ever removes).

@@ -20,13 +20,14 @@ import pytest
 import torch
 from flwr.app import Context, Message, RecordDict
 
-from lorm_flwr import node_worker, wire
-from lorm_flwr.client_handlers import HANDLERS
+from lorm_flwr import wire
+from lorm_flwr.client import node_worker
+from lorm_flwr.client.handlers import HANDLERS
 from lorm_flwr.config import RunConfig
 from lorm_flwr.models.adapters import model_layout
 from lorm_flwr.registry import strategy_class
-from lorm_flwr.rounds import train_exchange
 from lorm_flwr.runtime import initial_tensors, model_of
+from lorm_flwr.server.rounds import train_exchange
 from tests.messages import ScriptedGrid
 
 RUN = {
@@ -375,8 +376,8 @@ SLOW_WORKER = """
 import sys, time
 from pathlib import Path
 from flwr.app import ConfigRecord
-from lorm_flwr.client_handlers import HANDLERS
-from lorm_flwr.worker_server import serve
+from lorm_flwr.client.handlers import HANDLERS
+from lorm_flwr.client.worker_server import serve
 
 def slow_hello(msg, context):
     time.sleep(float(sys.argv[3]))
@@ -487,7 +488,7 @@ class _Trickle:
 
 
 def test_the_frame_reader_grows_with_what_arrives_and_keeps_one_deadline():
-    from lorm_flwr import worker_framing as frames
+    from lorm_flwr.client import worker_framing as frames
 
     far = time.monotonic() + 3600
     payload = os.urandom(5 * 2**20 + 7)

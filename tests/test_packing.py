@@ -1,4 +1,4 @@
-"""One array per record on the wire (lorm_flwr.packing): exact round trip, far fewer Flower
+"""One array per record on the wire (lorm_flwr.wire.packing): exact round trip, far fewer Flower
 objects, and every malformed packed record rejected with its name."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from lorm_flwr import wire
-from lorm_flwr.exchange import exchange
-from lorm_flwr.packing import PackingError, pack_content, unpack_content
+from lorm_flwr.server.exchange import exchange
+from lorm_flwr.wire.packing import PackingError, pack_content, unpack_content
 from tests.messages import ScriptedGrid, train_content
 
 
@@ -193,7 +193,7 @@ def test_any_array_layout_round_trips_through_flower_serialisation():
 
 
 def test_client_handlers_see_unpacked_messages_and_send_packed_replies():
-    from lorm_flwr.client_handlers import _on_the_wire
+    from lorm_flwr.client.handlers import _on_the_wire
 
     two = {"a": torch.ones(2), "b": torch.zeros(3)}
     request = Message(pack_content(train_content(two, 1)), dst_node_id=1, message_type="train")

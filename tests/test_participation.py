@@ -6,9 +6,9 @@ import pytest
 
 from lorm_flwr.config import ConfigError, RunConfig
 from lorm_flwr.models.adapters import model_layout
-from lorm_flwr.rounds import FederatedRun, train_exchange
 from lorm_flwr.runtime import initial_tensors, model_of
-from lorm_flwr.strategies.fedit import FedIT
+from lorm_flwr.server.rounds import FederatedRun, train_exchange
+from lorm_flwr.server.strategies.fedit import FedIT
 from tests.messages import ScriptedGrid, train_content
 
 

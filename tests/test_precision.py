@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
+from lorm_flwr.client.gram import GramRecorder
 from lorm_flwr.config import ConfigError, RunConfig
-from lorm_flwr.gram import GramRecorder
 from lorm_flwr.train import InputSpec, autocast, pick_device, to_device, train_local
 
 
@@ -83,7 +83,7 @@ def test_training_with_a_precision_setting_runs_on_the_cpu():
 def test_gram_products_stay_fp32_inside_an_autocast_forward(projected):
     """The hooks run inside the forward's autocast; the Gram product must not follow it
     (in fp16 an entry above 65504 would be inf, in bf16 it loses 3 digits)."""
-    from lorm_flwr.gram import GramStats
+    from lorm_flwr.client.gram import GramStats
 
     x = torch.randn(64, 300, generator=torch.Generator().manual_seed(0)) * 100
     a = torch.randn(4, 300, generator=torch.Generator().manual_seed(1))

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from lorm_flwr.config import RunConfig
-from lorm_flwr.plan import main as plan_main
-from lorm_flwr.plan import make_plan
+from lorm_flwr.server.plan import main as plan_main
+from lorm_flwr.server.plan import make_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted((ROOT / "configs").glob("*.toml"))
@@ -77,7 +77,7 @@ def test_dry_run_of_a_text_hub_preset_offline():
 
 
 def test_the_dry_run_says_when_a_message_would_exceed_max_message_mb():
-    from lorm_flwr.plan import make_plan
+    from lorm_flwr.server.plan import make_plan
 
     plan = make_plan(
         RunConfig(dataset="digits", backbone="vit-tiny", image_size=16, max_message_mb=0.01), 3

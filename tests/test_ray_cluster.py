@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from lorm_flwr.local_federation import processes_mentioning, ray_cluster, simulation_superlink
+from harness.local_federation import processes_mentioning, ray_cluster, simulation_superlink
 from tests.simulations import SHARED_CLIENTS, SHARED_RUN, run_app
 
 pytestmark = pytest.mark.slow

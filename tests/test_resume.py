@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from lorm_flwr.checkpoint import CHECKPOINT_FILE, load_checkpoint
-from lorm_flwr.local_federation import simulation_superlink
+from harness.local_federation import simulation_superlink
+from lorm_flwr.server.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from tests.simulations import SHARED_CLIENTS, SHARED_RUN
 
 pytestmark = pytest.mark.slow

@@ -1,6 +1,6 @@
 """A federation that loses nodes: retries redraw, waits are bounded, failures leave results.
 
-Each test drives the real round loop (:mod:`lorm_flwr.rounds`) over a scripted grid
+Each test drives the real round loop (:mod:`lorm_flwr.server.rounds`) over a scripted grid
 (:class:`tests.messages.ScriptedGrid`, on a fake clock), with the tiny digits model.
 """
 
@@ -12,13 +12,14 @@ import pytest
 
 from lorm_flwr import wire
 from lorm_flwr.config import ConfigError, RunConfig
-from lorm_flwr.exchange import ExchangeFailed
 from lorm_flwr.models.adapters import model_layout
-from lorm_flwr.packing import unpack_content
-from lorm_flwr.results import RunRecorder
-from lorm_flwr.rounds import FederatedRun, run_federated, train_exchange
 from lorm_flwr.runtime import initial_tensors, model_of, scenario_of
-from lorm_flwr.strategies.fedit import FedIT
+from lorm_flwr.server.exchange import ExchangeFailed
+from lorm_flwr.server.results import RunRecorder
+from lorm_flwr.server.rounds import FederatedRun, train_exchange
+from lorm_flwr.server.run import run_federated
+from lorm_flwr.server.strategies.fedit import FedIT
+from lorm_flwr.wire.packing import unpack_content
 from tests.messages import ScriptedGrid, train_content
 from tests.simulations import TINY
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.scale import SCENARIO
-from lorm_flwr.exchange import PULL_WINDOW
+from lorm_flwr.server.exchange import PULL_WINDOW
 from tests.simulations import run_app
 
 pytestmark = pytest.mark.slow

@@ -13,8 +13,8 @@ from peft import PeftModel
 
 from lorm_flwr.config import RunConfig
 from lorm_flwr.data.datasets import load_dataset
-from lorm_flwr.export import load_classifier
 from lorm_flwr.models.backbones import BACKBONES, build_classifier
+from lorm_flwr.models.export import load_classifier
 from lorm_flwr.train import InputSpec, predict
 from tests.simulations import ALL_STRATEGIES as ALL
 from tests.simulations import TINY, run_app

@@ -11,9 +11,9 @@ from flwr.app import ConfigRecord, Context, RecordDict
 
 import client_app
 from lorm_flwr import wire
-from lorm_flwr.client import train_round
+from lorm_flwr.client.products import gram_products
+from lorm_flwr.client.round import train_round
 from lorm_flwr.config import RunConfig
-from lorm_flwr.layout import AdaptedLayer
 from lorm_flwr.models.adapters import (
     HEAD,
     adapter_layout,
@@ -23,11 +23,11 @@ from lorm_flwr.models.adapters import (
     model_layout,
 )
 from lorm_flwr.models.backbones import build_classifier
-from lorm_flwr.packing import unpack_content
-from lorm_flwr.products import gram_products
+from lorm_flwr.models.layout import AdaptedLayer
 from lorm_flwr.registry import strategy_class
-from lorm_flwr.rounds import train_exchange
 from lorm_flwr.runtime import initial_tensors, model_of
+from lorm_flwr.server.rounds import train_exchange
+from lorm_flwr.wire.packing import unpack_content
 from tests.messages import ScriptedGrid, train_content
 
 matrix = AdaptedLayer.matrix

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from lorm_flwr.client.gram import layer_grams
 from lorm_flwr.config import ConfigError, RunConfig
 from lorm_flwr.data.datasets import cap_per_class, load_dataset
 from lorm_flwr.data.text import PAD, encode_texts
-from lorm_flwr.gram import layer_grams
 from lorm_flwr.models.adapters import HEAD, adapter_layout, attach_lora
 from lorm_flwr.models.backbones import BACKBONES, build_classifier, load_tokenizer
 from lorm_flwr.train import TokenInputs
@@ -98,8 +98,8 @@ def test_every_strategy_client_reply_on_text_is_what_its_server_accepts(strategy
     import client_app
     from lorm_flwr.models.adapters import group_of, model_layout
     from lorm_flwr.registry import strategy_class
-    from lorm_flwr.rounds import train_exchange
     from lorm_flwr.runtime import initial_tensors, model_of
+    from lorm_flwr.server.rounds import train_exchange
     from tests.messages import ScriptedGrid
 
     cfg = RunConfig(strategy=strategy, dataset="bbc-news", backbone="minilm", num_tasks=1,

@@ -11,10 +11,10 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from lorm_flwr import wire
 from lorm_flwr.config import RunConfig
-from lorm_flwr.exchange import ExchangeFailed
-from lorm_flwr.layout import AdaptedLayer, ModelLayout
-from lorm_flwr.rounds import handshake
-from lorm_flwr.symmetric import pack_upper
+from lorm_flwr.math.symmetric import pack_upper
+from lorm_flwr.models.layout import AdaptedLayer, ModelLayout
+from lorm_flwr.server.exchange import ExchangeFailed
+from lorm_flwr.server.hello import handshake
 from tests.messages import ScriptedGrid, reply_to
 
 LAYER = AdaptedLayer(

@@ -291,7 +291,7 @@ def load_dataset(name: str, test_fraction: float, seed: int) -> LabelledData:
     for split, labels in (("training", data.train_y), ("test", data.test_y)):
         missing = sorted(set(range(data.num_classes)) - {int(c) for c in np.unique(labels)})
         if missing:
-            from lorm_flwr.config import ConfigError
+            from lorm_flwr.errors import ConfigError
 
             raise ConfigError(
                 f"test-fraction={test_fraction} leaves the {split} split of '{name}' without "

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lorm_flwr.config import ConfigError
+from lorm_flwr.errors import ConfigError
 from lorm_flwr.seeds import task_split_seed, test_split_seed
 
 __all__ = [

@@ -20,9 +20,9 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 
-from lorm_flwr.config import ConfigError
-from lorm_flwr.layout import HEAD, AdaptedLayer, ModelLayout, group_of
+from lorm_flwr.errors import ConfigError
 from lorm_flwr.models.backbones import Classifier
+from lorm_flwr.models.layout import HEAD, AdaptedLayer, ModelLayout, group_of
 
 __all__ = [
     "ADAPTER_KINDS",
@@ -328,7 +328,7 @@ def merged_for_inference(model: PeftModel) -> Iterator[PeftModel]:
     """Fold every adapter into its base weight for the duration of a no-grad pass.
 
     A merged layer is one convolution or matmul instead of three, and it lets
-    :func:`~lorm_flwr.models.fold.batchnorm_folded` fold the BatchNorm after it.
+    :func:`~lorm_flwr.math.fold.batchnorm_folded` fold the BatchNorm after it.
     Its outputs equal the unmerged layer's up to float rounding. peft merges into
     a copy of each base weight (and bias), and on exit the original tensors are
     put back: bit for bit, and without peft's unmerge, which would recompute every

@@ -16,9 +16,9 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.clientapp import ClientApp
 
-from lorm_flwr.keys import PACKED_LAYOUT
-from lorm_flwr.local_federation import ROOT
-from lorm_flwr.packing import pack_content, unpack_content
+from harness.local_federation import ROOT
+from lorm_flwr.wire.keys import PACKED_LAYOUT
+from lorm_flwr.wire.packing import pack_content, unpack_content
 
 # The checkout's client_app.py itself (an installed copy of it could be stale).
 _spec = importlib.util.spec_from_file_location("lorm_flwr_client_app", ROOT / "client_app.py")

@@ -1,0 +1,1 @@
+"""Test and benchmark harness: Flower federations on loopback. Not part of the app."""

@@ -1,0 +1,281 @@
+"""A training round: who is asked (the seeded draw, a retry's redraw), the exchange,
+the merge, evaluation and the round's results row.
+
+Every message goes through :func:`lorm_flwr.server.exchange.exchange`, every reply
+through the wire checks (:func:`lorm_flwr.wire.decode_reply`), and merges see only
+checked replies.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import numpy as np
+from flwr.app import ConfigRecord, Message
+from flwr.serverapp import Grid
+
+from lorm_flwr import wire
+from lorm_flwr.config import RunConfig
+from lorm_flwr.data.scenario import Scenario
+from lorm_flwr.math.continual import pool_personal
+from lorm_flwr.models.layout import group_of
+from lorm_flwr.seeds import participants_seed
+from lorm_flwr.server.evaluation import evaluate_global
+from lorm_flwr.server.exchange import (
+    ExchangeFailed,
+    ExchangeLog,
+    FixedNodes,
+    exchange,
+    live_nodes,
+)
+from lorm_flwr.server.results import (
+    RoundRow,
+    RunRecorder,
+)
+from lorm_flwr.server.strategies.base import Gathered, LoraStrategy, Merged, Tensors
+
+__all__ = ["FederatedRun", "train_exchange"]
+
+log = logging.getLogger("flwr.lorm")
+
+
+class FederatedRun:
+    """Tasks x rounds of one strategy over the nodes found by the handshake."""
+
+    def __init__(
+        self,
+        grid: Grid,
+        cfg: RunConfig,
+        strategy: LoraStrategy,
+        scenario: Scenario,
+        recorder: RunRecorder,
+        partition_of: dict[int, int],
+        start: float,
+    ) -> None:
+        self.grid, self.cfg, self.strategy = grid, cfg, strategy
+        self.scenario, self.recorder, self.partition_of = scenario, recorder, partition_of
+        self.start = start
+
+    # ------------------------------------------------------------ helpers
+    def order(self, node: int) -> int:
+        """Replies are merged in partition order, so float sums never depend on arrival."""
+        return self.partition_of.get(node, node)
+
+    def shard_size(self, node: int, task: int) -> int:
+        if node not in self.partition_of:
+            raise wire.PayloadError(f"node {node}: not among the nodes of the handshake")
+        return len(self.scenario.shards[task][self.partition_of[node]])
+
+    def test_sizes(self, node: int, task: int) -> list[int]:
+        if node not in self.partition_of:
+            raise wire.PayloadError(f"node {node}: not among the nodes of the handshake")
+        pid = self.partition_of[node]
+        return [len(self.scenario.test_shards[k][pid]) for k in range(task + 1)]
+
+    def _exchange(self, messages: Callable[[], list[Message]], decode, kind: str, fold=None):
+        return exchange(
+            self.grid, messages, decode, kind=kind, min_replies=self.cfg.min_clients,
+            retries=self.cfg.round_retries, timeout=self.cfg.round_timeout, order=self.order,
+            fold=fold,
+        )  # fmt: skip
+
+    def participants(self, task: int, round_in_task: int) -> set[int] | None:
+        """The nodes a round trains on: ``clients-per-round`` partitions drawn with the run's
+        seed (by partition, so every run draws the same clients); None: every node."""
+        k = self.cfg.clients_per_round
+        nodes = sorted(self.partition_of, key=self.order)
+        if k <= 0 or k >= len(nodes):
+            return None
+        rng = np.random.default_rng(participants_seed(self.cfg.seed, task, round_in_task))
+        chosen = rng.choice(len(nodes), size=k, replace=False)
+        return {nodes[i] for i in chosen}
+
+    def redraw(
+        self, task: int, round_in_task: int, asked: set[int], failed: frozenset[int],
+        live: list[int], attempt: int,
+    ) -> set[int]:  # fmt: skip
+        """A retry's draw: the nodes of the failed draw ``asked`` that answered, and in place
+        of each that failed (``failed``: in any attempt), a live node never asked that has
+        not failed, drawn with the run's seed and the attempt (by partition, so every run
+        with the same failures redraws the same). When fewer are left, all of them."""
+        kept = (asked - failed) & set(live)  # a drawn node no longer connected got no message
+        pool = sorted(
+            (n for n in set(live) & set(self.partition_of) if n not in failed and n not in asked),
+            key=self.order,
+        )
+        need = min(self.cfg.clients_per_round - len(kept), len(pool))
+        seed = participants_seed(self.cfg.seed, task, round_in_task)
+        chosen = np.random.default_rng([seed, attempt]).choice(len(pool), size=need, replace=False)
+        return kept | {pool[i] for i in chosen}
+
+    def trained_on(self, task: int) -> list[int]:
+        """The nodes asked to train in any round of ``task`` (all without clients-per-round),
+        in partition order; read from the results rows, so a resumed run agrees."""
+        nodes = sorted(self.partition_of, key=self.order)
+        if self.cfg.clients_per_round <= 0:
+            return nodes
+        asked: set[int] = set()
+        for row in self.recorder.rounds:
+            if row["task"] == task:
+                asked.update(row.get("participants", self.partition_of.values()))
+        return [n for n in nodes if self.partition_of[n] in asked]
+
+    # -------------------------------------------------------------- rounds
+    def train_round(self, task: int, round_in_task: int, tensors: Tensors) -> Tensors:
+        strategy, cfg = self.strategy, self.cfg
+        started = time.perf_counter()
+        draws: list[set[int]] = []  # the nodes asked, attempt by attempt
+
+        def draw(failed: frozenset[int], live: list[int]) -> set[int]:
+            if not draws:
+                chosen = self.participants(task, round_in_task) or set(self.partition_of)
+            elif cfg.clients_per_round > 0:  # a retry asks others in place of the failed
+                chosen = self.redraw(task, round_in_task, draws[-1], failed, live, len(draws) + 1)
+            else:  # everyone, again
+                chosen = draws[-1]
+            draws.append(chosen)
+            return chosen
+
+        try:
+            replies, merged, train, merge_seconds = train_exchange(
+                self.grid, strategy, tensors, round_in_task,
+                examples=lambda node: self.shard_size(node, task), order=self.order,
+                nodes=draw,
+            )  # fmt: skip
+        except ExchangeFailed as exc:
+            exc.where = {"task": task, "round_in_task": round_in_task}
+            raise
+        participants = draws[-1]
+        row = RoundRow.from_exchange(task, round_in_task, train)
+        row.merge_seconds = merge_seconds
+        # Messages out, clients' work, replies in, checks and folds: the round less its merge.
+        row.extra["exchange_seconds"] = time.perf_counter() - started - merge_seconds
+        if cfg.clients_per_round > 0:  # the partitions asked to train (the last attempt's)
+            row.extra["participants"] = sorted(self.partition_of[n] for n in participants)
+        weights = [r.num_examples for r in replies]
+        row.train_loss = sum(
+            w * r.metrics[wire.TRAIN_LOSS] for w, r in zip(weights, replies)
+        ) / max(sum(weights), 1)
+        for key in (wire.TRAIN_SECONDS, wire.GRAMS_SECONDS):
+            values = [r.metrics[key] for r in replies]
+            name = key.replace("-", "_")
+            row.extra[f"client_{name}_sum"] = sum(values)
+            row.extra[f"client_{name}_max"] = max(values)
+        row.extra.update(_changes(strategy, tensors, merged.tensors))
+        row.extra.update(merged.report)
+        new = merged.tensors
+        evaluating = time.perf_counter()
+        if strategy.local_groups:
+            row.personalised = self.evaluate_personal(task, round_in_task, new, row)
+            row.accuracy = row.personalised.get("accuracy_weighted", float("nan"))
+            row.per_task_accuracy = list(row.personalised.get("per_task_weighted", []))
+        else:
+            model = strategy.round_model(new)
+            ev = evaluate_global(
+                cfg, self.scenario, task, model.tensors, rank=model.rank, alpha=model.alpha
+            )
+            row.accuracy, row.per_task_accuracy = ev.accuracy, ev.per_task
+        row.extra["evaluate_seconds"] = time.perf_counter() - evaluating
+        row.elapsed_seconds = time.perf_counter() - self.start
+        self.recorder.add_round(row)
+        log.info(
+            "lorm-flwr: task %d/%d round %d/%d: %s accuracy on seen classes %.3f, "
+            "train loss %.3f, %d B down, %d B up",
+            task + 1, self.scenario.num_tasks, round_in_task + 1, cfg.rounds_per_task,
+            "global" if strategy.has_global_model else "personalised", row.accuracy,
+            row.train_loss, row.bytes_down, row.bytes_up,
+        )  # fmt: skip
+        return new
+
+    def evaluate_personal(
+        self, task: int, round_in_task: int, tensors: Tensors, row: RoundRow
+    ) -> dict:
+        """Global parts + each client's own parts, on its own test split (FedSA)."""
+        arrays = wire.tensors_to_arrays(self.strategy.shared(tensors))
+
+        def messages() -> list[Message]:
+            live = live_nodes(self.grid, self.cfg.min_clients, self.cfg.round_timeout)
+            sent = self.strategy.configure_evaluate(
+                round_in_task + 1, arrays, ConfigRecord(), FixedNodes(self.grid, live)
+            )
+            return [m for m in sent if m.metadata.dst_node_id in self.partition_of]
+
+        def decode(msg: Message) -> tuple[list[int], list[int]]:
+            return wire.decode_evaluation(
+                msg, task, self.test_sizes(msg.metadata.src_node_id, task)
+            )
+
+        try:
+            counts, evaluation = self._exchange(messages, decode, "evaluate")
+        except ExchangeFailed as exc:
+            row.add(exc.log)  # the round's training exchange and the failed evaluation
+            exc.where = row.to_dict()
+            raise
+        row.add(evaluation)
+        return pool_personal(counts)
+
+
+def train_exchange(
+    grid: Grid,
+    strategy: LoraStrategy,
+    tensors: Tensors,
+    round_in_task: int,
+    *,
+    examples: Callable[[int], int | None] = lambda node: None,
+    order: Callable[[int], int] = lambda node: node,
+    nodes: set[int] | Callable[[frozenset[int], list[int]], set[int]] | None = None,
+) -> tuple[Gathered, Merged, ExchangeLog, float]:
+    """One training round of the current task: send, check, merge.
+
+    ``nodes``: train on these nodes only (partial participation); a function
+    ``nodes(failed, live)`` of the nodes that failed earlier attempts and the nodes
+    connected now, called once per attempt, to ask others in a retry; None: every node
+    connected. Before each attempt it waits, up to ``round-timeout``, for ``min-clients``
+    nodes to be connected, and fails the round when they are not.
+    ``examples(node)``: the sample count the node must report (its shard size), or
+    None to accept any positive count. Returns the checked replies (in ``order``,
+    their Gram statistics already summed and dropped: see
+    :class:`~lorm_flwr.server.strategies.base.Gathered`), the merge, the exchange's log and
+    the merge's seconds.
+    """
+    cfg = strategy.cfg
+    plan = strategy.instructions(round_in_task)
+    spec = strategy.reply_spec(plan)
+    dtype = next(iter(tensors.values())).dtype  # every reply is cast to the global dtype
+    arrays = wire.tensors_to_arrays(strategy.shared(tensors))
+    entry = ExchangeLog(kind="train")
+
+    def messages() -> list[Message]:
+        live = live_nodes(grid, cfg.min_clients, cfg.round_timeout)
+        chosen = nodes(frozenset(entry.failed_nodes), live) if callable(nodes) else nodes
+        # Flower's sampling sees the nodes just checked, so it never waits on its own.
+        sent = strategy.configure_train(
+            round_in_task + 1, arrays, ConfigRecord(), FixedNodes(grid, live)
+        )
+        return [m for m in sent if chosen is None or m.metadata.dst_node_id in chosen]
+
+    def decode(msg: Message) -> wire.Reply:
+        return wire.decode_reply(msg, spec, dtype, num_examples=examples(msg.metadata.src_node_id))
+
+    gathered, log_ = exchange(
+        grid, messages, decode, kind="train", min_replies=cfg.min_clients,
+        retries=cfg.round_retries, timeout=cfg.round_timeout, order=order, fold=Gathered,
+        entry=entry,
+    )  # fmt: skip
+    begin = time.perf_counter()
+    merged = strategy.merge(plan, gathered, tensors)
+    return gathered, merged, log_, time.perf_counter() - begin
+
+
+def _changes(strategy: LoraStrategy, before: Tensors, after: Tensors) -> dict[str, float]:
+    """Largest absolute change of A, B and head in a round (shows the schedule)."""
+    out = {"change_a": 0.0, "change_b": 0.0, "change_head": 0.0}
+    for key in strategy.layout.shapes:
+        if key in after and key in before:
+            name = f"change_{group_of(key).lower()}"
+            out[name] = max(
+                out[name], float((after[key].double() - before[key].double()).abs().max())
+            )
+    return out

@@ -1,0 +1,175 @@
+"""The federated run: the run folder, the hello, tasks x rounds, task ends, checkpoints.
+
+One round of LoRM::
+
+    strategy.instructions -> configure_train -> exchange(send, wait, count, decode)
+      -> strategy.merge(checked replies) -> evaluate -> results row -> checkpoint
+
+The rounds are :mod:`lorm_flwr.server.rounds`, the task ends
+:mod:`lorm_flwr.server.task_end`, the hello :mod:`lorm_flwr.server.hello`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from flwr.serverapp import Grid
+
+from lorm_flwr.config import ConfigError, RunConfig
+from lorm_flwr.models.adapters import model_layout
+from lorm_flwr.registry import strategy_class
+from lorm_flwr.runtime import initial_tensors, model_of, scenario_of
+from lorm_flwr.server.checkpoint import (
+    Checkpoint,
+    capture_rng,
+    checkpoint_path,
+    restore_rng,
+    resume_point,
+    save_checkpoint,
+)
+from lorm_flwr.server.exchange import (
+    ExchangeFailed,
+)
+from lorm_flwr.server.hello import handshake
+from lorm_flwr.server.results import (
+    RunRecorder,
+    check_output_dir,
+    provenance,
+    run_folder,
+)
+from lorm_flwr.server.rounds import FederatedRun
+from lorm_flwr.server.strategies.base import Tensors
+from lorm_flwr.server.task_end import end_task
+from lorm_flwr.wire.limits import check_message_sizes, max_message_bytes
+
+__all__ = ["run_federated"]
+
+log = logging.getLogger("flwr.lorm")
+
+
+def run_federated(grid: Grid, cfg: RunConfig, run_id: int | None = None) -> None:
+    """The whole federated run; results and a checkpoint are written after every round.
+
+    The run folder exists from the start: a run that fails at any point after it, the
+    hello included, leaves ``results.json`` with ``status: failed`` and the error (a
+    resumed run: the results its checkpoint holds, with the new error). Only a resume
+    refused before any work leaves the folder it names as it was.
+    """
+    checkpoint = resume_point(cfg)  # a resume it cannot honour stops here
+    if checkpoint is None:
+        check_output_dir(cfg)  # so does an output folder it cannot write
+        folder = run_folder(cfg)
+    else:
+        folder = checkpoint_path(cfg.resume_from).parent
+    recorder = RunRecorder(cfg, folder, tasks=[], shard_sizes=[])  # filled once the hello is done
+    if checkpoint is not None:
+        recorder.load_state(checkpoint.recorder)
+    if recorder.provenance:  # a resume: one more Flower run, maybe on other code or versions
+        now = provenance(run_id)
+        recorder.provenance["flower_run_ids"].append(run_id)
+        recorder.provenance.setdefault("resumed_with", []).append(
+            {"commit": now["commit"], "versions": now["versions"]}
+        )
+    else:
+        recorder.provenance = provenance(run_id)
+    log.info("lorm-flwr: writing results to %s", folder)
+    try:
+        _run(grid, cfg, checkpoint, recorder)
+    except BaseException as exc:
+        recorder.status = "failed"
+        recorder.error = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, ExchangeFailed):  # the failed exchange, and the round it belongs to
+            recorder.failed_round = {
+                **exc.log.to_dict(),
+                **exc.where,
+                "failed_exchange": exc.log.kind,
+            }
+        recorder.write()
+        log.error(
+            "lorm-flwr: run stopped: %s. Results so far are in %s; continue with "
+            "--run-config \"resume-from='%s'\" (same other keys)",
+            exc, folder, folder,
+        )  # fmt: skip
+        raise
+
+
+def _run(grid: Grid, cfg: RunConfig, checkpoint: Checkpoint | None, recorder: RunRecorder) -> None:
+    """The hello, the scenario, then tasks x rounds from the start or the checkpoint."""
+    # The server's model first (cached): a lora-rank or max-length the backbone cannot
+    # hold stops the run here, before any node is asked anything.
+    layout = model_layout(model_of(cfg))
+    partition_of, hello, num_clients = handshake(grid, cfg)
+    recorder.handshakes.append(
+        {**hello.to_dict(), "partitions": {str(n): p for n, p in partition_of.items()}}
+    )
+    if cfg.clients_per_round > len(partition_of):
+        raise ConfigError(
+            f"clients-per-round={cfg.clients_per_round} is more than the {len(partition_of)} "
+            "clients of this federation"
+        )
+    scenario = scenario_of(cfg, num_clients)  # impossible splits stop here
+    recorder.tasks = [list(t) for t in scenario.tasks]
+    recorder.shard_sizes = scenario.shard_sizes()
+    log.info(
+        "lorm-flwr: %s on %s, %d clients, %d tasks %s, shard sizes %s",
+        cfg.strategy, cfg.dataset, num_clients, scenario.num_tasks,
+        recorder.tasks, recorder.shard_sizes,
+    )  # fmt: skip
+    strategy = strategy_class(cfg.strategy)(cfg, layout)
+    if cfg.validation_fraction > 0 and not strategy.has_global_model:
+        log.warning(
+            "lorm-flwr: validation-fraction=%s holds the samples out of training (so the data "
+            "match other strategies' runs), but %s has no global model to score on them: its "
+            "evaluation stays personalised, on each client's test split",
+            cfg.validation_fraction, cfg.strategy,
+        )  # fmt: skip
+    recorder.message_bytes = check_message_sizes(strategy, max_message_bytes(cfg))  # too big stops
+    if checkpoint is None:
+        recorder.accuracy_kind = (
+            "global" if strategy.has_global_model else "personalised, sample-weighted over clients"
+        )
+        tensors = dict(initial_tensors(cfg))  # the same seeded start as every client's
+        first_task, first_round, elapsed = 0, 0, 0.0
+    else:
+        saved_shards = checkpoint.recorder.get("shard_sizes", recorder.shard_sizes)
+        if saved_shards != recorder.shard_sizes:
+            raise ConfigError(
+                f"resume-from: the checkpoint was made with shards {saved_shards}, "
+                f"this federation gives {recorder.shard_sizes}: start the same number of clients"
+            )
+        strategy.load_state_dict(checkpoint.strategy)
+        restore_rng(checkpoint.rng)
+        tensors = dict(checkpoint.tensors)
+        first_task, first_round, elapsed = (
+            checkpoint.task,
+            checkpoint.round_in_task,
+            checkpoint.elapsed_seconds,
+        )
+        recorder.resumed.append({"task": first_task, "round_in_task": first_round,
+                                 "at": time.strftime("%Y-%m-%d %H:%M:%S")})  # fmt: skip
+        log.info("lorm-flwr: resuming task %d round %d from %s", first_task, first_round,
+                 checkpoint_path(cfg.resume_from))  # fmt: skip
+    start = time.perf_counter() - elapsed
+    run = FederatedRun(grid, cfg, strategy, scenario, recorder, partition_of, start)
+
+    def save(task: int, round_in_task: int, current: Tensors) -> None:
+        save_checkpoint(recorder.folder, Checkpoint(
+            config=cfg.to_dict(), task=task, round_in_task=round_in_task, tensors=current,
+            strategy=strategy.state_dict(),
+            recorder={**recorder.state(), "shard_sizes": recorder.shard_sizes},
+            rng=capture_rng(), elapsed_seconds=time.perf_counter() - start,
+        ))  # fmt: skip
+
+    for task in range(first_task, scenario.num_tasks):
+        round0 = first_round if task == first_task else 0
+        if round0 == 0:
+            tensors = strategy.begin_task(task, tensors)
+        else:
+            strategy.task = task  # mid-task: the factors are the checkpoint's
+        for round_in_task in range(round0, cfg.rounds_per_task):
+            tensors = run.train_round(task, round_in_task, tensors)
+            save(task, round_in_task + 1, tensors)
+        end_task(run, task, tensors)
+        save(task + 1, 0, tensors)
+    recorder.finish(start)
