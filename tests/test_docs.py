@@ -43,3 +43,31 @@ def test_the_readme_is_short_and_its_links_resolve():
         for target in re.findall(r"\]\((\.\./[^)#]+|[a-z_]+\.md)", text):
             assert (doc.parent / target).exists(), (doc.name, target)
         assert not re.search(r"commit `[0-9a-f]{7,}`", text), doc  # no history in the docs
+
+
+def _anchors(path: Path) -> set[str]:
+    """GitHub's anchors of a page's headings: lowercase, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.DOTALL)
+    headings = re.findall(r"^#{1,6} (.+?)\s*$", text, re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+
+
+def test_the_benchmarks_page_is_short_and_its_links_resolve():
+    page = ROOT / "docs" / "benchmarks.md"
+    history = ROOT / "benchmarks" / "results" / "history.md"
+    assert len(page.read_text()) <= 10_000, len(page.read_text())
+    for doc in (page, history):
+        links = re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]+))?\)", doc.read_text())
+        assert links, doc
+        for target, anchor in links:
+            if target.startswith(("http://", "https://")):
+                continue
+            path = (doc.parent / target) if target else doc
+            assert path.exists(), (doc.name, target)
+            if anchor:
+                assert anchor in _anchors(path), (doc.name, target, anchor)
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = doc.read_text()
+        for name, target in (("benchmarks.md", page), ("history.md", history)):
+            for anchor in re.findall(rf"{re.escape(name)}#([^)\s]+)\)", text):
+                assert anchor in _anchors(target), (doc.name, name, anchor)
