@@ -208,6 +208,18 @@ EDITS = {
         _python_entry(0, 2**40),
         r"rng\['python'\]: its first 624 entries are not 32-bit words",
     ),
+    "rng python version a tensor": (
+        _python_entry(-2, torch.tensor([3, 3])),
+        r"rng\['python'\]: version tensor\(\[3, 3\]\) is not this Python's",
+    ),
+    "rng numpy has_gauss a tensor": (
+        _update(_numpy, has_gauss=torch.tensor([0, 1])),
+        r"rng\['numpy'\]\['has_gauss'\] tensor\(\[0, 1\]\) is not 0 or 1",
+    ),
+    "a config value a tensor": (
+        lambda c: c.config.update(lr=torch.tensor([0.1, 0.2])),
+        r"config holds malformed values",
+    ),
     "rng python position out of range": (
         _python_entry(624, 10_000),
         r"rng\['python'\]: position 10000 is not in 0\.\.624",

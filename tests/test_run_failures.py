@@ -152,3 +152,62 @@ def test_a_lora_rank_the_backbone_cannot_hold_stops_before_any_node_is_asked(tmp
         run_federated(Untouchable(), cfg)
     results = _results(tmp_path)
     assert results["status"] == "failed" and "lora-rank=1000000" in results["error"]
+
+
+def test_a_retry_with_no_fresh_node_left_asks_a_failed_one_again(tmp_path):
+    """With no node left that never failed, a retry used to ask only the survivors, which
+    cannot reach min-clients: the round stopped while a node that had recovered idled."""
+    nodes = NODES[:3]
+    cfg = _cfg(tmp_path, **{"num-clients": 3})
+    scenario = scenario_of(cfg, 3)
+    partition_of = {n: n - NODES[0] for n in nodes}
+    strategy = FedIT(cfg, model_layout(model_of(cfg)))
+    recorder = RunRecorder(cfg, tmp_path, [list(t) for t in scenario.tasks], scenario.shard_sizes())
+    first = sorted(FederatedRun(None, cfg, strategy, scenario, recorder, partition_of, 0.0)
+                   .participants(0, 0))  # fmt: skip
+    spare = next(n for n in nodes if n not in first)
+    ok = _echo(scenario)
+    script = [
+        {n: "error" if n == first[0] else ok for n in nodes},  # a drawn node fails
+        {n: "error" if n == spare else ok for n in nodes},  # so does the one drawn for it
+        {n: ok for n in nodes},  # both have recovered
+    ]
+    grid = ScriptedGrid(nodes, script)
+    run = FederatedRun(grid, cfg, strategy, scenario, recorder, partition_of, 0.0)
+    run.train_round(0, 0, strategy.begin_task(0, dict(initial_tensors(cfg))))
+    third = sorted(m.metadata.dst_node_id for m in grid.sent[2])
+    # The survivor, and the first of the failed in partition order (both have recovered).
+    assert len(grid.sent) == 3 and third == sorted([first[1], min(first[0], spare)])
+    # The row names the partitions whose replies were merged.
+    assert recorder.rounds[-1]["participants"] == [partition_of[n] for n in third]
+
+
+def test_nodes_outside_the_hello_do_not_count_towards_min_clients():
+    layout = model_layout(model_of(RunConfig.from_mapping(TINY)))
+    cfg = RunConfig.from_mapping({**TINY, "min-clients": 2, "round-timeout": 5.0})
+    grid = ScriptedGrid([1, 99], [{}])  # 2 left; 99 is not a node of the hello
+    with pytest.raises(ExchangeFailed, match=r"only 1 of the hello's SuperNodes connected"):
+        train_exchange(grid, FedIT(cfg, layout), dict(initial_tensors(cfg)), 0, members={1, 2})
+
+
+def test_a_resume_that_fails_before_its_first_round_keeps_the_earlier_results(tmp_path):
+    """It used to rewrite results.json from an empty recorder: tasks, shard sizes and the
+    message sizes gone, a completed run's status lost."""
+    from lorm_flwr.server.checkpoint import save_checkpoint
+    from tests.checkpoints import small_config, valid_checkpoint
+
+    cfg = small_config(round_retries=0, num_clients=0)
+    save_checkpoint(tmp_path, valid_checkpoint(cfg, 1, 1))
+    earlier = {"status": "failed", "tasks": [[0, 1], [2, 3]], "shard_sizes": [[10, 10]],
+               "rounds": [{"task": 0}], "message_bytes_per_client": {"round up": 5}}  # fmt: skip
+    (tmp_path / "results.json").write_text(json.dumps(earlier))
+    grid = ScriptedGrid([7, 9], [{7: "error", 9: "error"}])  # the hello fails
+    with pytest.raises(ExchangeFailed):
+        run_federated(grid, cfg.replace(resume_from=str(tmp_path)))
+    now = json.loads((tmp_path / "results.json").read_text())
+    assert now == {**earlier, "error": now["error"]} and "hello: only 0 valid" in now["error"]
+    completed = {**earlier, "status": "completed", "final_average_accuracy": 0.5}
+    (tmp_path / "results.json").write_text(json.dumps(completed))
+    with pytest.raises(ExchangeFailed):
+        run_federated(grid, cfg.replace(resume_from=str(tmp_path)))
+    assert json.loads((tmp_path / "results.json").read_text()) == completed

@@ -181,6 +181,24 @@ def test_the_handshake_waits_for_partitions_still_connecting():
     assert mapping == {7: 1, 9: 0} and log.attempts == 2 and grid.calls == 2
 
 
+def test_a_stray_node_does_not_hide_a_partition_still_connecting():
+    """A node of another federation (X) used to count towards the nodes waited for, so the
+    partition still connecting (node 13) was never asked and its shard never trained."""
+
+    class Connecting(ScriptedGrid):
+        def get_node_ids(self):  # node 13 connects after the first look
+            self.looks = getattr(self, "looks", 0) + 1
+            return [7, 9, 99] if self.looks == 1 else [7, 9, 13, 99]
+
+    script = {7: wire.hello_reply(0, 3), 9: wire.hello_reply(1, 3), 13: wire.hello_reply(2, 3),
+              99: wire.hello_reply(0, 5)}  # fmt: skip
+    grid = Connecting([7, 9, 13, 99], [script])
+    mapping, log, num = handshake(grid, RunConfig(num_clients=3))
+    assert mapping == {7: 0, 9: 1, 13: 2} and num == 3
+    assert log.rejected == ["hello, node 99: num-partitions=5, but the federation has 3 partitions"]
+    assert [m.metadata.dst_node_id for m in grid.sent[1]] == [13]  # only the newcomer asked
+
+
 def test_instruction_flags_spelt_as_strings_decode_as_they_read():
     """``bool("false")`` is True: a ``"false"`` flag used to switch training on."""
     values = dict(wire.Instructions(task=0, train_a=True).to_config())

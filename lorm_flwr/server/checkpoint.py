@@ -128,6 +128,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             if hashlib.sha256(payload).hexdigest() != state["sha256"]:
                 raise ValueError("its checksum does not match its contents (the file is corrupt)")
             state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+            if not isinstance(state, dict):
+                raise TypeError("its checked contents hold no checkpoint")
         if state.get("version") not in READABLE_VERSIONS:
             raise ValueError(
                 f"it has checkpoint format {state.get('version')!r}; this version reads "
@@ -137,6 +139,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     except (
         ValueError,
         TypeError,
+        AttributeError,
         KeyError,
         EOFError,
         OSError,
@@ -214,7 +217,10 @@ def resume_point(cfg: RunConfig) -> Checkpoint | None:
     config = checkpoint.config
     if not (isinstance(config, dict) and all(isinstance(k, str) for k in config)):
         raise CheckpointError(f"{where}: {file}: config is not a mapping of run-config keys")
-    changes = config_changes(checkpoint.config, cfg.to_dict())
+    try:
+        changes = config_changes(checkpoint.config, cfg.to_dict())
+    except Exception as exc:  # noqa: BLE001 - e.g. a tensor where a key's value belongs
+        raise CheckpointError(f"{where}: {file}: config holds malformed values ({exc})") from None
     if changes:
         raise ConfigError(
             f"{where}: the run config differs from the checkpoint's in "
@@ -224,4 +230,9 @@ def resume_point(cfg: RunConfig) -> Checkpoint | None:
         check_fields(checkpoint, cfg)
     except Invalid as exc:
         raise CheckpointError(f"{where}: {file} does not fit this run: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a malformed field no check foresaw: named too
+        raise CheckpointError(
+            f"{where}: {file} does not fit this run: a field is malformed "
+            f"({type(exc).__name__}: {exc})"
+        ) from None
     return checkpoint

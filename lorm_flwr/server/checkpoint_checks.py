@@ -110,7 +110,7 @@ def _python_rng(py: Any) -> None:
         raise Invalid(f"{where}: its first {MT_WORDS} entries are not 32-bit words")
     if not (_is_int(pos) and 0 <= pos <= MT_WORDS):
         raise Invalid(f"{where}: position {pos!r} is not in 0..{MT_WORDS}")
-    if version != random.Random().getstate()[0]:
+    if not _is_int(version) or version != random.Random().getstate()[0]:
         raise Invalid(f"{where}: version {version!r} is not this Python's")
     if gauss is not None and not (type(gauss) is float and math.isfinite(gauss)):
         raise Invalid(f"{where}: gauss {gauss!r} is neither None nor a finite float")
@@ -131,7 +131,7 @@ def _numpy_rng(n: Any) -> None:
         raise Invalid(f"{where}['keys'] are not 32-bit words")
     if not (_is_int(n["pos"]) and 0 <= n["pos"] <= MT_WORDS):
         raise Invalid(f"{where}['pos'] {n['pos']!r} is not in 0..{MT_WORDS}")
-    if n["has_gauss"] not in (0, 1) or not _is_int(n["has_gauss"]):
+    if not _is_int(n["has_gauss"]) or n["has_gauss"] not in (0, 1):
         raise Invalid(f"{where}['has_gauss'] {n['has_gauss']!r} is not 0 or 1")
     if not (type(n["gauss"]) is float and math.isfinite(n["gauss"])):
         raise Invalid(f"{where}['gauss'] {n['gauss']!r} is not a finite float")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -91,9 +91,13 @@ class TooFewNodes(RuntimeError):
     """Fewer nodes connected than an exchange needs, after waiting its whole timeout."""
 
 
-def live_nodes(grid: Grid, need: int, timeout: float, key: str = "min-clients") -> list[int]:
-    """The connected nodes (sorted) once there are at least ``need``; after ``timeout``
-    seconds, :class:`TooFewNodes` naming the run-config ``key`` that asked for them.
+def live_nodes(
+    grid: Grid, need: int, timeout: float, key: str = "min-clients",
+    among: Collection[int] | None = None,
+) -> list[int]:  # fmt: skip
+    """The connected nodes (sorted) once at least ``need`` of them are among ``among`` (the
+    nodes of the hello; None: any node counts); after ``timeout`` seconds,
+    :class:`TooFewNodes` naming the run-config ``key`` that asked for them.
 
     Flower's own sampling (``sample_nodes``, inside ``configure_train``) waits for nodes
     with no limit at all; every wait of the app goes through here instead.
@@ -103,11 +107,13 @@ def live_nodes(grid: Grid, need: int, timeout: float, key: str = "min-clients") 
     deadline = clock() + timeout
     while True:
         nodes = sorted(grid.get_node_ids())
-        if len(nodes) >= need:
+        counted = nodes if among is None else [n for n in nodes if n in among]
+        if len(counted) >= need:
             return nodes
         if clock() >= deadline:
+            of = "" if among is None else " of the hello's"
             raise TooFewNodes(
-                f"only {len(nodes)} SuperNodes connected after waiting {timeout:g} s; "
+                f"only {len(counted)}{of} SuperNodes connected after waiting {timeout:g} s; "
                 f"{key}={need} needed"
             )
         sleep(1.0)

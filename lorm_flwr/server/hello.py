@@ -13,11 +13,7 @@ from flwr.serverapp import Grid
 
 from lorm_flwr import wire
 from lorm_flwr.config import ConfigError, RunConfig
-from lorm_flwr.server.exchange import (
-    ExchangeLog,
-    exchange,
-    live_nodes,
-)
+from lorm_flwr.server.exchange import ExchangeLog, TooFewNodes, exchange, live_nodes
 
 __all__ = ["HELLO_TIMEOUT_SECONDS", "NODE_WAIT_SECONDS", "handshake", "wait_for_nodes"]
 
@@ -36,7 +32,7 @@ def wait_for_nodes(grid: Grid, count: int, key: str = "min-clients") -> list[int
 
 
 def _hello(
-    grid: Grid, cfg: RunConfig, nodes: list[int]
+    grid: Grid, cfg: RunConfig, nodes: list[int], min_replies: int
 ) -> tuple[list[tuple[int, int, int]], ExchangeLog]:
     def messages() -> list[Message]:
         return [Message(RecordDict(), dst_node_id=n, message_type=wire.QUERY_HELLO) for n in nodes]
@@ -45,10 +41,9 @@ def _hello(
         pid, num = wire.decode_hello(msg)
         return msg.metadata.src_node_id, pid, num
 
-    # Every partition must answer, but a node listed and gone (a SuperNode restarted
-    # under a new id) is only a timeout, not a reason to stop.
+    # A node listed and gone (a SuperNode restarted under a new id) is only a timeout.
     return exchange(
-        grid, messages, decode, kind="hello", min_replies=min(cfg.min_clients, len(nodes)),
+        grid, messages, decode, kind="hello", min_replies=min_replies,
         retries=cfg.round_retries, timeout=HELLO_TIMEOUT_SECONDS,
     )  # fmt: skip
 
@@ -83,32 +78,28 @@ def _federation_size(cfg: RunConfig, replies: list[tuple[int, int, int]]) -> int
 
 
 def _consistent(
-    cfg: RunConfig, replies: list[tuple[int, int, int]], hello: ExchangeLog
-) -> tuple[dict[int, int], int]:
-    """Node id -> partition id of the nodes whose hello fits the federation, and its size.
-
-    A node that claims another num-partitions, or a partition another node claims too
-    (which of them is right cannot be told), is rejected and named in ``hello`` and
-    the log; it gets no message of this run.
-    """
+    cfg: RunConfig, replies: list[tuple[int, int, int]]
+) -> tuple[dict[int, int], int, list[tuple[int, str]]]:
+    """Node id -> partition id of the nodes whose hello fits the federation, its size, and
+    the nodes that do not fit with the reason: another num-partitions, or a partition
+    another node claims too (which of them is right cannot be told)."""
     num = _federation_size(cfg, replies)
     claimed: dict[int, list[int]] = {}
     for node, pid, n in replies:
         if n == num:
             claimed.setdefault(pid, []).append(node)
     mapping: dict[int, int] = {}
+    rejected: list[tuple[int, str]] = []
     for node, pid, n in replies:
         if n != num:
-            reason = f"num-partitions={n}, but the federation has {num} partitions"
+            rejected.append((node, f"num-partitions={n}, but the federation has {num} partitions"))
         elif len(claimed[pid]) > 1:
-            reason = f"partition-id={pid} is claimed by nodes {sorted(claimed[pid])} too"
+            rejected.append(
+                (node, f"partition-id={pid} is claimed by nodes {sorted(claimed[pid])} too")
+            )
         else:
             mapping[node] = pid
-            continue
-        hello.rejected.append(f"hello, node {node}: {reason}")
-        hello.failed_nodes.append(node)
-        log.warning("hello: rejected node %d: %s", node, reason)
-    return mapping, num
+    return mapping, num, rejected
 
 
 def handshake(grid: Grid, cfg: RunConfig) -> tuple[dict[int, int], ExchangeLog, int]:
@@ -116,20 +107,33 @@ def handshake(grid: Grid, cfg: RunConfig) -> tuple[dict[int, int], ExchangeLog, 
     the hello's log; the federation's size ``N``.
 
     The first replies tell the federation's size (a mismatch with ``num-clients`` stops
-    here, at once); while fewer nodes than partitions are connected (a deployment still
-    starting), it waits for the rest and asks again. A node whose hello does not fit
-    (another num-partitions, a partition claimed twice) is rejected and named; the run
-    goes on without it, and without partitions no node answered for, while at least
-    ``min-clients`` nodes remain.
+    here, at once). While partitions are missing (a deployment still starting), it waits
+    up to ``NODE_WAIT_SECONDS`` for as many more nodes to connect and asks those. A node
+    whose hello does not fit (another num-partitions, a partition claimed twice) is
+    rejected and named, and gets no message of the run; the run goes on without it, and
+    without partitions no node answered for, while at least ``min-clients`` nodes remain.
     """
     nodes = wait_for_nodes(grid, cfg.min_clients)
-    replies, hello = _hello(grid, cfg, nodes)
-    num = _federation_size(cfg, replies)
-    if len(nodes) < num:
-        nodes = wait_for_nodes(grid, num, key=f"num-partitions (num-clients={cfg.num_clients})")
-        replies, again = _hello(grid, cfg, nodes)
-        hello.merge(again)
-    mapping, num = _consistent(cfg, replies, hello)
+    replies, hello = _hello(grid, cfg, nodes, min(cfg.min_clients, len(nodes)))
+    mapping, num, _ = _consistent(cfg, replies)
+    if len(mapping) < num:
+        want = len(nodes) + num - len(mapping)
+        try:
+            now = wait_for_nodes(grid, want, key=f"num-partitions={num}")
+        except TooFewNodes:  # those that came; enough of them or not is decided below
+            now = sorted(grid.get_node_ids())
+        new = [n for n in now if n not in set(nodes)]
+        if new:
+            more, again = _hello(grid, cfg, new, 0)
+            hello.merge(again)
+            replies += more
+        mapping, num, _ = _consistent(cfg, replies)
+    _, _, rejected = _consistent(cfg, replies)
+    for node, reason in rejected:
+        hello.rejected.append(f"hello, node {node}: {reason}")
+        hello.failed_nodes.append(node)
+        log.warning("hello: rejected node %d: %s", node, reason)
+    hello.replies = len(replies)
     missing = sorted(set(range(num)) - set(mapping.values()))
     shown = missing if len(missing) <= 20 else f"{len(missing)} partitions"
     if len(mapping) < cfg.min_clients:

@@ -22,6 +22,7 @@ __all__ = [
     "RoundRow",
     "RunRecorder",
     "check_output_dir",
+    "mark_failed",
     "provenance",
     "run_folder",
 ]
@@ -132,6 +133,23 @@ def write_json_atomic(path: Path, payload: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def mark_failed(folder: Path, error: str) -> None:
+    """``results.json`` in ``folder`` says ``failed`` with ``error``, all else kept as it
+    was (a completed run's stays completed: its figures are whole). Used when a resumed
+    run fails before its first round, so the earlier results are never rewritten from
+    less. A file that is missing or unreadable is left alone."""
+    path = folder / RESULTS_FILE
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        log.warning("lorm-flwr: %s is missing or unreadable; left as it is", path)
+        return
+    if not isinstance(results, dict) or results.get("status") == "completed":
+        return
+    results["status"], results["error"] = "failed", error
+    write_json_atomic(path, results)
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import numpy as np
 from flwr.app import ConfigRecord, Message
@@ -99,16 +99,18 @@ class FederatedRun:
         """A retry's draw: the nodes of the failed draw ``asked`` that answered, and in place
         of each that failed (``failed``: in any attempt), a live node never asked that has
         not failed, drawn with the run's seed and the attempt (by partition, so every run
-        with the same failures redraws the same). When fewer are left, all of them."""
-        kept = (asked - failed) & set(live)  # a drawn node no longer connected got no message
-        pool = sorted(
-            (n for n in set(live) & set(self.partition_of) if n not in failed and n not in asked),
-            key=self.order,
-        )
-        need = min(self.cfg.clients_per_round - len(kept), len(pool))
+        with the same failures redraws the same). When too few such nodes are left, the
+        rest come from the live nodes that failed before, in partition order: they may
+        have recovered, and a retry that can only ask the survivors cannot succeed."""
+        members = set(live) & set(self.partition_of)
+        kept = (asked - failed) & members  # a drawn node no longer connected got no message
+        fresh = sorted((n for n in members if n not in failed and n not in asked), key=self.order)
+        need = min(self.cfg.clients_per_round - len(kept), len(fresh))
         seed = participants_seed(self.cfg.seed, task, round_in_task)
-        chosen = np.random.default_rng([seed, attempt]).choice(len(pool), size=need, replace=False)
-        return kept | {pool[i] for i in chosen}
+        chosen = np.random.default_rng([seed, attempt]).choice(len(fresh), size=need, replace=False)
+        drawn = kept | {fresh[i] for i in chosen}
+        again = sorted(members - drawn, key=self.order)  # failed before: the last resort
+        return drawn | set(again[: max(self.cfg.clients_per_round - len(drawn), 0)])
 
     def trained_on(self, task: int) -> list[int]:
         """The nodes asked to train in any round of ``task`` (all without clients-per-round),
@@ -128,10 +130,12 @@ class FederatedRun:
         started = time.perf_counter()
         draws: list[set[int]] = []  # the nodes asked, attempt by attempt
 
+        drawn = self.participants(task, round_in_task)  # None: every node of the hello
+
         def draw(failed: frozenset[int], live: list[int]) -> set[int]:
             if not draws:
-                chosen = self.participants(task, round_in_task) or set(self.partition_of)
-            elif cfg.clients_per_round > 0:  # a retry asks others in place of the failed
+                chosen = drawn if drawn is not None else set(self.partition_of)
+            elif drawn is not None:  # a retry asks others in place of the failed
                 chosen = self.redraw(task, round_in_task, draws[-1], failed, live, len(draws) + 1)
             else:  # everyone, again
                 chosen = draws[-1]
@@ -142,18 +146,17 @@ class FederatedRun:
             replies, merged, train, merge_seconds = train_exchange(
                 self.grid, strategy, tensors, round_in_task,
                 examples=lambda node: self.shard_size(node, task), order=self.order,
-                nodes=draw,
+                nodes=draw, members=set(self.partition_of),
             )  # fmt: skip
         except ExchangeFailed as exc:
             exc.where = {"task": task, "round_in_task": round_in_task}
             raise
-        participants = draws[-1]
         row = RoundRow.from_exchange(task, round_in_task, train)
         row.merge_seconds = merge_seconds
         # Messages out, clients' work, replies in, checks and folds: the round less its merge.
         row.extra["exchange_seconds"] = time.perf_counter() - started - merge_seconds
-        if cfg.clients_per_round > 0:  # the partitions asked to train (the last attempt's)
-            row.extra["participants"] = sorted(self.partition_of[n] for n in participants)
+        if cfg.clients_per_round > 0:  # the partitions that trained: their replies were merged
+            row.extra["participants"] = sorted(self.partition_of[r.node] for r in replies)
         weights = [r.num_examples for r in replies]
         row.train_loss = sum(
             w * r.metrics[wire.TRAIN_LOSS] for w, r in zip(weights, replies)
@@ -196,7 +199,9 @@ class FederatedRun:
         arrays = wire.tensors_to_arrays(self.strategy.shared(tensors))
 
         def messages() -> list[Message]:
-            live = live_nodes(self.grid, self.cfg.min_clients, self.cfg.round_timeout)
+            live = live_nodes(
+                self.grid, self.cfg.min_clients, self.cfg.round_timeout, among=self.partition_of
+            )
             sent = self.strategy.configure_evaluate(
                 round_in_task + 1, arrays, ConfigRecord(), FixedNodes(self.grid, live)
             )
@@ -226,6 +231,7 @@ def train_exchange(
     examples: Callable[[int], int | None] = lambda node: None,
     order: Callable[[int], int] = lambda node: node,
     nodes: set[int] | Callable[[frozenset[int], list[int]], set[int]] | None = None,
+    members: Collection[int] | None = None,
 ) -> tuple[Gathered, Merged, ExchangeLog, float]:
     """One training round of the current task: send, check, merge.
 
@@ -233,7 +239,8 @@ def train_exchange(
     ``nodes(failed, live)`` of the nodes that failed earlier attempts and the nodes
     connected now, called once per attempt, to ask others in a retry; None: every node
     connected. Before each attempt it waits, up to ``round-timeout``, for ``min-clients``
-    nodes to be connected, and fails the round when they are not.
+    nodes (of ``members``, the nodes of the hello, when given) to be connected, and fails
+    the round when they are not.
     ``examples(node)``: the sample count the node must report (its shard size), or
     None to accept any positive count. Returns the checked replies (in ``order``,
     their Gram statistics already summed and dropped: see
@@ -248,7 +255,7 @@ def train_exchange(
     entry = ExchangeLog(kind="train")
 
     def messages() -> list[Message]:
-        live = live_nodes(grid, cfg.min_clients, cfg.round_timeout)
+        live = live_nodes(grid, cfg.min_clients, cfg.round_timeout, among=members)
         chosen = nodes(frozenset(entry.failed_nodes), live) if callable(nodes) else nodes
         # Flower's sampling sees the nodes just checked, so it never waits on its own.
         sent = strategy.configure_train(

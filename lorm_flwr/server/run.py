@@ -35,6 +35,7 @@ from lorm_flwr.server.hello import handshake
 from lorm_flwr.server.results import (
     RunRecorder,
     check_output_dir,
+    mark_failed,
     provenance,
     run_folder,
 )
@@ -52,9 +53,12 @@ def run_federated(grid: Grid, cfg: RunConfig, run_id: int | None = None) -> None
     """The whole federated run; results and a checkpoint are written after every round.
 
     The run folder exists from the start: a run that fails at any point after it, the
-    hello included, leaves ``results.json`` with ``status: failed`` and the error (a
-    resumed run: the results its checkpoint holds, with the new error). Only a resume
-    refused before any work leaves the folder it names as it was.
+    hello included, leaves ``results.json`` with ``status: failed`` and the error. A
+    resumed run that fails before its first round marks the folder's existing
+    ``results.json`` failed with the new error and keeps everything else in it (a
+    completed run's stays as it is); once rounds run, it writes the results its
+    checkpoint holds plus the new rounds. Only a resume refused before any work leaves
+    the folder it names as it was.
     """
     checkpoint = resume_point(cfg)  # a resume it cannot honour stops here
     if checkpoint is None:
@@ -74,18 +78,23 @@ def run_federated(grid: Grid, cfg: RunConfig, run_id: int | None = None) -> None
     else:
         recorder.provenance = provenance(run_id)
     log.info("lorm-flwr: writing results to %s", folder)
+    training: list[bool] = []  # set once the first round of this start begins
     try:
-        _run(grid, cfg, checkpoint, recorder)
+        _run(grid, cfg, checkpoint, recorder, training)
     except BaseException as exc:
-        recorder.status = "failed"
-        recorder.error = f"{type(exc).__name__}: {exc}"
-        if isinstance(exc, ExchangeFailed):  # the failed exchange, and the round it belongs to
-            recorder.failed_round = {
-                **exc.log.to_dict(),
-                **exc.where,
-                "failed_exchange": exc.log.kind,
-            }
-        recorder.write()
+        error = f"{type(exc).__name__}: {exc}"
+        try:
+            if checkpoint is not None and not training:
+                mark_failed(folder, error)  # the earlier results stay whole
+            else:
+                recorder.status, recorder.error = "failed", error
+                if isinstance(exc, ExchangeFailed):  # the failed exchange and its round
+                    recorder.failed_round = {
+                        **exc.log.to_dict(), **exc.where, "failed_exchange": exc.log.kind,
+                    }  # fmt: skip
+                recorder.write()
+        except OSError as write_error:  # never hide the run's own error behind this one
+            log.error("lorm-flwr: could not write results.json: %s", write_error)
         log.error(
             "lorm-flwr: run stopped: %s. Results so far are in %s; continue with "
             "--run-config \"resume-from='%s'\" (same other keys)",
@@ -94,7 +103,10 @@ def run_federated(grid: Grid, cfg: RunConfig, run_id: int | None = None) -> None
         raise
 
 
-def _run(grid: Grid, cfg: RunConfig, checkpoint: Checkpoint | None, recorder: RunRecorder) -> None:
+def _run(
+    grid: Grid, cfg: RunConfig, checkpoint: Checkpoint | None, recorder: RunRecorder,
+    training: list[bool],
+) -> None:  # fmt: skip
     """The hello, the scenario, then tasks x rounds from the start or the checkpoint."""
     # The server's model first (cached): a lora-rank or max-length the backbone cannot
     # hold stops the run here, before any node is asked anything.
@@ -103,18 +115,18 @@ def _run(grid: Grid, cfg: RunConfig, checkpoint: Checkpoint | None, recorder: Ru
     recorder.handshakes.append(
         {**hello.to_dict(), "partitions": {str(n): p for n, p in partition_of.items()}}
     )
-    if cfg.clients_per_round > len(partition_of):
-        raise ConfigError(
-            f"clients-per-round={cfg.clients_per_round} is more than the {len(partition_of)} "
-            "clients of this federation"
-        )
+    if cfg.clients_per_round > len(partition_of):  # partitions missing since the hello
+        log.warning(
+            "lorm-flwr: clients-per-round=%d, but %d clients answered the hello: every round "
+            "asks all of them", cfg.clients_per_round, len(partition_of),
+        )  # fmt: skip
     scenario = scenario_of(cfg, num_clients)  # impossible splits stop here
     recorder.tasks = [list(t) for t in scenario.tasks]
-    recorder.shard_sizes = scenario.shard_sizes()
+    shard_sizes = scenario.shard_sizes()
     log.info(
         "lorm-flwr: %s on %s, %d clients, %d tasks %s, shard sizes %s",
         cfg.strategy, cfg.dataset, num_clients, scenario.num_tasks,
-        recorder.tasks, recorder.shard_sizes,
+        recorder.tasks, shard_sizes,
     )  # fmt: skip
     strategy = strategy_class(cfg.strategy)(cfg, layout)
     if cfg.validation_fraction > 0 and not strategy.has_global_model:
@@ -132,11 +144,11 @@ def _run(grid: Grid, cfg: RunConfig, checkpoint: Checkpoint | None, recorder: Ru
         tensors = dict(initial_tensors(cfg))  # the same seeded start as every client's
         first_task, first_round, elapsed = 0, 0, 0.0
     else:
-        saved_shards = checkpoint.recorder.get("shard_sizes", recorder.shard_sizes)
-        if saved_shards != recorder.shard_sizes:
+        saved_shards = checkpoint.recorder.get("shard_sizes", shard_sizes)
+        if saved_shards != shard_sizes:
             raise ConfigError(
                 f"resume-from: the checkpoint was made with shards {saved_shards}, "
-                f"this federation gives {recorder.shard_sizes}: start the same number of clients"
+                f"this federation gives {shard_sizes}: start the same number of clients"
             )
         strategy.load_state_dict(checkpoint.strategy)
         restore_rng(checkpoint.rng)
@@ -150,6 +162,7 @@ def _run(grid: Grid, cfg: RunConfig, checkpoint: Checkpoint | None, recorder: Ru
                                  "at": time.strftime("%Y-%m-%d %H:%M:%S")})  # fmt: skip
         log.info("lorm-flwr: resuming task %d round %d from %s", first_task, first_round,
                  checkpoint_path(cfg.resume_from))  # fmt: skip
+    recorder.shard_sizes = shard_sizes  # checked against the checkpoint's, for a resume
     start = time.perf_counter() - elapsed
     run = FederatedRun(grid, cfg, strategy, scenario, recorder, partition_of, start)
 
@@ -161,6 +174,7 @@ def _run(grid: Grid, cfg: RunConfig, checkpoint: Checkpoint | None, recorder: Ru
             rng=capture_rng(), elapsed_seconds=time.perf_counter() - start,
         ))  # fmt: skip
 
+    training.append(True)  # from here a failure writes this start's results
     for task in range(first_task, scenario.num_tasks):
         round0 = first_round if task == first_task else 0
         if round0 == 0:
