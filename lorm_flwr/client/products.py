@@ -3,7 +3,8 @@
 Only sums over clients enter the closed-form merges, so in a LoRM A-round a client
 sends ``A_i G_i`` and ``G_i``; in a B-round ``B_i A G_i A^T`` and ``A G_i A^T``; for
 RegMean ``s B_i A_i G_i`` and ``G_i``; for the head ``W_i G_i`` and ``G_i``. Keys and
-shapes are declared in :func:`lorm_flwr.wire.gram_shapes`. Pure torch, no Flower.
+shapes are declared in :func:`lorm_flwr.wire.gram_shapes` (its keys come from the wire); the
+products themselves are plain torch.
 """
 
 from __future__ import annotations
