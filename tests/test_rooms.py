@@ -244,8 +244,8 @@ def test_the_rules_see_a_violation():
 
 
 def test_the_app_bundle_holds_the_app_and_no_harness(tmp_path):
-    """What every `flwr run` ships: the app's code and presets; no tests, benchmarks or
-    the loopback harness (harness/)."""
+    """What every `flwr run` ships: the app's code, presets and license; no tests,
+    benchmarks or the loopback harness (harness/)."""
     import zipfile
 
     subprocess.run(
@@ -258,6 +258,10 @@ def test_the_app_bundle_holds_the_app_and_no_harness(tmp_path):
     package = {str(p.relative_to(ROOT)) for p in PACKAGE.rglob("*.py")}
     assert package <= names  # every module of the package
     assert not [n for n in names if n.startswith(("tests/", "benchmarks/", "harness/"))]
+    # Publishable: fab-format-version = 1 built (it needs a license file and a Flower lower
+    # bound), with the Apache-2.0 text pyproject.toml names; small, being the app alone.
+    assert "LICENSE" in names and "Apache License" in (ROOT / "LICENSE").read_text()
+    assert fab.stat().st_size < 2**20
 
 
 def test_the_old_public_imports_still_work():
