@@ -36,6 +36,7 @@ def _faulty_app(tmp: Path) -> Path:
     (app / "pyproject.toml").write_text(pyproject)
     shutil.copy(ROOT / "tests" / "faulty_app" / "faulty_client.py", app / "faulty_client.py")
     shutil.copy(ROOT / "server_app.py", app / "server_app.py")
+    shutil.copy(ROOT / "LICENSE", app / "LICENSE")  # the bundle format asks for it
     return app
 
 
