@@ -115,20 +115,19 @@ def handshake(grid: Grid, cfg: RunConfig) -> tuple[dict[int, int], ExchangeLog, 
     """
     nodes = wait_for_nodes(grid, cfg.min_clients)
     replies, hello = _hello(grid, cfg, nodes, min(cfg.min_clients, len(nodes)))
-    mapping, num, _ = _consistent(cfg, replies)
+    mapping, num, rejected = _consistent(cfg, replies)
     if len(mapping) < num:
         want = len(nodes) + num - len(mapping)
         try:
             now = wait_for_nodes(grid, want, key=f"num-partitions={num}")
         except TooFewNodes:  # those that came; enough of them or not is decided below
             now = sorted(grid.get_node_ids())
-        new = [n for n in now if n not in set(nodes)]
-        if new:
+        asked = set(nodes)
+        if new := [n for n in now if n not in asked]:
             more, again = _hello(grid, cfg, new, 0)
             hello.merge(again)
             replies += more
-        mapping, num, _ = _consistent(cfg, replies)
-    _, _, rejected = _consistent(cfg, replies)
+            mapping, num, rejected = _consistent(cfg, replies)
     for node, reason in rejected:
         hello.rejected.append(f"hello, node {node}: {reason}")
         hello.failed_nodes.append(node)

@@ -113,8 +113,9 @@ class FederatedRun:
         return drawn | set(again[: max(self.cfg.clients_per_round - len(drawn), 0)])
 
     def trained_on(self, task: int) -> list[int]:
-        """The nodes asked to train in any round of ``task`` (all without clients-per-round),
-        in partition order; read from the results rows, so a resumed run agrees."""
+        """The nodes whose training replies were merged in any round of ``task`` (all nodes
+        without clients-per-round), in partition order; read from the results rows, so a
+        resumed run agrees."""
         nodes = sorted(self.partition_of, key=self.order)
         if self.cfg.clients_per_round <= 0:
             return nodes
@@ -129,7 +130,6 @@ class FederatedRun:
         strategy, cfg = self.strategy, self.cfg
         started = time.perf_counter()
         draws: list[set[int]] = []  # the nodes asked, attempt by attempt
-
         drawn = self.participants(task, round_in_task)  # None: every node of the hello
 
         def draw(failed: frozenset[int], live: list[int]) -> set[int]:
