@@ -58,6 +58,7 @@ class RunConfig:
     lora_alpha: float = 4.0
     lora_targets: str = "auto"
     lora_dropout: float = 0.0
+    model_dropout: bool = False
     dirichlet_beta: float = 0.5
     min_samples_per_client: int = 6
     class_order: str = "natural"
@@ -166,6 +167,12 @@ class RunConfig:
         _one_of("strategy", self.strategy, STRATEGIES)
         _one_of("dataset", self.dataset, DATASETS)
         _one_of("backbone", self.backbone, BACKBONES)
+        if self.model_dropout and BACKBONES[self.backbone].modality != "text":
+            raise ConfigError(
+                f"model-dropout=true applies to text backbones only (backbone is "
+                f"'{self.backbone}': its BatchNorm statistics must not drift in training mode); "
+                "leave it at false"
+            )
         _one_of("class-order", self.class_order, ("natural", "shuffle"))
         _one_of("optimizer", self.optimizer, ("adamw", "sgd"))
         _one_of("precision", self.precision, ("fp32", "bf16", "fp16"))

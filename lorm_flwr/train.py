@@ -211,6 +211,7 @@ def train_local(
     precision: str = "fp32",
     steps: int = 0,
     warmup_steps: int = 0,
+    model_dropout: bool = False,
 ) -> TrainStats:
     """AdamW (or plain SGD) on the trainable parameters; cross-entropy over the current
     task's logits only.
@@ -223,7 +224,10 @@ def train_local(
     Old classes' head rows get no gradient, as in the LoRM reference. The model
     stays in eval mode: the backbone is frozen, so its BatchNorm statistics must
     not drift away from the server's copy; only the adapter's dropout layers (peft's
-    ``lora_dropout``) are switched to training mode. ``precision`` bf16/fp16 autocasts
+    ``lora_dropout``) are switched to training mode. ``model_dropout`` puts the whole
+    model in training mode instead, as the FedSA-LoRA reference does (``model.train()``):
+    a transformers model's own hidden and attention dropout are then active (text
+    backbones only: they have no BatchNorm). ``precision`` bf16/fp16 autocasts
     the forward on CUDA; fp16 also scales the loss so small gradients do not underflow.
     Augmentation and dropout draw from torch's global generator, seeded from ``seed``.
     """
@@ -248,7 +252,9 @@ def train_local(
     remap[classes] = torch.arange(len(classes), device=device)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16" and device.type == "cuda")
     model.eval()
-    dropouts = _adapter_dropouts(model)
+    # transformers' attention dropout reads its module's .training, not an nn.Dropout:
+    # model.train() is the only switch that turns all of the model's own dropout on.
+    dropouts = [model] if model_dropout else _adapter_dropouts(model)
     for module in dropouts:
         module.train()
     rng = np.random.default_rng(seed)

@@ -14,7 +14,7 @@ from lorm_flwr import wire
 from lorm_flwr.config import RunConfig
 from lorm_flwr.math.cross_task import TaskHistory
 from lorm_flwr.models.adapters import model_layout
-from lorm_flwr.models.layout import ModelLayout, group_of
+from lorm_flwr.models.layout import HeadLayer, ModelLayout, group_of
 from lorm_flwr.runtime import initial_tensors, model_of
 from lorm_flwr.server.checkpoint import (
     CHECKPOINT_FILE,
@@ -52,7 +52,7 @@ def _ok(m):
 
 
 def _fedit(**cfg):
-    layout = ModelLayout((), "linear_head.weight", "linear_head.bias", SHAPES)
+    layout = ModelLayout((), (HeadLayer("linear_head", "linear_head.weight", "linear_head.bias"),), SHAPES)
     return FedIT(RunConfig(**cfg), layout)
 
 

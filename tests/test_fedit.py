@@ -14,7 +14,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from lorm_flwr import wire
 from lorm_flwr.config import RunConfig
 from lorm_flwr.math.merge import fedavg_mean
-from lorm_flwr.models.layout import ModelLayout
+from lorm_flwr.models.layout import HeadLayer, ModelLayout
 from lorm_flwr.server.exchange import ExchangeFailed
 from lorm_flwr.server.rounds import train_exchange
 from lorm_flwr.server.strategies.fedit import FedIT
@@ -26,7 +26,7 @@ KEY = "l.lora_A.weight"
 
 
 def _strategy(min_clients=2, retries=0):
-    layout = ModelLayout((), "linear_head.weight", "linear_head.bias", SHAPES)
+    layout = ModelLayout((), (HeadLayer("linear_head", "linear_head.weight", "linear_head.bias"),), SHAPES)
     return FedIT(RunConfig(min_clients=min_clients, round_retries=retries), layout)
 
 

@@ -89,8 +89,8 @@ def _run_round(strategy, global_tensors, clients, round_in_task):
     layers = list(strategy.layout.layers)
     script = {}
     for node, (tensors, grams, n) in enumerate(clients, start=1):
-        products = gram_products(kind, tensors, grams, layers, strategy.layout.head_weight)
-        arrays = {strategy.layout.head_bias: tensors[strategy.layout.head_bias]}
+        products = gram_products(kind, tensors, grams, layers, strategy.layout.heads)
+        arrays = {strategy.layout.heads[0].bias_key: tensors[strategy.layout.heads[0].bias_key]}
         script[node] = train_content(arrays, n, products)
     grid = ScriptedGrid(sorted(script), [script])
     _, merged, log, _ = train_exchange(grid, strategy, dict(global_tensors), round_in_task)
@@ -120,7 +120,7 @@ def test_strategy_a_round_equals_pure_merges():
         )
         _close_on_data(matrix(merged[layer.a_key]), expected, [c[1][layer.name] for c in clients])
         torch.testing.assert_close(merged[layer.b_key], glob[layer.b_key])  # B untouched
-    w_key, b_key = strategy.layout.head_weight, strategy.layout.head_bias
+    w_key, b_key = strategy.layout.heads[0].weight_key, strategy.layout.heads[0].bias_key
     expected_w = regmean([c[0][w_key].double() for c in clients], [c[1][HEAD] for c in clients])
     _close_on_data(merged[w_key], expected_w, [c[1][HEAD] for c in clients])
     expected_b = weighted_mean([c[0][b_key] for c in clients], [c[2] for c in clients])
@@ -237,7 +237,7 @@ def test_diagonal_grams_upload_only_diagonals():
     grams = _grams_on(model, t, torch.randn(2, 3, 16, 16), {HEAD: 0.5})
     grams = {n: torch.diagonal(g).clone() if n != HEAD else g for n, g in grams.items()}
     layers = adapter_layout(model)
-    stats = gram_products(wire.GRAMS_LORM_A, t, grams, layers, f"{HEAD}.weight")
+    stats = gram_products(wire.GRAMS_LORM_A, t, grams, layers, model_layout(model).heads)
     for layer in layers:
         assert stats[wire.gram_key(layer.name, wire.G)].shape == (layer.d_in,)
 
@@ -265,9 +265,9 @@ def test_b_round_code_grams_give_the_products_of_full_grams():
     full = input_grams(cfg, model, images, with_head=True)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # merge undone bit for bit
-    weight_key = f"{HEAD}.weight"
-    got = gram_products(wire.GRAMS_LORM_B, tensors, codes, layers, weight_key, codes=True)
-    want = gram_products(wire.GRAMS_LORM_B, tensors, full, layers, weight_key)
+    heads = model_layout(model).heads
+    got = gram_products(wire.GRAMS_LORM_B, tensors, codes, layers, heads, codes=True)
+    want = gram_products(wire.GRAMS_LORM_B, tensors, full, layers, heads)
     assert got.keys() == want.keys()
     for k in want:
         torch.testing.assert_close(

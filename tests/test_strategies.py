@@ -142,12 +142,12 @@ def test_regmean_single_client_returns_its_delta_exactly():
     layers = adapter_layout(model)
     grams = {}
     for layer in layers + [None]:
-        k = layer.d_in if layer else strategy.layout.shapes[strategy.layout.head_weight][1]
+        k = layer.d_in if layer else strategy.layout.shapes[strategy.layout.heads[0].weight_key][1]
         x = torch.randn(3 * k, k, generator=gen, dtype=torch.float64)  # full-rank inputs
         grams[layer.name if layer else HEAD] = x.T @ x
-    stats = gram_products(wire.GRAMS_REGMEAN, tensors, grams, layers, strategy.layout.head_weight)
+    stats = gram_products(wire.GRAMS_REGMEAN, tensors, grams, layers, strategy.layout.heads)
     content = train_content(
-        {strategy.layout.head_bias: tensors[strategy.layout.head_bias]}, 5, stats
+        {strategy.layout.heads[0].bias_key: tensors[strategy.layout.heads[0].bias_key]}, 5, stats
     )
     _, result, _, _ = train_exchange(ScriptedGrid([1], [{1: content}]), strategy, dict(tensors), 0)
     merged = result.tensors

@@ -10,7 +10,7 @@ from lorm_flwr.client.gram import layer_grams
 from lorm_flwr.config import ConfigError, RunConfig
 from lorm_flwr.data.datasets import cap_per_class, load_dataset
 from lorm_flwr.data.text import PAD, encode_texts
-from lorm_flwr.models.adapters import HEAD, adapter_layout, attach_lora
+from lorm_flwr.models.adapters import adapter_layout, attach_lora, head_layers, head_module_of_layer
 from lorm_flwr.models.backbones import BACKBONES, build_classifier, load_tokenizer
 from lorm_flwr.train import TokenInputs
 
@@ -48,14 +48,15 @@ def test_padding_tokens_never_enter_the_grams(tokenizer):
     targets = {
         ly.name: (model.get_submodule("base_model.model." + ly.name), False) for ly in layers[:2]
     }
-    targets[HEAD] = (model.get_submodule("base_model.model." + HEAD), False)
+    heads = head_layers(model)
+    targets.update({h.name: (head_module_of_layer(model, h), False) for h in heads})
     alphas = {n: 1.0 for n in targets}
     ids = encode_texts(TEXTS, tokenizer, max_length=24)
     kw = {
         "inputs": TokenInputs(),
         "device": torch.device("cpu"),
         "alphas": alphas,
-        "unmasked": frozenset({HEAD}),
+        "unmasked": frozenset(h.name for h in heads),
     }
     together, n = layer_grams(model, targets, ids, batch_size=3, **kw)
     alone = [layer_grams(model, targets, ids[i : i + 1], batch_size=1, **kw)[0] for i in range(3)]

@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from lorm_flwr import wire
 from lorm_flwr.config import RunConfig
 from lorm_flwr.math.symmetric import pack_upper
-from lorm_flwr.models.layout import AdaptedLayer, ModelLayout
+from lorm_flwr.models.layout import AdaptedLayer, HeadLayer, ModelLayout
 from lorm_flwr.server.exchange import ExchangeFailed
 from lorm_flwr.server.hello import handshake
 from tests.messages import ScriptedGrid, reply_to
@@ -21,7 +21,7 @@ LAYER = AdaptedLayer(
     "l", "l.lora_A.weight", "l.lora_B.weight", d_in=3, d_out=4, rank=2, scaling=1.0, is_conv=False
 )
 LAYOUT = ModelLayout(
-    (LAYER,), "linear_head.weight", "linear_head.bias",
+    (LAYER,), (HeadLayer("linear_head", "linear_head.weight", "linear_head.bias"),),
     {"l.lora_A.weight": (2, 3), "l.lora_B.weight": (4, 2), "linear_head.weight": (5, 4), "linear_head.bias": (5,)},
 )  # fmt: skip
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from lorm_flwr import wire
+from lorm_flwr.client.personal_adapter import write_personal_adapter
 from lorm_flwr.client.round import evaluate_personal, task_grams, train_round
 from lorm_flwr.config import RunConfig
 from lorm_flwr.models.adapters import model_layout
@@ -98,9 +99,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg = RunConfig.from_mapping(context.run_config)
     pid, num = _partition(context)
     plan = wire.Instructions.from_config(msg.content[wire.CONFIG])
-    correct, total = evaluate_personal(
-        cfg, pid, num, wire.arrays_to_tensors(msg.content[wire.ARRAYS]), _local(context), plan.task
-    )
+    shared, local = wire.arrays_to_tensors(msg.content[wire.ARRAYS]), _local(context)
+    correct, total = evaluate_personal(cfg, pid, num, shared, local, plan.task)
+    if plan.export_to:  # the run's last evaluation: keep this client's own model
+        accuracy = sum(correct) / max(sum(total), 1)
+        metrics = {"personalised accuracy on this client's test split": accuracy,
+                   "partition": pid}  # fmt: skip
+        write_personal_adapter(cfg, pid, num, shared, local, plan.export_to, metrics)
     return Message(wire.evaluation_reply(correct, total), reply_to=msg)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from lorm_flwr.math.merge import project_gram, times_gram
-from lorm_flwr.models.layout import HEAD, AdaptedLayer
+from lorm_flwr.models.layout import AdaptedLayer, HeadLayer
 from lorm_flwr.wire import keys as wire
 
 __all__ = ["gram_products"]
@@ -23,7 +23,7 @@ def gram_products(
     tensors: dict[str, torch.Tensor],
     grams: dict[str, torch.Tensor],
     layers: list[AdaptedLayer],
-    head_weight_key: str,
+    heads: list[HeadLayer] | tuple[HeadLayer, ...],
     *,
     codes: bool = False,
 ) -> dict[str, torch.Tensor]:
@@ -34,7 +34,7 @@ def gram_products(
     result is sent as fp32 anyway.
 
     ``grams[name]`` is the layer's input Gram ``G~`` (k, k) or (k,), and
-    ``grams[HEAD]`` the head's; with ``codes=True`` (LoRM B-rounds only) a layer's
+    ``grams[head.name]`` each head Linear's; with ``codes=True`` (LoRM B-rounds only) a layer's
     entry is already ``A G~ A^T: (r, r)``, recorded without forming ``G~``
     (:func:`lorm_flwr.client.gram.layer_grams` ``projections``).
     """
@@ -58,7 +58,8 @@ def gram_products(
             out[wire.gram_key(layer.name, wire.G)] = g
         else:
             raise ValueError(f"no Gram products of kind {kind!r}")
-    gh = grams[HEAD]
-    out[wire.gram_key(HEAD, wire.WG)] = times_gram(tensors[head_weight_key].to(gh.dtype), gh)
-    out[wire.gram_key(HEAD, wire.G)] = gh
+    for head in heads:
+        gh = grams[head.name]
+        out[wire.gram_key(head.name, wire.WG)] = times_gram(tensors[head.weight_key].to(gh.dtype), gh)
+        out[wire.gram_key(head.name, wire.G)] = gh
     return {k: v.float() for k, v in out.items()}

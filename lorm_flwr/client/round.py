@@ -18,11 +18,11 @@ from lorm_flwr.config import RunConfig
 from lorm_flwr.math.cross_task import mean_delta
 from lorm_flwr.math.fold import batchnorm_folded
 from lorm_flwr.models.adapters import (
-    HEAD,
     adapter_layout,
     get_tensors,
     group_of,
-    head_keys,
+    head_layers,
+    head_module_of_layer,
     merged_for_inference,
     set_tensors,
     set_trainable,
@@ -115,6 +115,7 @@ def train_round(
         batch_size=cfg.batch_size,
         lr={"A": cfg.lr_of("A"), "B": cfg.lr_of("B"), "head": cfg.lr},
         warmup_steps=cfg.warmup_steps,
+        model_dropout=cfg.model_dropout,
         weight_decay=cfg.weight_decay,
         optimizer=cfg.optimizer,
         precision=cfg.precision,
@@ -137,8 +138,7 @@ def train_round(
             cfg, record_on, data.train_x[shard], with_head=True, projections=projections,
             seed=gram_pass_seed(seed),
         )  # fmt: skip
-        weight_key, _ = head_keys(model)
-        grams = gram_products(plan.grams, tensors, inputs, layers, weight_key, codes=codes)
+        grams = gram_products(plan.grams, tensors, inputs, layers, head_layers(model), codes=codes)
     local = {k: v for k, v in tensors.items() if group_of(k) in plan.local}
     return ClientResult(
         tensors, grams, stats.num_examples, stats.loss, train_seconds,
@@ -223,9 +223,10 @@ def input_grams(
         for layer in adapter_layout(model)
     }
     alphas = {name: cfg.gram_alpha for name in targets}
-    if with_head:
-        targets[HEAD] = (model.get_submodule(PEFT_PREFIX + HEAD), False)
-        alphas[HEAD] = cfg.head_gram_alpha
+    heads = head_layers(model) if with_head else []
+    for head in heads:
+        targets[head.name] = (head_module_of_layer(model, head), False)
+        alphas[head.name] = cfg.head_gram_alpha
     device = pick_device(cfg.device)
     spec = input_spec(cfg, train=True)
     if model.training:  # eval() walks every module: only when needed (the fold requires it)
@@ -249,7 +250,7 @@ def input_grams(
             device=device,
             alphas=alphas,
             projections=projections,
-            unmasked=frozenset({HEAD}),
+            unmasked=frozenset(h.name for h in heads),  # one pooled vector per sample
         )
     return grams
 

@@ -21,8 +21,8 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 
 from lorm_flwr.errors import ConfigError
-from lorm_flwr.models.backbones import Classifier
-from lorm_flwr.models.layout import HEAD, AdaptedLayer, ModelLayout, group_of
+from lorm_flwr.models.backbones import Classifier, SequenceClassifier
+from lorm_flwr.models.layout import HEAD, AdaptedLayer, HeadLayer, ModelLayout, group_of
 
 __all__ = [
     "ADAPTER_KINDS",
@@ -34,7 +34,9 @@ __all__ = [
     "fresh_factors",
     "get_tensors",
     "group_of",
-    "head_keys",
+    "head_layers",
+    "head_module",
+    "head_module_of_layer",
     "merged_for_inference",
     "model_layout",
     "reset_lora",
@@ -93,8 +95,13 @@ def check_lora_rank(model: nn.Module, targets: list[str], rank: int) -> None:
         )
 
 
+def head_module(model: nn.Module) -> str:
+    """The name of ``model``'s head, trained in full (peft ``modules_to_save``)."""
+    return SequenceClassifier.HEAD if isinstance(model, SequenceClassifier) else HEAD
+
+
 def attach_lora(
-    model: Classifier,
+    model: Classifier | SequenceClassifier,
     *,
     rank: int,
     alpha: float,
@@ -140,7 +147,7 @@ def attach_lora(
         config = VeraConfig(
             r=rank,
             target_modules=targets,
-            modules_to_save=[HEAD],
+            modules_to_save=[head_module(model)],
             projection_prng_key=seed,
             save_projection=True,
             vera_dropout=dropout,
@@ -150,7 +157,7 @@ def attach_lora(
             r=rank,
             lora_alpha=alpha,
             target_modules=targets,
-            modules_to_save=[HEAD],
+            modules_to_save=[head_module(model)],
             use_rslora=use_rslora or kind == "rslora",
             lora_dropout=dropout,
             bias="none",
@@ -268,20 +275,40 @@ def _layout(model: PeftModel) -> list[AdaptedLayer]:
 def model_layout(model: PeftModel) -> ModelLayout:
     """What the server and the wire codec need to know of ``model`` (cached per model)."""
     if model not in _MODEL_LAYOUTS:
-        weight, bias = head_keys(model)
         shapes = {k: tuple(v.shape) for k, v in get_tensors(model).items()}
-        _MODEL_LAYOUTS[model] = ModelLayout(tuple(adapter_layout(model)), weight, bias, shapes)
+        _MODEL_LAYOUTS[model] = ModelLayout(
+            tuple(adapter_layout(model)), tuple(head_layers(model)), shapes
+        )
     return _MODEL_LAYOUTS[model]
 
 
-def head_keys(model: PeftModel) -> tuple[str, str]:
-    """Keys of the head's weight ``(C, F)`` and bias ``(C,)`` in :func:`get_tensors`."""
+_TRAINED_COPY = ".modules_to_save." + ADAPTER  # peft's trainable copy of a head module
+
+
+def head_layers(model: PeftModel) -> list[HeadLayer]:
+    """The head's Linear layers in module order (input to output), with their keys in
+    :func:`get_tensors`: the trainable copies peft keeps in ``modules_to_save``."""
     keys = get_tensors_keys(model)
-    weight = [k for k in keys if k.startswith(HEAD + ".") and k.endswith("weight")]
-    bias = [k for k in keys if k.startswith(HEAD + ".") and k.endswith("bias")]
-    if len(weight) != 1 or len(bias) != 1:
-        raise RuntimeError(f"expected one head weight and bias, got {weight} {bias}")
-    return weight[0], bias[0]
+    heads = []
+    for name, module in model.named_modules():
+        if _TRAINED_COPY not in name or not isinstance(module, nn.Linear):
+            continue
+        short = _key(name).replace(_TRAINED_COPY, "")
+        weight, bias = f"{short}.weight", f"{short}.bias"
+        if weight not in keys or bias not in keys:
+            raise RuntimeError(f"head layer {short} lacks a weight or bias among {sorted(keys)[:5]}")
+        heads.append(HeadLayer(short, weight, bias))
+    if not heads:
+        raise RuntimeError("the model has no trainable head Linear (peft modules_to_save)")
+    return heads
+
+
+def head_module_of_layer(model: PeftModel, head: HeadLayer) -> nn.Module:
+    """The Linear whose inputs a head layer sees: peft's trainable copy of it."""
+    for name, module in model.named_modules():
+        if _TRAINED_COPY in name and _key(name).replace(_TRAINED_COPY, "") == head.name:
+            return module
+    raise RuntimeError(f"no trainable copy of head layer {head.name}")
 
 
 def set_trainable(
@@ -291,13 +318,14 @@ def set_trainable(
     on = {"A": train_a, "B": train_b}
     for name, p in model.named_parameters():
         key = _key(name)
-        if key.startswith(HEAD + "."):  # peft's trainable copy of the head, not the original
-            p.requires_grad_(train_head and key.startswith(f"{HEAD}.modules_to_save."))
+        if _TRAINED_COPY + "." in key:  # peft's trainable copy of the head, not the original
+            p.requires_grad_(train_head)
             continue
         try:
-            p.requires_grad_(on.get(group_of(key), False))
+            group = group_of(key)
         except KeyError:  # a backbone weight
-            p.requires_grad_(False)
+            group = ""
+        p.requires_grad_(group != "head" and on.get(group, False))
 
 
 def fresh_factors(layers: list[AdaptedLayer], seed: int) -> dict[str, torch.Tensor]:

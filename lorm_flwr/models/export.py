@@ -10,6 +10,7 @@ backbone, input size, number of classes, seed, classes per task) and ``README.md
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,8 @@ import torch
 from peft import PeftModel
 
 from lorm_flwr.config import RunConfig
-from lorm_flwr.models.adapters import head_keys, set_tensors
-from lorm_flwr.models.backbones import BACKBONES, build_classifier
+from lorm_flwr.models.adapters import model_layout, set_tensors
+from lorm_flwr.models.backbones import BACKBONES, SequenceClassifier, build_classifier, load_tokenizer
 
 __all__ = ["ADAPTER_INFO", "export_adapter", "load_classifier"]
 
@@ -34,12 +35,21 @@ def export_adapter(
     tasks: list[list[int]],
     metrics: dict[str, Any] | None = None,
 ) -> Path:
-    """Save ``tensors`` as a self-describing peft adapter folder (see the module docstring)."""
+    """Save ``tensors`` as a self-describing peft adapter folder (see the module docstring).
+
+    Text adapters are saved as peft ``SEQ_CLS`` adapters of the transformers model
+    itself, so ``AutoPeftModelForSequenceClassification.from_pretrained(folder)`` loads
+    them; the tokenizer is saved alongside.
+    """
     set_tensors(model, tensors)
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(folder))
     spec = BACKBONES[cfg.backbone]
     base = cfg.backbone_checkpoint or spec.base_model or cfg.backbone
+    num_classes = model_layout(model).num_classes
+    if spec.modality == "text":
+        base = _save_sequence_classification(model, folder, cfg, num_classes)
+    else:
+        model.save_pretrained(str(folder))
     config_path = folder / "adapter_config.json"
     config = json.loads(config_path.read_text())
     config["base_model_name_or_path"] = base
@@ -47,9 +57,10 @@ def export_adapter(
     info = {
         "backbone": cfg.backbone,
         "base_model": base,
+        "base_model_id": spec.base_model,
         "backbone_checkpoint": cfg.backbone_checkpoint,
         "image_size": cfg.image_size,
-        "num_classes": int(tensors[head_keys(model)[0]].shape[0]),
+        "num_classes": num_classes,
         "seed": cfg.seed,
         "modality": spec.modality,
         "mean": list(spec.mean),
@@ -59,8 +70,9 @@ def export_adapter(
         "input": (
             f"float images (N, 3, {cfg.image_size}, {cfg.image_size}), normalised with mean and std"
             if spec.modality == "image"
-            else "int64 token ids (N, L) of the base model's tokenizer, with -1 (not the pad id) at "
-            "padding positions, as lorm_flwr.data.text.encode writes them"
+            else "the tokenizer's own output (input_ids, attention_mask) for "
+            "AutoPeftModelForSequenceClassification; for load_classifier, int64 token ids (N, L) "
+            "with -1 at padding positions, as lorm_flwr.data.text.encode writes them"
         ),
         "strategy": cfg.strategy,
         "dataset": cfg.dataset,
@@ -73,15 +85,59 @@ def export_adapter(
     return folder
 
 
+# Where a text backbone's weights live when they are not on the hub: saved with the adapter.
+BASE_FOLDER = "base_model"
+
+
+def _save_sequence_classification(
+    model: PeftModel, folder: Path, cfg: RunConfig, num_classes: int
+) -> str:
+    """Save the adapter of ``model`` (a PeftModel over a SequenceClassifier) as peft's
+    ``SEQ_CLS`` adapter of the transformers model inside it; return the base model's path.
+
+    The LoRA factors and head are the same tensors, their keys one ``model.`` shorter.
+    The base is the weights' local folder where there is one (bundled MiniLM, a
+    backbone-checkpoint), the hub id otherwise; a random-init backbone (tests) is saved
+    under ``base_model/``.
+    """
+    from peft import get_peft_model
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    spec = BACKBONES[cfg.backbone]
+    fresh = build_classifier(cfg.backbone, cfg.image_size, num_classes, cfg.seed, cfg.backbone_checkpoint)
+    assert isinstance(fresh, SequenceClassifier)
+    hf = fresh.model
+    weights = cfg.backbone_checkpoint or (spec.weights() if spec.weights else "")
+    if cfg.backbone.startswith("tiny-"):  # random init: nothing on disk to point at
+        base = str((folder / BASE_FOLDER).resolve())
+        hf.save_pretrained(base)
+    elif weights and Path(weights).expanduser().exists():
+        base = str(Path(weights).expanduser().resolve())
+    else:
+        base = spec.base_model or cfg.backbone
+    config = copy.deepcopy(model.peft_config["default"])
+    config.task_type = "SEQ_CLS"
+    config.modules_to_save = [SequenceClassifier.HEAD]
+    config.base_model_name_or_path = base
+    seq_cls = get_peft_model(hf, config)
+    state = {
+        "base_model.model." + k.removeprefix("base_model.model.model."): v
+        for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()
+    }
+    result = set_peft_model_state_dict(seq_cls, state)
+    if getattr(result, "unexpected_keys", []):
+        raise RuntimeError(f"the SEQ_CLS adapter did not take {result.unexpected_keys[:3]}")
+    seq_cls.save_pretrained(str(folder), save_embedding_layers=False)
+    load_tokenizer(cfg.backbone_checkpoint or spec.weights()).save_pretrained(str(folder))
+    return base
+
+
 def _model_card(info: dict[str, Any], source: str) -> str:
     pre = (
         f"images resized to {info['image_size']} x {info['image_size']}, scaled to [0, 1], "
         f"normalised with mean {info['mean']} and std {info['std']}"
         if info["modality"] == "image"
-        else f"text tokenised with the base model's tokenizer, at most {info['max_length']} tokens, "
-        "given as int64 ids with -1 (not the pad id) at padding positions "
-        "(`lorm_flwr.data.text.encode`); the head reads the mean of the last hidden states over "
-        "real tokens. Padded ids from the tokenizer as they come would be averaged in."
+        else f"text tokenised with the tokenizer saved here, at most {info['max_length']} tokens"
     )
     metrics = "\n".join(f"- {k}: {v}" for k, v in info["metrics"].items()) or "- (none recorded)"
     return f"""# LoRA adapter from lorm-flwr ({info["strategy"]} on {info["dataset"]})
@@ -96,20 +152,42 @@ def _model_card(info: dict[str, Any], source: str) -> str:
 {metrics}
 
 ## Loading
-With lorm-flwr: `from lorm_flwr.models.export import load_classifier; model = load_classifier("<this folder>")`.
+{_loading(info)}
+"""
+
+
+def _loading(info: dict[str, Any]) -> str:
+    if info["modality"] == "text":
+        return f"""With peft alone (a SEQ_CLS adapter of `{info["base_model"]}`, head included):
+
+```python
+from peft import AutoPeftModelForSequenceClassification
+from transformers import AutoTokenizer
+model = AutoPeftModelForSequenceClassification.from_pretrained("<this folder>").eval()
+tokenizer = AutoTokenizer.from_pretrained("<this folder>")
+logits = model(**tokenizer(["some text"], return_tensors="pt")).logits  # (1, {info["num_classes"]})
+```
+
+`base_model_name_or_path` is where the base weights were on the machine that trained
+(`{info["base_model"]}`); elsewhere, edit it to the hub id `{info["base_model_id"]}` or a local copy.
+With lorm-flwr: `lorm_flwr.models.export.load_classifier("<this folder>")`."""
+    return f"""With lorm-flwr: `from lorm_flwr.models.export import load_classifier; model = load_classifier("<this folder>")`.
 Without it: build the same backbone with a linear head named `linear_head` over
 {info["num_classes"]} classes (see `{ADAPTER_INFO}`), then
 `peft.PeftModel.from_pretrained(model, "<this folder>")`. Loading onto any other module tree
 (for example a plain `timm.create_model(...)`) does not fail, but leaves the LoRA factors
-and the head untrained: check that every key of `adapter_model.safetensors` was loaded.
-"""
+and the head untrained: check that every key of `adapter_model.safetensors` was loaded."""
 
 
-def load_classifier(folder: str | Path) -> PeftModel:
+def load_classifier(folder: str | Path) -> PeftModel | SequenceClassifier:
     """The classifier an export folder (or a run folder, whose ``adapter/`` is used) describes.
 
-    Raises ``ValueError`` when the folder lacks what rebuilding needs, or when any LoRA
-    factor or head tensor of the adapter did not land in the rebuilt model.
+    Images: a PeftModel over the rebuilt backbone and head. Text: peft's
+    ``AutoPeftModelForSequenceClassification`` inside a
+    :class:`~lorm_flwr.models.backbones.SequenceClassifier`, which takes the app's
+    ``-1``-padded ids. Raises ``ValueError`` when the folder lacks what rebuilding
+    needs, or when any LoRA factor or head tensor of the adapter did not land in the
+    rebuilt model.
     """
     path = Path(folder).expanduser()
     if (path / "adapter" / ADAPTER_INFO).exists():
@@ -117,6 +195,19 @@ def load_classifier(folder: str | Path) -> PeftModel:
     if not (path / ADAPTER_INFO).exists():
         raise ValueError(f"{path} has no {ADAPTER_INFO}: not an adapter exported by lorm-flwr")
     info = json.loads((path / ADAPTER_INFO).read_text())
+    if info["modality"] == "text":
+        from peft import AutoPeftModelForSequenceClassification
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the base's head is "newly initialized", then loaded
+        try:
+            model = AutoPeftModelForSequenceClassification.from_pretrained(str(path)).eval()
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        _check_loaded(model, path)
+        pad = load_tokenizer(str(path)).pad_token_id
+        return SequenceClassifier(model, pad).eval()
     base = build_classifier(
         info["backbone"],
         info["image_size"],
@@ -125,6 +216,13 @@ def load_classifier(folder: str | Path) -> PeftModel:
         info["backbone_checkpoint"],
     )
     model = PeftModel.from_pretrained(base, str(path)).eval()
+    _check_loaded(model, path)
+    return model
+
+
+def _check_loaded(model: PeftModel, path: Path) -> None:
+    """Every tensor of the saved adapter is in ``model``, equal (peft skips unknown keys
+    without a word)."""
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -147,4 +245,3 @@ def load_classifier(folder: str | Path) -> PeftModel:
             f"{path}: {len(missing)} of the adapter's {len(saved)} tensors did not load into the rebuilt "
             f"model (first: {missing[:3]}); the model has {len(loaded)} adapter tensors"
         )
-    return model

@@ -12,9 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["GROUPS", "HEAD", "AdaptedLayer", "ModelLayout", "group_of"]
+__all__ = ["GROUPS", "HEAD", "HEAD_MODULES", "AdaptedLayer", "HeadLayer", "ModelLayout", "group_of"]
 
 HEAD = "linear_head"  # unique suffix: peft matches modules_to_save by name suffix
+# The trained-in-full heads (peft ``modules_to_save``): the image Classifier's one Linear,
+# and the head of a transformers ``*ForSequenceClassification`` held by SequenceClassifier
+# (``model.classifier``: RoBERTa's dense + out_proj, BERT's one Linear).
+HEAD_MODULES = (HEAD, "model.classifier")
 
 # Tensor-key fragment -> the part of the model it belongs to. VeRA's trainable
 # vectors take the roles of the factors: ``vera_lambda_d`` (rank side, shared like
@@ -29,7 +33,7 @@ GROUPS: tuple[tuple[str, str], ...] = (
 
 def group_of(key: str) -> str:
     """Which part of the model a tensor key belongs to: ``A``, ``B`` or ``head``."""
-    if key.startswith(HEAD + "."):
+    if key.startswith(tuple(m + "." for m in HEAD_MODULES)):
         return "head"
     for fragment, group in GROUPS:
         if fragment in key:
@@ -68,13 +72,33 @@ class AdaptedLayer:
 
 
 @dataclass(frozen=True)
+class HeadLayer:
+    """One Linear of the head, trained in full: ``y = W x + b``, ``W: (d_out, d_in)``.
+
+    ``name`` is its module path (``linear_head``, or ``model.classifier.dense`` and
+    ``model.classifier.out_proj`` for RoBERTa's head); its Gram statistics travel
+    under that name, and the Gram-based merges combine each head Linear by RegMean
+    on its own inputs.
+    """
+
+    name: str
+    weight_key: str
+    bias_key: str
+
+
+@dataclass(frozen=True)
 class ModelLayout:
-    """The adapted layers, the head's keys and the shape of every adapter tensor."""
+    """The adapted layers, the head's Linear layers (input to output) and the shape of
+    every adapter tensor."""
 
     layers: tuple[AdaptedLayer, ...]
-    head_weight: str
-    head_bias: str
+    heads: tuple[HeadLayer, ...]
     shapes: Mapping[str, tuple[int, ...]]
+
+    @property
+    def num_classes(self) -> int:
+        """Rows of the last head Linear's weight (0 for a model without a head)."""
+        return int(self.shapes[self.heads[-1].weight_key][0]) if self.heads else 0
 
     def keys_of(self, groups: frozenset[str] | set[str]) -> dict[str, tuple[int, ...]]:
         """Keys and shapes of the tensors in ``groups`` (``A``, ``B``, ``head``)."""

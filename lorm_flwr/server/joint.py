@@ -64,7 +64,7 @@ def run_joint(
             model, data.train_x[idx], data.train_y[idx], task_classes=classes,
             inputs=input_spec(cfg, train=True), epochs=cfg.rounds_per_task * cfg.local_epochs,
             steps=cfg.rounds_per_task * cfg.local_steps, warmup_steps=cfg.warmup_steps,
-            batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
+            model_dropout=cfg.model_dropout, batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
             lr={"A": cfg.lr_of("A"), "B": cfg.lr_of("B"), "head": cfg.lr},
             optimizer=cfg.optimizer, precision=cfg.precision,
             device=pick_device(cfg.device), seed=joint_phase_seed(cfg.seed, phase),

@@ -197,13 +197,16 @@ class FederatedRun:
     ) -> dict:
         """Global parts + each client's own parts, on its own test split (FedSA)."""
         arrays = wire.tensors_to_arrays(self.strategy.shared(tensors))
+        last = task == self.scenario.num_tasks - 1 and round_in_task == self.cfg.rounds_per_task - 1
+        # The run's last evaluation: each client also writes its own adapter.
+        config = wire.Instructions(task, export_to=self.recorder.folder.name if last else "")
 
         def messages() -> list[Message]:
             live = live_nodes(
                 self.grid, self.cfg.min_clients, self.cfg.round_timeout, among=self.partition_of
             )
             sent = self.strategy.configure_evaluate(
-                round_in_task + 1, arrays, ConfigRecord(), FixedNodes(self.grid, live)
+                round_in_task + 1, arrays, config.to_config(), FixedNodes(self.grid, live)
             )
             return [m for m in sent if m.metadata.dst_node_id in self.partition_of]
 

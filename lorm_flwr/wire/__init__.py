@@ -18,7 +18,7 @@ from __future__ import annotations
 
 # One namespace for both sides (``from lorm_flwr import wire``; ``wire.decode_reply``):
 # the names, the codecs and the checks, each kept in its own module.
-from lorm_flwr.models.layout import HEAD  # noqa: F401 - wire.HEAD, the head's tensor-key prefix
+from lorm_flwr.models.layout import HEAD, HEAD_MODULES  # noqa: F401 - the heads' tensor-key prefixes
 from lorm_flwr.wire.checks import *
 from lorm_flwr.wire.codecs import *
 from lorm_flwr.wire.keys import (  # noqa: F401 - re-exported: wire.ARRAYS, wire.gram_key, ...

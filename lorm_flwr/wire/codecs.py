@@ -9,6 +9,7 @@ evaluation replies. The checks that hold a reply to its spec are
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from lorm_flwr.math.symmetric import PackedShape, pack_upper
-from lorm_flwr.models.layout import HEAD, ModelLayout
+from lorm_flwr.models.layout import ModelLayout
 from lorm_flwr.wire.keys import (
     AG,
     AGA,
@@ -86,6 +87,17 @@ def _flag(record: ConfigRecord, key: str) -> bool:
     raise ValueError(f"{key}={value!r} is not true or false")
 
 
+def _folder_name(name: str) -> str:
+    """A run folder's bare name: the client writes under its own output-dir, never
+    elsewhere, whatever the server sends."""
+    if name and (name in (".", "..") or not _FOLDER_NAME.fullmatch(name)):
+        raise ValueError(f"export-to {name[:80]!r} is not a bare folder name")
+    return name
+
+
+_FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+
+
 @dataclass(frozen=True)
 class Instructions:
     """What the server asks of a client, for every kind of message it sends.
@@ -104,6 +116,9 @@ class Instructions:
     local: frozenset[str] = frozenset()  # groups ("A", "B", "head") kept on the client
     rank: int = 0
     alpha: float = 0.0
+    # Personalised evaluation at the run's end: the run folder's name, under which the
+    # client writes its own adapter (in its output-dir); "" otherwise.
+    export_to: str = ""
 
     @property
     def trained(self) -> frozenset[str]:
@@ -124,6 +139,8 @@ class Instructions:
         }
         if self.local:  # Flower cannot count the bytes of an empty string
             values["local"] = ",".join(sorted(self.local))
+        if self.export_to:
+            values["export-to"] = self.export_to
         return ConfigRecord(values)
 
     @classmethod
@@ -143,6 +160,7 @@ class Instructions:
                 local=frozenset(g for g in str(record.get("local", "")).split(",") if g),
                 rank=int(record["rank"]),
                 alpha=float(record["alpha"]),
+                export_to=_folder_name(str(record.get("export-to", ""))),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise PayloadError(f"the server's instructions are malformed: {exc}") from None
@@ -185,9 +203,10 @@ def gram_shapes(
         else:
             raise ValueError(f"no Gram statistics of kind {kind!r}")
     if kind in PRODUCT_KINDS:
-        c, f = layout.shapes[layout.head_weight]
-        shapes[gram_key(HEAD, WG)] = (c, f)
-        shapes[gram_key(HEAD, G)] = (f,) if head_gram_alpha == 0 else PackedShape(f)
+        for head in layout.heads:
+            c, f = layout.shapes[head.weight_key]
+            shapes[gram_key(head.name, WG)] = (c, f)
+            shapes[gram_key(head.name, G)] = (f,) if head_gram_alpha == 0 else PackedShape(f)
     return shapes
 
 
@@ -203,7 +222,7 @@ def train_reply_spec(
         return ReplySpec(None, gram_shapes(plan.grams, layout, gram_alpha, head_gram_alpha))
     if plan.grams in PRODUCT_KINDS:
         grams = gram_shapes(plan.grams, layout, gram_alpha, head_gram_alpha)
-        bias = {layout.head_bias: tuple(layout.shapes[layout.head_bias])}
+        bias = {h.bias_key: tuple(layout.shapes[h.bias_key]) for h in layout.heads}
         return ReplySpec(bias, grams, TRAIN_METRICS)
     return ReplySpec(layout.keys_of(plan.trained - plan.local), None, TRAIN_METRICS)
 

@@ -110,7 +110,8 @@ def message_shapes(strategy) -> dict[str, dict[str, tuple[int, ...]]]:
 
 
 def _remedy(key: str, cfg) -> str:
-    if key.endswith("|" + wire.G) and key.split("/")[-1].startswith(wire.HEAD + "|"):
+    layer = key.split("/")[-1].rpartition("|")[0]
+    if key.endswith("|" + wire.G) and layer.startswith(wire.HEAD_MODULES):
         return "set head-gram-alpha=0 to send the head Gram's diagonal only"
     if key.endswith(("|" + wire.G, "|" + wire.AG)):
         return (

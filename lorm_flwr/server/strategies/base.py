@@ -244,15 +244,18 @@ class LoraStrategy(FedAvg):
 
     # --------------------------------------- helpers of the Gram-based merges
     def merge_head(self, replies: Gathered, current: Tensors, anchor: bool = False) -> Tensors:
-        """RegMean of the head from ``W_i G_i`` and ``G_i``; sample-weighted mean of its bias."""
-        head = wire.HEAD
-        w = current[self.layout.head_weight]
-        weight, bias = regmean_head(
-            replies.total(wire.gram_key(head, wire.WG)),
-            replies.total(wire.gram_key(head, wire.G)),
-            [r.arrays[self.layout.head_bias] for r in replies.replies],
-            [r.num_examples for r in replies.replies],
-            self.cfg.merge_ridge,
-            w if anchor else None,
-        )
-        return {self.layout.head_weight: weight.to(w.dtype), self.layout.head_bias: bias}
+        """RegMean of each head Linear from its ``W_i G_i`` and ``G_i``; sample-weighted
+        mean of its bias."""
+        out: Tensors = {}
+        for head in self.layout.heads:
+            w = current[head.weight_key]
+            weight, bias = regmean_head(
+                replies.total(wire.gram_key(head.name, wire.WG)),
+                replies.total(wire.gram_key(head.name, wire.G)),
+                [r.arrays[head.bias_key] for r in replies.replies],
+                [r.num_examples for r in replies.replies],
+                self.cfg.merge_ridge,
+                w if anchor else None,
+            )
+            out[head.weight_key], out[head.bias_key] = weight.to(w.dtype), bias
+        return out
