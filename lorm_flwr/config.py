@@ -64,6 +64,7 @@ class RunConfig:
     class_order: str = "natural"
     test_fraction: float = 0.2
     validation_fraction: float = 0.0
+    select_round: str = "last"
     max_samples_per_class: int = 0
     image_size: int = 32
     augment: bool = False
@@ -174,6 +175,12 @@ class RunConfig:
                 "leave it at false"
             )
         _one_of("class-order", self.class_order, ("natural", "shuffle"))
+        _one_of("select-round", self.select_round, ("last", "best-validation"))
+        if self.select_round == "best-validation" and self.validation_fraction <= 0:
+            raise ConfigError(
+                "select-round='best-validation' scores every round on a validation split: "
+                "give validation-fraction > 0 (e.g. 0.1) to hold one out of the training data"
+            )
         _one_of("optimizer", self.optimizer, ("adamw", "sgd"))
         _one_of("precision", self.precision, ("fp32", "bf16", "fp16"))
         _one_of("merge-anchor", self.merge_anchor, ("zero", "global"))

@@ -160,6 +160,22 @@ def scenario_of(cfg: RunConfig, num_clients: int) -> Scenario:
     return cached("scenario", key, compute, _save_scenario, load)
 
 
+@functools.lru_cache(maxsize=2)
+def validation_shards_of(cfg: RunConfig, num_clients: int) -> tuple[tuple[np.ndarray, ...], ...]:
+    """``[t][k]``: client k's share of task t's validation samples (``validation-fraction``),
+    with each class's training proportions; the server and every client draw the same."""
+    from lorm_flwr.data.scenario import personal_shards
+    from lorm_flwr.seeds import validation_shards_seed
+
+    data = data_of(cfg)
+    if data.validation_y is None:
+        raise ValueError("no validation split: validation-fraction is 0")
+    return personal_shards(
+        data.train_y, scenario_of(cfg, num_clients), data.validation_y,
+        lambda t: validation_shards_seed(cfg.seed, t),
+    )  # fmt: skip
+
+
 def _save_scenario(scenario: Scenario, folder: Path) -> None:
     arrays = {
         f"train-{t}-{k}": s for t, task in enumerate(scenario.shards) for k, s in enumerate(task)

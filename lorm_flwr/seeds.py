@@ -60,6 +60,11 @@ def task_grams_seed(seed: int, task: int, partition_id: int) -> int:
     return (seed * 100_003 + task * 1_009) * 1_000 + partition_id + 999
 
 
+def validation_shards_seed(seed: int, task: int) -> int:
+    """The split of ``task``'s validation samples over the clients (``select-round``)."""
+    return seed + 30_011 * (task + 1)
+
+
 def validation_split_seed(seed: int) -> int:
     """The validation samples held out of the training data (``validation-fraction``)."""
     return seed * 3 + 20_011

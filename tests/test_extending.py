@@ -79,6 +79,7 @@ def test_a_message_field_is_declared_once_for_both_sides():
     sent = wire.Instructions(
         task=3, round_in_task=1, train_a=True, train_b=True, train_head=True,
         grams=wire.GRAMS_LORM_A, seed=7, local=frozenset({"B"}), rank=8, alpha=4.0,
+        export_to="run-1", split="validation",
     )  # fmt: skip
     defaults = wire.Instructions(task=0)
     fields = [f.name for f in dataclasses.fields(sent)]

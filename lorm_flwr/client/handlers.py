@@ -100,7 +100,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     pid, num = _partition(context)
     plan = wire.Instructions.from_config(msg.content[wire.CONFIG])
     shared, local = wire.arrays_to_tensors(msg.content[wire.ARRAYS]), _local(context)
-    correct, total = evaluate_personal(cfg, pid, num, shared, local, plan.task)
+    correct, total = evaluate_personal(cfg, pid, num, shared, local, plan.task, plan.split)
     if plan.export_to:  # the run's last evaluation: keep this client's own model
         accuracy = sum(correct) / max(sum(total), 1)
         metrics = {"personalised accuracy on this client's test split": accuracy,

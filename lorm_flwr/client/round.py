@@ -36,6 +36,7 @@ from lorm_flwr.runtime import (
     model_of,
     scenario_of,
     set_threads,
+    validation_shards_of,
 )
 from lorm_flwr.seeds import client_shuffle_seed, gram_pass_seed, task_grams_seed
 from lorm_flwr.train import autocast, pick_device, predict, train_local
@@ -153,8 +154,10 @@ def evaluate_personal(
     global_tensors: dict[str, torch.Tensor],
     local_tensors: dict[str, torch.Tensor] | None,
     task: int,
+    split: str = "test",
 ) -> tuple[list[int], list[int]]:
-    """Global parts + this client's own parts, on its test split of the seen classes.
+    """Global parts + this client's own parts, on its share of the ``split`` (``test`` or
+    ``validation``) of the seen classes.
 
     Returns correct and total counts per seen task (class-incremental argmax over
     all seen classes).
@@ -163,14 +166,18 @@ def evaluate_personal(
     data = data_of(cfg)
     scenario = scenario_of(cfg, num_partitions)
     seen = scenario.seen_classes(task)
-    idx = np.concatenate([scenario.test_shards[t][partition_id] for t in range(task + 1)])
+    if split == "validation":
+        shards, x, y = validation_shards_of(cfg, num_partitions), data.validation_x, data.validation_y
+    else:
+        shards, x, y = scenario.test_shards, data.test_x, data.test_y
+    idx = np.concatenate([shards[t][partition_id] for t in range(task + 1)])
     model = model_of(cfg)
     _load(cfg, model, global_tensors, local_tensors)
     preds = predict(
-        model, data.test_x[idx], seen_classes=seen, inputs=input_spec(cfg),
+        model, x[idx], seen_classes=seen, inputs=input_spec(cfg),
         batch_size=cfg.eval_batch_size, device=pick_device(cfg.device), precision=cfg.precision,
     )  # fmt: skip
-    labels = data.test_y[idx]
+    labels = y[idx]
     correct, total = [], []
     for classes in scenario.tasks[: task + 1]:
         mask = np.isin(labels, list(classes))

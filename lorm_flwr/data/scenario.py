@@ -9,6 +9,8 @@ seed gives the same scenario on the server and on every client.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import warnings
 from dataclasses import dataclass
 
@@ -109,6 +111,22 @@ def split_like(
         for k, piece in enumerate(np.split(idx, cuts)):
             parts[k].append(piece)
     return [np.sort(np.concatenate(p)) if p else np.zeros(0, dtype=np.int64) for p in parts]
+
+
+def personal_shards(
+    train_labels: np.ndarray, scenario: Scenario, labels: np.ndarray, seed_of_task: Callable[[int], int]
+) -> tuple[tuple[np.ndarray, ...], ...]:
+    """``out[t][k]``: client k's share of task t's samples in another split (``labels``,
+    e.g. the validation split), with each class's training proportions
+    (:func:`split_like`), as ``scenario.test_shards`` are for the test split."""
+    out = []
+    for t, classes in enumerate(scenario.tasks):
+        inside = np.flatnonzero(np.isin(labels, classes))
+        parts = split_like(
+            train_labels, list(scenario.shards[t]), labels[inside], seed_of_task(t)
+        )
+        out.append(tuple(inside[p] for p in parts))
+    return tuple(out)
 
 
 @dataclass(frozen=True)

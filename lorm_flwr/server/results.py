@@ -152,6 +152,24 @@ def mark_failed(folder: Path, error: str) -> None:
     write_json_atomic(path, results)
 
 
+def selected_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """``select-round=best-validation``: among the last task's rounds, the first with the
+    best validation accuracy, with its test accuracy, and the last round's for comparison."""
+    last_task = rounds[-1]["task"]
+    candidates = [(i, r) for i, r in enumerate(rounds) if r["task"] == last_task]
+    scored = [(i, r) for i, r in candidates if not math.isnan(r.get("validation_accuracy", math.nan))]
+    if not scored:
+        return {"selected_round": None}
+    index, best = max(scored, key=lambda ir: (ir[1]["validation_accuracy"], -ir[0]))
+    last = rounds[-1]
+
+    def entry(i: int, r: dict[str, Any]) -> dict[str, Any]:
+        return {"round": i + 1, "task": r["task"], "round_in_task": r["round_in_task"],
+                "validation_accuracy": r.get("validation_accuracy"), "test_accuracy": r["accuracy"]}  # fmt: skip
+
+    return {"selected_round": entry(index, best), "last_round": entry(len(rounds) - 1, last)}
+
+
 @dataclass
 class RoundRow:
     """One round in results.json: the one schema for every strategy (``joint`` too).
@@ -308,6 +326,8 @@ class RunRecorder:
         }
         if all("validation" in t for t in self.task_end):
             self.final["validation"] = self.validation_summary()
+        if self.cfg.select_round == "best-validation":
+            self.final.update(selected_round(self.rounds))
         self.status = "completed"
         self.write()
         self.plot()

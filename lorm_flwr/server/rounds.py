@@ -21,6 +21,7 @@ from lorm_flwr.config import RunConfig
 from lorm_flwr.data.scenario import Scenario
 from lorm_flwr.math.continual import pool_personal
 from lorm_flwr.models.layout import group_of
+from lorm_flwr.runtime import validation_shards_of
 from lorm_flwr.seeds import participants_seed
 from lorm_flwr.server.evaluation import evaluate_global
 from lorm_flwr.server.exchange import (
@@ -68,11 +69,17 @@ class FederatedRun:
             raise wire.PayloadError(f"node {node}: not among the nodes of the handshake")
         return len(self.scenario.shards[task][self.partition_of[node]])
 
-    def test_sizes(self, node: int, task: int) -> list[int]:
+    def test_sizes(self, node: int, task: int, split: str = "test") -> list[int]:
+        """The sizes of a node's shares of ``split`` for tasks ``0..task``."""
         if node not in self.partition_of:
             raise wire.PayloadError(f"node {node}: not among the nodes of the handshake")
         pid = self.partition_of[node]
-        return [len(self.scenario.test_shards[k][pid]) for k in range(task + 1)]
+        shards = (
+            validation_shards_of(self.cfg, self.scenario.num_clients)
+            if split == "validation"
+            else self.scenario.test_shards
+        )
+        return [len(shards[k][pid]) for k in range(task + 1)]
 
     def _exchange(self, messages: Callable[[], list[Message]], decode, kind: str, fold=None):
         return exchange(
@@ -180,6 +187,8 @@ class FederatedRun:
                 cfg, self.scenario, task, model.tensors, rank=model.rank, alpha=model.alpha
             )
             row.accuracy, row.per_task_accuracy = ev.accuracy, ev.per_task
+        if cfg.select_round == "best-validation":  # the same model on the validation split
+            row.extra["validation_accuracy"] = self.validation_accuracy(task, round_in_task, new, row)
         row.extra["evaluate_seconds"] = time.perf_counter() - evaluating
         row.elapsed_seconds = time.perf_counter() - self.start
         self.recorder.add_round(row)
@@ -192,14 +201,28 @@ class FederatedRun:
         )  # fmt: skip
         return new
 
-    def evaluate_personal(
+    def validation_accuracy(
         self, task: int, round_in_task: int, tensors: Tensors, row: RoundRow
+    ) -> float:
+        """The round's model (FedSA: each client's own) on the validation split."""
+        if self.strategy.local_groups:
+            pooled = self.evaluate_personal(task, round_in_task, tensors, row, split="validation")
+            return float(pooled.get("accuracy_weighted", float("nan")))
+        model = self.strategy.round_model(tensors)
+        return evaluate_global(
+            self.cfg, self.scenario, task, model.tensors, rank=model.rank, alpha=model.alpha,
+            split="validation",
+        ).accuracy  # fmt: skip
+
+    def evaluate_personal(
+        self, task: int, round_in_task: int, tensors: Tensors, row: RoundRow, split: str = "test"
     ) -> dict:
-        """Global parts + each client's own parts, on its own test split (FedSA)."""
+        """Global parts + each client's own parts, on its own share of ``split`` (FedSA)."""
         arrays = wire.tensors_to_arrays(self.strategy.shared(tensors))
         last = task == self.scenario.num_tasks - 1 and round_in_task == self.cfg.rounds_per_task - 1
         # The run's last evaluation: each client also writes its own adapter.
-        config = wire.Instructions(task, export_to=self.recorder.folder.name if last else "")
+        export = self.recorder.folder.name if last and split == "test" else ""
+        config = wire.Instructions(task, export_to=export, split=split)
 
         def messages() -> list[Message]:
             live = live_nodes(
@@ -212,7 +235,7 @@ class FederatedRun:
 
         def decode(msg: Message) -> tuple[list[int], list[int]]:
             return wire.decode_evaluation(
-                msg, task, self.test_sizes(msg.metadata.src_node_id, task)
+                msg, task, self.test_sizes(msg.metadata.src_node_id, task, split)
             )
 
         try:

@@ -95,6 +95,12 @@ def _folder_name(name: str) -> str:
     return name
 
 
+def _split(name: str) -> str:
+    if name not in ("test", "validation"):
+        raise ValueError(f"split {name[:40]!r} is neither test nor validation")
+    return name
+
+
 _FOLDER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 
 
@@ -119,6 +125,8 @@ class Instructions:
     # Personalised evaluation at the run's end: the run folder's name, under which the
     # client writes its own adapter (in its output-dir); "" otherwise.
     export_to: str = ""
+    # Personalised evaluation: on the clients' shares of the test or the validation split.
+    split: str = "test"
 
     @property
     def trained(self) -> frozenset[str]:
@@ -141,6 +149,8 @@ class Instructions:
             values["local"] = ",".join(sorted(self.local))
         if self.export_to:
             values["export-to"] = self.export_to
+        if self.split != "test":
+            values["split"] = self.split
         return ConfigRecord(values)
 
     @classmethod
@@ -161,6 +171,7 @@ class Instructions:
                 rank=int(record["rank"]),
                 alpha=float(record["alpha"]),
                 export_to=_folder_name(str(record.get("export-to", ""))),
+                split=_split(str(record.get("split", "test"))),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise PayloadError(f"the server's instructions are malformed: {exc}") from None
