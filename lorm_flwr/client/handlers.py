@@ -9,6 +9,7 @@ Client code only: nothing here (or below it) imports the server's strategies.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -21,6 +22,8 @@ from lorm_flwr.models.adapters import model_layout
 from lorm_flwr.runtime import model_of
 from lorm_flwr.wire.limits import check_reply_size
 from lorm_flwr.wire.packing import pack_content, unpack_content
+
+log = logging.getLogger(__name__)
 
 
 def _partition(context: Context) -> tuple[int, int]:
@@ -105,7 +108,10 @@ def evaluate(msg: Message, context: Context) -> Message:
         accuracy = sum(correct) / max(sum(total), 1)
         metrics = {"personalised accuracy on this client's test split": accuracy,
                    "partition": pid}  # fmt: skip
-        write_personal_adapter(cfg, pid, num, shared, local, plan.export_to, metrics)
+        try:
+            write_personal_adapter(cfg, pid, num, shared, local, plan.export_to, metrics)
+        except OSError as exc:  # a full or read-only disk must not cost the run its evaluation
+            log.error("lorm-flwr: partition %d could not write its adapter: %s", pid, exc)
     return Message(wire.evaluation_reply(correct, total), reply_to=msg)
 
 
