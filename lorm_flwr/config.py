@@ -70,6 +70,9 @@ class RunConfig:
     augment: bool = False
     gram_passes: int = 1
     eval_center_crop: bool = False
+    normalize: bool = True
+    resize_interpolation: str = "bilinear"
+    head_init: str = "kaiming"
     max_length: int = 128
     seed: int = 0
     device: str = "auto"
@@ -232,12 +235,22 @@ class RunConfig:
                 f"gram-passes={self.gram_passes} needs augment=true: without augmentation every "
                 "pass sees the same inputs, so more passes only cost time"
             )
-        image_only = {"augment": self.augment, "eval-center-crop": self.eval_center_crop}
+        _one_of("resize-interpolation", self.resize_interpolation, ("bilinear", "bicubic"))
+        _one_of("head-init", self.head_init, ("kaiming", "trunc-normal"))
+        image_only = {  # key -> (value, default)
+            "augment": (self.augment, False),
+            "eval-center-crop": (self.eval_center_crop, False),
+            "normalize": (self.normalize, True),
+            "resize-interpolation": (self.resize_interpolation, "bilinear"),
+            "head-init": (self.head_init, "kaiming"),
+        }
         if BACKBONES[self.backbone].modality != "image":
-            for key, on in image_only.items():
-                if on:
-                    raise ConfigError(f"{key}=true applies to images; backbone "
-                                      f"'{self.backbone}' is a text model")  # fmt: skip
+            for key, (value, default) in image_only.items():
+                if value != default:
+                    raise ConfigError(
+                        f"{key}={value!r} applies to images; backbone '{self.backbone}' is a "
+                        f"text model (leave it at {default!r})"
+                    )
         _positive("lr", self.lr)
         _positive("lora_alpha", self.lora_alpha)
         _positive("dirichlet_beta", self.dirichlet_beta)

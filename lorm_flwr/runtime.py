@@ -223,6 +223,7 @@ def input_spec(cfg: RunConfig, *, train: bool = False) -> InputSpec | TokenInput
     return InputSpec(
         cfg.image_size, spec.mean, spec.std,
         augment=train and cfg.augment, center_crop=not train and cfg.eval_center_crop,
+        normalize=cfg.normalize, interpolation=cfg.resize_interpolation,
     )  # fmt: skip
 
 
@@ -248,10 +249,24 @@ def _cached_model(
     return model.to(device=device, memory_format=torch.channels_last)
 
 
+def timm_head_init(heads, tensors: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """timm's head initialisation (the LoRM reference's ViT head): weights from a normal of
+    std 0.02 truncated at +-2 (absolute, as timm's ``trunc_normal_``), zero bias; drawn from
+    ``seed`` alone."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for head in heads:
+        weight = torch.empty_like(tensors[head.weight_key])
+        torch.nn.init.trunc_normal_(weight, std=0.02, a=-2.0, b=2.0, generator=gen)
+        out[head.weight_key] = weight
+        out[head.bias_key] = torch.zeros_like(tensors[head.bias_key])
+    return out
+
+
 @functools.lru_cache(maxsize=2)
 def initial_tensors(cfg: RunConfig) -> dict[str, torch.Tensor]:
     """The adapter and head every run starts from: a pure function of the config."""
-    from lorm_flwr.models.adapters import get_tensors
+    from lorm_flwr.models.adapters import get_tensors, model_layout
 
     base = build_classifier(
         cfg.backbone, cfg.image_size, data_of(cfg).num_classes, cfg.seed, cfg.backbone_checkpoint
@@ -262,7 +277,10 @@ def initial_tensors(cfg: RunConfig) -> dict[str, torch.Tensor]:
         base, rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=lora_targets(cfg),
         kind=kind, seed=cfg.seed,
     )  # fmt: skip
-    return get_tensors(model)
+    tensors = get_tensors(model)
+    if cfg.head_init == "trunc-normal":
+        tensors.update(timm_head_init(model_layout(model).heads, tensors, cfg.seed))
+    return tensors
 
 
 def model_of(

@@ -44,7 +44,10 @@ class InputSpec:
     horizontal flip, drawn from torch's global generator (seeded by the caller), as
     in the LoRM reference. ``center_crop`` (evaluation): resize to
     ``image_size / 0.875`` (bicubic) and take the center ``image_size`` square, the
-    reference's 256 -> 224 at 224 px.
+    reference's 256 -> 224 at 224 px. Otherwise images of another size are resized
+    with ``interpolation``: ``bilinear`` (no antialiasing) or ``bicubic`` (antialiased
+    and clamped, as PIL's bicubic resize of the reference's transforms). ``normalize``
+    False keeps inputs in [0, 1] (the reference's EuroSAT transforms normalise nothing).
     """
 
     image_size: int
@@ -52,6 +55,8 @@ class InputSpec:
     std: tuple[float, float, float]
     augment: bool = False
     center_crop: bool = False
+    normalize: bool = True
+    interpolation: str = "bilinear"
 
     def __call__(self, images: np.ndarray, device: torch.device) -> torch.Tensor:
         """uint8 ``(B, H, W)`` or ``(B, H, W, 3)`` -> float ``(B, 3, S, S)`` on ``device``,
@@ -64,9 +69,14 @@ class InputSpec:
         elif self.center_crop:
             x = self._center_cropped(x).clamp_(0.0, 1.0)
         elif x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
-            x = F.interpolate(
-                x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
-            )
+            if self.interpolation == "bicubic":
+                x = self._bicubic_resize(x).clamp_(0.0, 1.0)
+            else:
+                x = F.interpolate(
+                    x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
+                )
+        if not self.normalize:
+            return x.contiguous(memory_format=torch.channels_last)
         mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
         return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
@@ -82,6 +92,12 @@ class InputSpec:
                 v2.RandomHorizontalFlip(),
             ]
         )
+
+    def _bicubic_resize(self, x: torch.Tensor) -> torch.Tensor:
+        from torchvision.transforms import v2
+
+        size = (self.image_size, self.image_size)
+        return v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)(x)
 
     def _center_cropped(self, x: torch.Tensor) -> torch.Tensor:
         from torchvision.transforms import v2
