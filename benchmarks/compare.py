@@ -100,12 +100,27 @@ def run_one(fed, cfg: dict, clients: int, runs_dir: Path) -> dict:
     }
 
 
+def _preset(path: str) -> dict:
+    """A preset's keys as run-config values; ``strategy`` comes from each entry and the
+    client count from ``--clients``."""
+    import tomllib
+
+    keys = tomllib.loads(Path(path).read_text())
+    return {k: v for k, v in keys.items() if k not in ("strategy", "num-clients")}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--strategies", nargs="+", default=["lorm", "fedit"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     p.add_argument("--clients", type=int, default=3)
     p.add_argument("--set", nargs="*", default=[], help="extra run-config key=value pairs")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="a preset TOML file (configs/*.toml): its keys, less strategy and num-clients, "
+        "under --set and each entry's own keys",
+    )
     p.add_argument("--out", default="benchmarks/results/compare")
     p.add_argument(
         "--also-single-task",
@@ -125,7 +140,7 @@ def main() -> None:
     args = p.parse_args()
     if args.report_only:
         args.resume = True
-    extra = _parse_sets(args.set)
+    extra = {**_preset(args.config), **_parse_sets(args.set)} if args.config else _parse_sets(args.set)
     if args.also_single_task:
         args.strategies = args.strategies + [
             f"{s}{',' if ':' in s else ':'}num-tasks=1" for s in args.strategies

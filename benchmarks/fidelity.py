@@ -33,6 +33,7 @@ REFERENCE = {
     "lorm-first-task": "keep",
     "round-eval-model": "mean-delta",
     "gram-alpha": "0.0",
+    "head-init": "trunc-normal",
 }
 
 
@@ -52,6 +53,7 @@ VARIANTS: list[tuple[str, str]] = [
     ("LoRM + task-end Grams on mean delta", _entry("lorm", **{"lorm-reference-grams": "true"})),
     ("LoRM + task 0 kept", _entry("lorm", **{"lorm-first-task": "keep"})),
     ("LoRM + center-crop evaluation", _entry("lorm", **{"eval-center-crop": "true"})),
+    ("LoRM + timm head init", _entry("lorm", **{"head-init": "trunc-normal"})),
     ("LoRM, gram-alpha 0", _entry("lorm", **{"gram-alpha": "0.0"})),
     ("LoRM, gram-alpha 0.5", _entry("lorm", **{"gram-alpha": "0.5"})),
     ("RegMean, gram-alpha 0", _entry("regmean", **{"gram-alpha": "0.0"})),

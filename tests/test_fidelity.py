@@ -228,6 +228,7 @@ def test_the_reference_preset_parses_and_turns_every_behaviour_on():
     assert cfg.lorm_round_grams == "mean-delta" and cfg.lorm_reference_grams
     assert cfg.lorm_first_task == "keep" and cfg.round_eval_model == "mean-delta"
     assert cfg.gram_alpha == 0.0 and cfg.head_gram_alpha == 0.5
+    assert cfg.head_init == "trunc-normal" and cfg.resize_interpolation == "bicubic"
 
 
 # --------------------------------------------------- mean-delta (LoRM)
