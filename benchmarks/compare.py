@@ -140,7 +140,9 @@ def main() -> None:
     args = p.parse_args()
     if args.report_only:
         args.resume = True
-    extra = {**_preset(args.config), **_parse_sets(args.set)} if args.config else _parse_sets(args.set)
+    extra = (
+        {**_preset(args.config), **_parse_sets(args.set)} if args.config else _parse_sets(args.set)
+    )
     if args.also_single_task:
         args.strategies = args.strategies + [
             f"{s}{',' if ':' in s else ':'}num-tasks=1" for s in args.strategies

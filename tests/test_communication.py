@@ -21,7 +21,9 @@ def test_lorm_upload_at_gram_alpha_zero_is_fedit_plus_diagonals_and_one_head_gra
     fedit = sum(math.prod(s) for s in layout.shapes.values())  # every tensor, every round
     head_shape = layout.shapes[layout.heads[0].weight_key]
     stats = wire.gram_shapes(kind, layout, 0.0, cfg.head_gram_alpha)
-    lorm = sum(math.prod(s) for s in stats.values()) + math.prod(layout.shapes[layout.heads[0].bias_key])
+    lorm = sum(math.prod(s) for s in stats.values()) + math.prod(
+        layout.shapes[layout.heads[0].bias_key]
+    )
     diagonals = sum(layer.d_in for layer in layout.layers)
     head_gram = head_shape[1] ** 2
     assert lorm <= fedit + diagonals + head_gram

@@ -52,7 +52,9 @@ def _ok(m):
 
 
 def _fedit(**cfg):
-    layout = ModelLayout((), (HeadLayer("linear_head", "linear_head.weight", "linear_head.bias"),), SHAPES)
+    layout = ModelLayout(
+        (), (HeadLayer("linear_head", "linear_head.weight", "linear_head.bias"),), SHAPES
+    )
     return FedIT(RunConfig(**cfg), layout)
 
 

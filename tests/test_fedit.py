@@ -26,7 +26,9 @@ KEY = "l.lora_A.weight"
 
 
 def _strategy(min_clients=2, retries=0):
-    layout = ModelLayout((), (HeadLayer("linear_head", "linear_head.weight", "linear_head.bias"),), SHAPES)
+    layout = ModelLayout(
+        (), (HeadLayer("linear_head", "linear_head.weight", "linear_head.bias"),), SHAPES
+    )
     return FedIT(RunConfig(min_clients=min_clients, round_retries=retries), layout)
 
 

@@ -30,7 +30,9 @@ def test_without_normalize_inputs_stay_in_0_1():
 def test_bicubic_resize_is_pils_bicubic_up_to_uint8_rounding():
     images = _images(side=40)
     x = InputSpec(16, MEAN, STD, normalize=False, interpolation="bicubic")(images, CPU)
-    pil = np.stack([np.asarray(Image.fromarray(im).resize((16, 16), Image.BICUBIC)) for im in images])
+    pil = np.stack(
+        [np.asarray(Image.fromarray(im).resize((16, 16), Image.BICUBIC)) for im in images]
+    )
     want = torch.from_numpy(pil).permute(0, 3, 1, 2).float() / 255
     assert (x - want).abs().max() <= 3 / 255  # PIL rounds to uint8 between its two passes
     bilinear = InputSpec(16, MEAN, STD, normalize=False)(images, CPU)
@@ -50,14 +52,17 @@ def test_timm_head_init_is_trunc_normal_with_zero_bias_from_the_seed():
     w, b = theirs[head.weight_key], theirs[head.bias_key]
     assert torch.count_nonzero(b) == 0 and abs(float(w.std()) - 0.02) < 0.005
     assert not torch.equal(w, ours[head.weight_key])
-    other_seed = initial_tensors(RunConfig.from_mapping({**keys, "head-init": "trunc-normal", "seed": 1}))
+    other_seed = initial_tensors(
+        RunConfig.from_mapping({**keys, "head-init": "trunc-normal", "seed": 1})
+    )
     assert not torch.equal(other_seed[head.weight_key], w)
     # everything but the head is as before
     assert all(torch.equal(theirs[k], ours[k]) for k in ours if not k.startswith("linear_head."))
 
 
 @pytest.mark.parametrize(
-    "key, value", [("normalize", False), ("resize-interpolation", "bicubic"), ("head-init", "trunc-normal")]
+    "key, value",
+    [("normalize", False), ("resize-interpolation", "bicubic"), ("head-init", "trunc-normal")],
 )
 def test_image_preprocessing_keys_are_refused_for_text(key, value):
     with pytest.raises(ConfigError, match=f"{key}=.* applies to images"):

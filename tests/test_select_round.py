@@ -46,12 +46,22 @@ def test_the_first_best_round_of_the_last_task_is_selected():
     "overrides",
     [
         {"strategy": "fedit"},  # a global model, scored on the server's validation split
-        {"strategy": "fedsa", "dataset": "bbc-news", "backbone": "tiny-bert", "max-length": 24,
-         "max-samples-per-class": 20, "batch-size": 8, "lr": 0.01},  # each client's own  # fmt: skip
+        # each client's own model, on its share of the validation split
+        {
+            "strategy": "fedsa",
+            "dataset": "bbc-news",
+            "backbone": "tiny-bert",
+            "max-length": 24,
+            "max-samples-per-class": 20,
+            "batch-size": 8,
+            "lr": 0.01,
+        },
     ],
     ids=["fedit", "fedsa-text"],
 )
-def test_every_round_is_scored_on_validation_and_the_best_is_reported(federation, tmp_path, overrides):
+def test_every_round_is_scored_on_validation_and_the_best_is_reported(
+    federation, tmp_path, overrides
+):
     cfg = {**TINY, "num-tasks": 1, "rounds-per-task": 3, "validation-fraction": 0.2,
            "select-round": "best-validation", **overrides}  # fmt: skip
     _, results, _ = run_app(federation, tmp_path / "runs", 2, cfg)

@@ -66,7 +66,10 @@ def test_heads_are_the_models_own(backbone):
     assert model_layout(model).num_classes == 5
     inner = model.base_model.model
     assert isinstance(inner, SequenceClassifier)
-    assert type(inner.model).__name__ == f"{backbone.split('-')[1].capitalize()}ForSequenceClassification"
+    assert (
+        type(inner.model).__name__
+        == f"{backbone.split('-')[1].capitalize()}ForSequenceClassification"
+    )
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n or ".modules_to_save.default." in n for n in trainable)
 
@@ -109,7 +112,9 @@ def test_fedsa_writes_each_clients_personalised_adapter(federation, tmp_path):
         correct += int((preds == labels[idx]).sum())
         total += len(idx)
         heads.append(AutoPeftModelForSequenceClassification.from_pretrained(str(adapter)))
-    assert correct == results["task_end"][-1]["correct"] and total == results["task_end"][-1]["total"]
+    assert (
+        correct == results["task_end"][-1]["correct"] and total == results["task_end"][-1]["total"]
+    )
     # the clients' heads differ (kept local); their A factors are the shared ones
     one, two = (dict(m.named_parameters()) for m in heads)
     head_key = next(k for k in one if "modules_to_save.default" in k and k.endswith("weight"))
@@ -124,9 +129,12 @@ def test_export_to_outside_the_output_dir_is_refused(name):
     record["export-to"] = name
     with pytest.raises(wire.PayloadError, match="not a bare folder name"):
         wire.Instructions.from_config(record)
-    assert wire.Instructions.from_config(
-        wire.Instructions(task=0, export_to="20261207-run-2").to_config()
-    ).export_to == "20261207-run-2"
+    assert (
+        wire.Instructions.from_config(
+            wire.Instructions(task=0, export_to="20261207-run-2").to_config()
+        ).export_to
+        == "20261207-run-2"
+    )
 
 
 def test_model_dropout_trains_with_the_models_own_dropout_and_is_for_text_only():
@@ -217,7 +225,9 @@ def test_exported_text_adapter_of_every_kind_gives_the_models_logits(strategy, t
                     lora_rank=4, lora_alpha=4.0)  # fmt: skip
     model = model_of(cfg)
     gen = torch.Generator().manual_seed(0)
-    tensors = {k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in get_tensors(model).items()}
+    tensors = {
+        k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in get_tensors(model).items()
+    }
     export_adapter(model, tensors, tmp_path / "adapter", cfg, [[0, 1, 2, 3, 4]])
     ids = torch.randint(5, 500, (2, 9), generator=gen)
     with torch.no_grad():
@@ -225,4 +235,6 @@ def test_exported_text_adapter_of_every_kind_gives_the_models_logits(strategy, t
         auto = AutoPeftModelForSequenceClassification.from_pretrained(str(tmp_path / "adapter"))
         got = auto.eval()(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
-        torch.testing.assert_close(load_classifier(tmp_path / "adapter")(ids), want, rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            load_classifier(tmp_path / "adapter")(ids), want, rtol=0, atol=1e-6
+        )

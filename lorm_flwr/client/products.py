@@ -60,6 +60,8 @@ def gram_products(
             raise ValueError(f"no Gram products of kind {kind!r}")
     for head in heads:
         gh = grams[head.name]
-        out[wire.gram_key(head.name, wire.WG)] = times_gram(tensors[head.weight_key].to(gh.dtype), gh)
+        out[wire.gram_key(head.name, wire.WG)] = times_gram(
+            tensors[head.weight_key].to(gh.dtype), gh
+        )
         out[wire.gram_key(head.name, wire.G)] = gh
     return {k: v.float() for k, v in out.items()}

@@ -167,7 +167,11 @@ def evaluate_personal(
     scenario = scenario_of(cfg, num_partitions)
     seen = scenario.seen_classes(task)
     if split == "validation":
-        shards, x, y = validation_shards_of(cfg, num_partitions), data.validation_x, data.validation_y
+        shards, x, y = (
+            validation_shards_of(cfg, num_partitions),
+            data.validation_x,
+            data.validation_y,
+        )
     else:
         shards, x, y = scenario.test_shards, data.test_x, data.test_y
     idx = np.concatenate([shards[t][partition_id] for t in range(task + 1)])

@@ -9,9 +9,8 @@ seed gives the same scenario on the server and on every client.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -114,7 +113,10 @@ def split_like(
 
 
 def personal_shards(
-    train_labels: np.ndarray, scenario: Scenario, labels: np.ndarray, seed_of_task: Callable[[int], int]
+    train_labels: np.ndarray,
+    scenario: Scenario,
+    labels: np.ndarray,
+    seed_of_task: Callable[[int], int],
 ) -> tuple[tuple[np.ndarray, ...], ...]:
     """``out[t][k]``: client k's share of task t's samples in another split (``labels``,
     e.g. the validation split), with each class's training proportions
@@ -122,9 +124,7 @@ def personal_shards(
     out = []
     for t, classes in enumerate(scenario.tasks):
         inside = np.flatnonzero(np.isin(labels, classes))
-        parts = split_like(
-            train_labels, list(scenario.shards[t]), labels[inside], seed_of_task(t)
-        )
+        parts = split_like(train_labels, list(scenario.shards[t]), labels[inside], seed_of_task(t))
         out.append(tuple(inside[p] for p in parts))
     return tuple(out)
 

@@ -157,7 +157,9 @@ def selected_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     best validation accuracy, with its test accuracy, and the last round's for comparison."""
     last_task = rounds[-1]["task"]
     candidates = [(i, r) for i, r in enumerate(rounds) if r["task"] == last_task]
-    scored = [(i, r) for i, r in candidates if not math.isnan(r.get("validation_accuracy", math.nan))]
+    scored = [
+        (i, r) for i, r in candidates if not math.isnan(r.get("validation_accuracy", math.nan))
+    ]
     if not scored:
         return {"selected_round": None}
     index, best = max(scored, key=lambda ir: (ir[1]["validation_accuracy"], -ir[0]))

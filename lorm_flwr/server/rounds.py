@@ -188,7 +188,9 @@ class FederatedRun:
             )
             row.accuracy, row.per_task_accuracy = ev.accuracy, ev.per_task
         if cfg.select_round == "best-validation":  # the same model on the validation split
-            row.extra["validation_accuracy"] = self.validation_accuracy(task, round_in_task, new, row)
+            row.extra["validation_accuracy"] = self.validation_accuracy(
+                task, round_in_task, new, row
+            )
         row.extra["evaluate_seconds"] = time.perf_counter() - evaluating
         row.elapsed_seconds = time.perf_counter() - self.start
         self.recorder.add_round(row)
