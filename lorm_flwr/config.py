@@ -74,6 +74,7 @@ class RunConfig:
     resize_interpolation: str = "bilinear"
     head_init: str = "kaiming"
     max_length: int = 128
+    max_new_tokens: int = 32
     seed: int = 0
     device: str = "auto"
     precision: str = "fp32"
@@ -171,7 +172,7 @@ class RunConfig:
         _one_of("strategy", self.strategy, STRATEGIES)
         _one_of("dataset", self.dataset, DATASETS)
         _one_of("backbone", self.backbone, BACKBONES)
-        if self.model_dropout and BACKBONES[self.backbone].modality != "text":
+        if self.model_dropout and BACKBONES[self.backbone].modality == "image":
             raise ConfigError(
                 f"model-dropout=true applies to text backbones only (backbone is "
                 f"'{self.backbone}': its BatchNorm statistics must not drift in training mode); "
@@ -203,6 +204,13 @@ class RunConfig:
                 f"dataset '{self.dataset}' is {data_kind} but backbone '{self.backbone}' is a "
                 f"{model_kind} model; backbones for {data_kind}: {', '.join(fitting)}"
             )
+        if data_kind == "generation" and self.num_tasks != 1:
+            raise ConfigError(
+                f"num-tasks={self.num_tasks}: dataset '{self.dataset}' is instruction data for a "
+                "causal LM, trained as plain federated learning; give num-tasks=1"
+            )
+        if data_kind == "generation" and self.model_dropout:
+            raise ConfigError("model-dropout=true applies to text classification backbones only")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             _one_of("device", self.device, ("auto", "cpu", "cuda", "cuda:N"))
 
@@ -223,6 +231,7 @@ class RunConfig:
             "min_clients",
             "image_size",
             "max_length",
+            "max_new_tokens",
             "gram_passes",
         ):
             _positive(name, getattr(self, name))
@@ -339,6 +348,13 @@ class RunConfig:
             )
 
     # ----------------------------------------------------------------- helpers
+    @property
+    def generation(self) -> bool:
+        """Instruction data for a causal LM: scored by exact match of generated answers."""
+        from lorm_flwr.data.datasets import DATASETS
+
+        return DATASETS[self.dataset].modality == "generation"
+
     @property
     def lora_target_list(self) -> list[str] | None:
         """Explicit target-module names, or None for the backbone's defaults."""

@@ -56,7 +56,7 @@ def _data(
     dataset: str, test_fraction: float, seed: int, cap: int, backbone: str, max_length: int,
     checkpoint: str, validation_fraction: float,
 ) -> LabelledData:  # fmt: skip
-    text = BACKBONES[backbone].modality == "text"
+    text = BACKBONES[backbone].modality in ("text", "generation")  # tokenised
     key = {
         "dataset": dataset, "test_fraction": test_fraction, "seed": seed, "cap": cap,
         "validation_fraction": validation_fraction,
@@ -76,6 +76,7 @@ def _data(
         num_classes=DATASETS[dataset].num_classes if dataset in DATASETS else 0,
         text_length=max_length if text else None,
         validation=validation_fraction > 0,
+        prompts=BACKBONES[backbone].modality == "generation",
     )
     return cached("data", key, compute, _save_data, load)
 
@@ -86,7 +87,13 @@ def _prepare_data(
 ) -> LabelledData:  # fmt: skip
     data = cap_per_class(load_dataset(dataset, test_fraction, seed), cap, seed)
     data = hold_out_validation(data, validation_fraction, validation_split_seed(seed))
-    if BACKBONES[backbone].modality != "text":
+    modality = BACKBONES[backbone].modality
+    if modality == "generation":
+        from lorm_flwr.data.instructions import encode_data
+        from lorm_flwr.models.backbones import tokenizer_of
+
+        return encode_data(data, tokenizer_of(backbone, checkpoint), max_length)
+    if modality != "text":
         return data
     from lorm_flwr.data.text import encode
     from lorm_flwr.models.backbones import load_tokenizer, max_positions
@@ -114,7 +121,7 @@ def _save_data(data: LabelledData, folder: Path) -> None:
 
 
 def _load_data(
-    entry: Entry, *, num_classes: int, text_length: int | None, validation: bool
+    entry: Entry, *, num_classes: int, text_length: int | None, validation: bool, prompts: bool
 ) -> LabelledData:
     """The entry's data, checked against its key (:func:`check_data`): the validation
     arrays are required when the key holds a validation split out, absent otherwise."""
@@ -123,7 +130,8 @@ def _load_data(
     if not isinstance(names, list):
         raise Damaged("classes.json is not a list of class names")
     data = LabelledData(class_names=tuple(names), **arrays)
-    check_data(data, num_classes=num_classes, text_length=text_length, validation=validation)
+    check_data(data, num_classes=num_classes, text_length=text_length, validation=validation,
+               prompts=prompts)  # fmt: skip
     return data
 
 
@@ -176,6 +184,20 @@ def validation_shards_of(cfg: RunConfig, num_clients: int) -> tuple[tuple[np.nda
     )  # fmt: skip
 
 
+def generation_scores(cfg: RunConfig, model, encoded: np.ndarray):
+    """Exact match and held-out loss of ``model`` (a PeftModel over a CausalLM) on encoded
+    instruction samples (:func:`lorm_flwr.generation.score_generation`)."""
+    from lorm_flwr.generation import score_generation
+    from lorm_flwr.models.backbones import tokenizer_of
+    from lorm_flwr.train import pick_device
+
+    return score_generation(
+        model, encoded, tokenizer_of(cfg.backbone, cfg.backbone_checkpoint),
+        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size,
+        device=pick_device(cfg.device),
+    )  # fmt: skip
+
+
 def _save_scenario(scenario: Scenario, folder: Path) -> None:
     arrays = {
         f"train-{t}-{k}": s for t, task in enumerate(scenario.shards) for k, s in enumerate(task)
@@ -218,7 +240,7 @@ def input_spec(cfg: RunConfig, *, train: bool = False) -> InputSpec | TokenInput
     (augmented with ``augment``); otherwise for evaluation (``eval-center-crop``).
     """
     spec = BACKBONES[cfg.backbone]
-    if spec.modality == "text":
+    if spec.modality in ("text", "generation"):
         return TokenInputs()
     return InputSpec(
         cfg.image_size, spec.mean, spec.std,

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorm_flwr.generation import response_loss
+
 __all__ = [
     "InputSpec",
     "TokenInputs",
@@ -116,14 +118,15 @@ class TokenInputs:
     """
 
     def __call__(self, ids: np.ndarray, device: torch.device) -> torch.Tensor:
-        real = (ids >= 0).any(axis=0)
+        real = (ids != -1).any(axis=0)  # instruction prompts are stored below -1
         length = int(np.flatnonzero(real)[-1]) + 1 if real.any() else 1
         return to_device(torch.from_numpy(np.ascontiguousarray(ids[:, :length])).long(), device)
 
 
 def padding_mask(x: torch.Tensor) -> torch.Tensor | None:
-    """``(B, L)`` mask of the real tokens of encoded text; None for images."""
-    return None if x.is_floating_point() else x >= 0
+    """``(B, L)`` mask of the real tokens of encoded text (``-1`` is padding; instruction
+    prompts are stored below it); None for images."""
+    return None if x.is_floating_point() else x != -1
 
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -228,6 +231,7 @@ def train_local(
     steps: int = 0,
     warmup_steps: int = 0,
     model_dropout: bool = False,
+    objective: str = "classification",
 ) -> TrainStats:
     """AdamW (or plain SGD) on the trainable parameters; cross-entropy over the current
     task's logits only.
@@ -246,6 +250,9 @@ def train_local(
     backbones only: they have no BatchNorm). ``precision`` bf16/fp16 autocasts
     the forward on CUDA; fp16 also scales the loss so small gradients do not underflow.
     Augmentation and dropout draw from torch's global generator, seeded from ``seed``.
+    ``objective="causal-lm"``: next-token cross-entropy on the response tokens of encoded
+    instruction data (:func:`lorm_flwr.generation.response_loss`); labels and
+    ``task_classes`` only count the samples.
     """
     groups = _parameter_groups(model, lr)
     if not groups:
@@ -279,10 +286,15 @@ def train_local(
     try:
         for idx in _index_stream(len(labels), batch_size, epochs, steps, rng):
             x = inputs(images[idx], device)
-            y = remap[torch.from_numpy(labels[idx]).to(device)]
-            with autocast(device, precision):
-                logits = model(x)[:, classes]  # (B, |task|)
-            loss = F.cross_entropy(logits.float(), y)
+            if objective == "causal-lm":
+                with autocast(device, precision):
+                    logits = model(x)  # (B, L, V)
+                loss = response_loss(logits, x)
+            else:
+                y = remap[torch.from_numpy(labels[idx]).to(device)]
+                with autocast(device, precision):
+                    logits = model(x)[:, classes]  # (B, |task|)
+                loss = F.cross_entropy(logits.float(), y)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)

@@ -28,7 +28,9 @@ def _labels(name: str, y: np.ndarray, num_classes: int) -> None:
         raise Damaged(f"{name} has labels outside 0..{num_classes - 1}")
 
 
-def _samples(name: str, x: np.ndarray, like: tuple[int, ...], text_length: int | None) -> None:
+def _samples(
+    name: str, x: np.ndarray, like: tuple[int, ...], text_length: int | None, prompts: bool = False
+) -> None:
     if x.shape[1:] != like:
         raise Damaged(f"{name} has samples of shape {x.shape[1:]}, train_x {like}")
     if text_length is None:
@@ -36,12 +38,17 @@ def _samples(name: str, x: np.ndarray, like: tuple[int, ...], text_length: int |
             raise Damaged(f"{name} is {x.dtype} {x.shape}, not uint8 images (N, H, W[, 3])")
     elif x.dtype != np.int32 or x.ndim != 2 or x.shape[1] != text_length:
         raise Damaged(f"{name} is {x.dtype} {x.shape}, not int32 token ids (N, {text_length})")
-    elif len(x) and int(x.min()) < PAD:
+    elif len(x) and int(x.min()) < PAD and not prompts:  # instructions store prompts below -1
         raise Damaged(f"{name} has token ids below {PAD}")
 
 
 def check_data(
-    data: LabelledData, *, num_classes: int, text_length: int | None, validation: bool
+    data: LabelledData,
+    *,
+    num_classes: int,
+    text_length: int | None,
+    validation: bool,
+    prompts: bool = False,
 ) -> None:
     """``data`` is a prepared data set of ``num_classes`` classes: images, or token ids of
     ``text_length`` (not None); with a validation split exactly when ``validation``."""
@@ -62,7 +69,7 @@ def check_data(
         _labels(f"{split}_y", y, num_classes)
         if len(x) != len(y):
             raise Damaged(f"{split}_x has {len(x)} samples for {len(y)} labels")
-        _samples(f"{split}_x", x, data.train_x.shape[1:], text_length)
+        _samples(f"{split}_x", x, data.train_x.shape[1:], text_length, prompts)
 
 
 def _shards(

@@ -31,6 +31,7 @@ from lorm_flwr.models.layout import AdaptedLayer
 from lorm_flwr.models.pointwise import pointwise_as_matmul
 from lorm_flwr.runtime import (
     data_of,
+    generation_scores,
     initial_tensors,
     input_spec,
     model_of,
@@ -117,6 +118,7 @@ def train_round(
         lr={"A": cfg.lr_of("A"), "B": cfg.lr_of("B"), "head": cfg.lr},
         warmup_steps=cfg.warmup_steps,
         model_dropout=cfg.model_dropout,
+        objective="causal-lm" if cfg.generation else "classification",
         weight_decay=cfg.weight_decay,
         optimizer=cfg.optimizer,
         precision=cfg.precision,
@@ -177,6 +179,9 @@ def evaluate_personal(
     idx = np.concatenate([shards[t][partition_id] for t in range(task + 1)])
     model = model_of(cfg)
     _load(cfg, model, global_tensors, local_tensors)
+    if cfg.generation:  # one task: exact matches of the generated answers
+        exact = generation_scores(cfg, model, x[idx]).exact
+        return [int(exact.sum())], [len(idx)]
     preds = predict(
         model, x[idx], seen_classes=seen, inputs=input_spec(cfg),
         batch_size=cfg.eval_batch_size, device=pick_device(cfg.device), precision=cfg.precision,

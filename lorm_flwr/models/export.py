@@ -22,10 +22,12 @@ from lorm_flwr.config import RunConfig
 from lorm_flwr.models.adapters import model_layout, set_tensors
 from lorm_flwr.models.backbones import (
     BACKBONES,
+    CausalLM,
     SequenceClassifier,
     build_classifier,
     load_tokenizer,
     quiet_transformers,
+    tokenizer_of,
 )
 
 __all__ = ["ADAPTER_INFO", "export_adapter", "load_classifier"]
@@ -52,8 +54,8 @@ def export_adapter(
     spec = BACKBONES[cfg.backbone]
     base = cfg.backbone_checkpoint or spec.base_model or cfg.backbone
     num_classes = model_layout(model).num_classes
-    if spec.modality == "text":
-        base = _save_sequence_classification(model, folder, cfg, num_classes)
+    if spec.modality in ("text", "generation"):
+        base = _save_transformers_adapter(model, folder, cfg, num_classes)
     else:
         model.save_pretrained(str(folder))
     config_path = folder / "adapter_config.json"
@@ -73,13 +75,16 @@ def export_adapter(
         "std": list(spec.std),
         "max_length": cfg.max_length,
         # What the classifier's forward takes (text: not a tokenizer's usual output).
-        "input": (
-            f"float images (N, 3, {cfg.image_size}, {cfg.image_size}), normalised with mean and std"
-            if spec.modality == "image"
-            else "the tokenizer's own output (input_ids, attention_mask) for "
+        "input": {
+            "image": f"float images (N, 3, {cfg.image_size}, {cfg.image_size}), normalised "
+            "with mean and std",
+            "text": "the tokenizer's own output (input_ids, attention_mask) for "
             "AutoPeftModelForSequenceClassification; for load_classifier, int64 token ids (N, L) "
-            "with -1 at padding positions, as lorm_flwr.data.text.encode writes them"
-        ),
+            "with -1 at padding positions, as lorm_flwr.data.text.encode writes them",
+            "generation": "the tokenizer's output of BOS + lorm_flwr.data.instructions.PROMPT "
+            "for AutoPeftModelForCausalLM; for load_classifier, int64 ids (N, L) as "
+            "lorm_flwr.data.instructions.encode_pairs writes them",
+        }[spec.modality],
         "strategy": cfg.strategy,
         "dataset": cfg.dataset,
         "classes_per_task": tasks,
@@ -95,11 +100,12 @@ def export_adapter(
 BASE_FOLDER = "base_model"
 
 
-def _save_sequence_classification(
+def _save_transformers_adapter(
     model: PeftModel, folder: Path, cfg: RunConfig, num_classes: int
 ) -> str:
-    """Save the adapter of ``model`` (a PeftModel over a SequenceClassifier) as peft's
-    ``SEQ_CLS`` adapter of the transformers model inside it; return the base model's path.
+    """Save the adapter of ``model`` (a PeftModel over a SequenceClassifier or a CausalLM) as
+    peft's ``SEQ_CLS`` (``CAUSAL_LM``) adapter of the transformers model inside it; return
+    the base model's path.
 
     The LoRA factors and head are the same tensors, their keys one ``model.`` shorter.
     The base is the weights' local folder where there is one (bundled MiniLM, a
@@ -113,9 +119,10 @@ def _save_sequence_classification(
     fresh = build_classifier(
         cfg.backbone, cfg.image_size, num_classes, cfg.seed, cfg.backbone_checkpoint
     )
-    assert isinstance(fresh, SequenceClassifier)
     hf = fresh.model
+    classifies = isinstance(fresh, SequenceClassifier)
     weights = cfg.backbone_checkpoint or (spec.weights() if spec.weights else "")
+    weights = "" if cfg.backbone.startswith("tiny-") else weights
     if cfg.backbone.startswith("tiny-"):  # random init: nothing on disk to point at
         base = str((folder / BASE_FOLDER).resolve())
         with quiet_transformers():
@@ -125,8 +132,8 @@ def _save_sequence_classification(
     else:
         base = spec.base_model or cfg.backbone
     config = copy.deepcopy(model.peft_config["default"])
-    config.task_type = "SEQ_CLS"
-    config.modules_to_save = [SequenceClassifier.HEAD]
+    config.task_type = "SEQ_CLS" if classifies else "CAUSAL_LM"
+    config.modules_to_save = [SequenceClassifier.HEAD] if classifies else None
     config.base_model_name_or_path = base
     seq_cls = get_peft_model(hf, config)
     state = {
@@ -135,10 +142,12 @@ def _save_sequence_classification(
     }
     result = set_peft_model_state_dict(seq_cls, state)
     if getattr(result, "unexpected_keys", []):
-        raise RuntimeError(f"the SEQ_CLS adapter did not take {result.unexpected_keys[:3]}")
+        raise RuntimeError(
+            f"the {config.task_type} adapter did not take {result.unexpected_keys[:3]}"
+        )
     with quiet_transformers():
         seq_cls.save_pretrained(str(folder), save_embedding_layers=False)
-    load_tokenizer(cfg.backbone_checkpoint or spec.weights()).save_pretrained(str(folder))
+    tokenizer_of(cfg.backbone, cfg.backbone_checkpoint).save_pretrained(str(folder))
     return base
 
 
@@ -153,8 +162,7 @@ def _model_card(info: dict[str, Any], source: str) -> str:
     return f"""# LoRA adapter from lorm-flwr ({info["strategy"]} on {info["dataset"]})
 
 - Base model: {info["base_model"]} ({source})
-- Adapter: peft LoRA of rank {info["rank"]}, plus the classification head
-  (`modules_to_save`, {info["num_classes"]} classes)
+- Adapter: peft LoRA of rank {info["rank"]}{_head_line(info)}
 - Preprocessing: {pre}
 - Classes per task, in training order: {info["classes_per_task"]}
 
@@ -166,7 +174,27 @@ def _model_card(info: dict[str, Any], source: str) -> str:
 """
 
 
+def _head_line(info: dict[str, Any]) -> str:
+    if info["modality"] == "generation":
+        return " (a causal LM: no head of its own)"
+    return f", plus the classification head\n  (`modules_to_save`, {info['num_classes']} classes)"
+
+
 def _loading(info: dict[str, Any]) -> str:
+    if info["modality"] == "generation":
+        return f"""With peft alone (a CAUSAL_LM adapter of `{info["base_model"]}`):
+
+```python
+from peft import AutoPeftModelForCausalLM
+from transformers import AutoTokenizer
+model = AutoPeftModelForCausalLM.from_pretrained("<this folder>").eval()
+tokenizer = AutoTokenizer.from_pretrained("<this folder>")
+prompt = lorm_flwr.data.instructions.PROMPT.format(instruction="...")  # the training template
+ids = tokenizer(tokenizer.bos_token + prompt, return_tensors="pt", add_special_tokens=False)
+answer = tokenizer.decode(model.generate(**ids, max_new_tokens=64, do_sample=False)[0])
+```
+
+The final answer follows `####`. `base_model_name_or_path` is as for text adapters."""
     if info["modality"] == "text":
         return f"""With peft alone (a SEQ_CLS adapter of `{info["base_model"]}`, head included):
 
@@ -205,6 +233,17 @@ def load_classifier(folder: str | Path) -> PeftModel | SequenceClassifier:
     if not (path / ADAPTER_INFO).exists():
         raise ValueError(f"{path} has no {ADAPTER_INFO}: not an adapter exported by lorm-flwr")
     info = json.loads((path / ADAPTER_INFO).read_text())
+    if info["modality"] == "generation":
+        from peft import AutoPeftModelForCausalLM
+
+        with quiet_transformers():
+            model = AutoPeftModelForCausalLM.from_pretrained(str(path)).eval()
+        _check_loaded(model, path)
+        tokenizer = load_tokenizer(str(path))
+        pad = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        )
+        return CausalLM(model, pad).eval()
     if info["modality"] == "text":
         from peft import AutoPeftModelForSequenceClassification
 

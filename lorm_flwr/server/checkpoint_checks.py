@@ -147,6 +147,7 @@ def _numpy_rng(n: Any) -> None:
 _RECORDER_TYPES = {
     "rounds": list, "accuracy_matrix": list, "task_end": list, "accuracy_kind": str,
     "resumed": list, "handshakes": list, "provenance": dict, "shard_sizes": list,
+    "untrained": dict,
 }  # fmt: skip
 
 

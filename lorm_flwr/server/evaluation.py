@@ -10,7 +10,7 @@ import torch
 from lorm_flwr.config import RunConfig
 from lorm_flwr.data.scenario import Scenario
 from lorm_flwr.models.adapters import set_tensors
-from lorm_flwr.runtime import data_of, input_spec, model_of
+from lorm_flwr.runtime import data_of, generation_scores, input_spec, model_of
 from lorm_flwr.train import evaluate_accuracy, pick_device, predict
 
 __all__ = ["EvalResult", "evaluate_global"]
@@ -22,6 +22,7 @@ class EvalResult:
     per_task: list[float]  # accuracy on each seen task's classes
     correct: int
     total: int
+    loss: float | None = None  # generation: held-out loss on the response tokens
 
 
 def evaluate_global(
@@ -34,7 +35,9 @@ def evaluate_global(
     alpha: float | None = None,
     split: str = "test",
 ) -> EvalResult:
-    """Accuracy after task ``task``: argmax over all seen classes, no task id.
+    """Accuracy after task ``task``: argmax over all seen classes, no task id. For
+    instruction data (one task): the exact-match rate of greedily generated answers, and
+    the held-out loss.
 
     ``split``: ``test``, or ``validation`` (held out of the training data by
     ``validation-fraction``).
@@ -51,6 +54,11 @@ def evaluate_global(
     images, labels = x[mask], y[mask]
     model = model_of(cfg, rank=rank, alpha=alpha)
     set_tensors(model, tensors)
+    if cfg.generation:  # exact match of the generated final answers
+        scores = generation_scores(cfg, model, images)
+        correct = int(scores.exact.sum())
+        em = correct / max(len(images), 1)
+        return EvalResult(em, [em], correct, len(images), scores.loss)
     preds = predict(
         model,
         images,

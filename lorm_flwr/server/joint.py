@@ -68,6 +68,7 @@ def run_joint(
             lr={"A": cfg.lr_of("A"), "B": cfg.lr_of("B"), "head": cfg.lr},
             optimizer=cfg.optimizer, precision=cfg.precision,
             device=pick_device(cfg.device), seed=joint_phase_seed(cfg.seed, phase),
+            objective="causal-lm" if cfg.generation else "classification",
         )  # fmt: skip
         train_seconds = time.perf_counter() - t0
         last_task = tasks[-1]

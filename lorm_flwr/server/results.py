@@ -249,6 +249,8 @@ class RunRecorder:
     # The hello exchange of each start; versions, commit and Flower run ids.
     handshakes: list[dict[str, Any]] = field(default_factory=list)
     provenance: dict[str, Any] = field(default_factory=dict)
+    # Generation: the untrained model's exact match and held-out loss (before round 1).
+    untrained: dict[str, Any] = field(default_factory=dict)
 
     _STATE = (
         "rounds",
@@ -258,6 +260,7 @@ class RunRecorder:
         "resumed",
         "handshakes",
         "provenance",
+        "untrained",
     )
 
     def state(self) -> dict[str, Any]:
@@ -298,6 +301,7 @@ class RunRecorder:
             "provenance": self.provenance,
             **({"error": self.error} if self.error else {}),
             **({"failed_round": self.failed_round} if self.failed_round else {}),
+            **{f"untrained_{k}": v for k, v in self.untrained.items()},
             **self.final,
         }
 
@@ -330,6 +334,8 @@ class RunRecorder:
             self.final["validation"] = self.validation_summary()
         if self.cfg.select_round == "best-validation":
             self.final.update(selected_round(self.rounds))
+        if self.cfg.generation:  # the accuracy of a generation run is its exact match
+            self.final["final_exact_match"] = self.final["final_average_accuracy"]
         self.status = "completed"
         self.write()
         self.plot()

@@ -187,6 +187,10 @@ class FederatedRun:
                 cfg, self.scenario, task, model.tensors, rank=model.rank, alpha=model.alpha
             )
             row.accuracy, row.per_task_accuracy = ev.accuracy, ev.per_task
+            if ev.loss is not None:
+                row.extra["heldout_loss"] = ev.loss
+        if cfg.generation:
+            row.extra["exact_match"] = row.accuracy
         if cfg.select_round == "best-validation":  # the same model on the validation split
             row.extra["validation_accuracy"] = self.validation_accuracy(
                 task, round_in_task, new, row

@@ -28,6 +28,7 @@ from lorm_flwr.server.checkpoint import (
     resume_point,
     save_checkpoint,
 )
+from lorm_flwr.server.evaluation import evaluate_global
 from lorm_flwr.server.exchange import (
     ExchangeFailed,
 )
@@ -143,6 +144,11 @@ def _run(
         )
         tensors = dict(initial_tensors(cfg))  # the same seeded start as every client's
         first_task, first_round, elapsed = 0, 0, 0.0
+        if cfg.generation:  # what training has to beat
+            ev = evaluate_global(cfg, scenario, 0, tensors)
+            recorder.untrained = {"exact_match": ev.accuracy, "heldout_loss": ev.loss}
+            log.info("lorm-flwr: untrained model: exact match %.3f, held-out loss %.3f",
+                     ev.accuracy, ev.loss)  # fmt: skip
     else:
         saved_shards = checkpoint.recorder.get("shard_sizes", shard_sizes)
         if saved_shards != shard_sizes:
