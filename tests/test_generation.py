@@ -163,7 +163,7 @@ def test_causal_lm_runs_report_exact_match_and_export_what_peft_loads(
             folder / "clients" / f"partition-{pid}" / "adapter",
             cfg,
             data.test_x[scenario.test_shards[0][pid]],
-        )  # fmt: skip
+        )
         for pid in range(2)
     )
     assert hits == last["correct"]
