@@ -329,6 +329,14 @@ class RunConfig:
 
     def _check_strategy_keys(self) -> None:
         """Keys that only one kind of strategy reads: set for another, they would do nothing."""
+        embeddings = [t for t in self.lora_target_list or [] if "embed" in t]
+        if embeddings and self.strategy in ("lorm", "regmean"):
+            raise ConfigError(
+                f"lora-targets={self.lora_targets!r}: strategy '{self.strategy}' merges with the "
+                f"Gram statistics of each adapted layer's inputs, which an embedding "
+                f"({', '.join(embeddings)}) does not have; drop it from lora-targets, or use "
+                "fedsa, fedit or ffa"
+            )
         lorm_only = {
             "lorm-round-grams": (self.lorm_round_grams, "trained"),
             "lorm-first-task": (self.lorm_first_task, "fold"),

@@ -201,3 +201,22 @@ def test_exported_causal_lm_adapter_gives_the_trained_models_logits(strategy, tm
         prompt = torch.tensor([prompt_ids(data_of(cfg).test_x[0])])
         out = auto.generate(input_ids=prompt, max_new_tokens=5, do_sample=False)
     assert out.shape[1] > prompt.shape[1]
+
+
+def test_lora_on_the_embedding_is_seeded_and_refused_for_gram_strategies():
+    """peft's LoRA of an embedding (A zero, B normal) is drawn from the seed, so every node
+    starts alike; its factors belong to A and B like any layer's; LoRM and RegMean, whose
+    merges need the Grams of a layer's inputs, refuse it before any work."""
+    from lorm_flwr.models.layout import group_of
+    from lorm_flwr.runtime import initial_tensors
+
+    keys = {**ARITHMETIC, "strategy": "fedsa", "lora-targets": "embed_tokens,q_proj"}
+    first = initial_tensors(RunConfig.from_mapping(keys))
+    b = "model.model.embed_tokens.lora_embedding_B"
+    assert group_of(b) == "B" and group_of(b.replace("_B", "_A")) == "A"
+    assert torch.count_nonzero(first[b.replace("_B", "_A")]) == 0 and first[b].std() > 0.5
+    again = initial_tensors.__wrapped__(RunConfig.from_mapping(keys))  # another process's draw
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    for strategy in ("lorm", "regmean"):
+        with pytest.raises(ConfigError, match="embedding .*embed_tokens.* drop it"):
+            RunConfig.from_mapping({**keys, "strategy": strategy})

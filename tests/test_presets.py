@@ -31,6 +31,8 @@ def test_the_expected_presets_exist():
         "fedsa-rte",
         "offline-mnist",
         "offline-bbc-news",
+        "offline-arithmetic",
+        "fedsa-gsm8k",
     } <= names
 
 

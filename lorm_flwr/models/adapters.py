@@ -355,8 +355,17 @@ def fresh_factors(layers: list[AdaptedLayer], seed: int) -> dict[str, torch.Tens
 
 
 def reset_lora(model: PeftModel, seed: int) -> None:
-    """Re-initialise every A from ``seed`` (see :func:`fresh_factors`); zero every B."""
-    set_tensors(model, fresh_factors(adapter_layout(model), seed), strict=False)
+    """Re-initialise every A from ``seed`` (see :func:`fresh_factors`); zero every B.
+    LoRA on an embedding keeps peft's scheme (A zero, B standard normal), drawn from
+    ``seed`` too."""
+    tensors = fresh_factors(adapter_layout(model), seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    for key, value in get_tensors(model).items():
+        if key.endswith(".lora_embedding_A"):
+            tensors[key] = torch.zeros_like(value)
+        elif key.endswith(".lora_embedding_B"):
+            tensors[key] = torch.randn(value.shape, generator=gen, dtype=value.dtype)
+    set_tensors(model, tensors, strict=False)
 
 
 @contextmanager

@@ -111,7 +111,7 @@ class CausalLM(nn.Module):
 
 
 def _tiny_llama(num_classes: int, checkpoint: str = "", with_weights: bool = True) -> nn.Module:
-    """A random-init Llama-shaped causal LM (4 layers, width 96, ~0.5M parameters) over the
+    """A random-init Llama-shaped causal LM (4 layers, width 96, 0.45M parameters) over the
     arithmetic tokenizer trained in code: the offline generation default, no download."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 

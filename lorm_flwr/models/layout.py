@@ -25,6 +25,8 @@ HEAD_MODULES = (HEAD, "model.classifier")
 # A) and ``vera_lambda_b`` (output side, kept local like B).
 GROUPS: tuple[tuple[str, str], ...] = (
     (".lora_A.", "A"),
+    (".lora_embedding_A", "A"),  # LoRA of an embedding: A (r, vocab), B (dim, r)
+    (".lora_embedding_B", "B"),
     (".vera_lambda_d", "A"),
     (".lora_B.", "B"),
     (".vera_lambda_b", "B"),
