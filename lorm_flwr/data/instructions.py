@@ -10,6 +10,7 @@ prompt token).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import numpy as np
@@ -71,17 +72,12 @@ def encode_pairs(pairs: np.ndarray, tokenizer, max_length: int) -> np.ndarray:
 
 def encode_data(data, tokenizer, max_length: int):
     """A LabelledData of (instruction, response) pairs with every split encoded."""
-    from lorm_flwr.data.datasets import LabelledData
-
     held = data.validation_x
-    return LabelledData(
-        encode_pairs(data.train_x, tokenizer, max_length),
-        data.train_y,
-        encode_pairs(data.test_x, tokenizer, max_length),
-        data.test_y,
-        data.class_names,
-        None if held is None else encode_pairs(held, tokenizer, max_length),
-        data.validation_y,
+    return dataclasses.replace(
+        data,
+        train_x=encode_pairs(data.train_x, tokenizer, max_length),
+        test_x=encode_pairs(data.test_x, tokenizer, max_length),
+        validation_x=None if held is None else encode_pairs(held, tokenizer, max_length),
     )
 
 
