@@ -209,6 +209,10 @@ class RunConfig:
                 f"num-tasks={self.num_tasks}: dataset '{self.dataset}' is instruction data for a "
                 "causal LM, trained as plain federated learning; give num-tasks=1"
             )
+        if data_kind == "generation" and self.max_length < 2:
+            raise ConfigError(
+                f"max-length={self.max_length} leaves no room for a response: give >= 2"
+            )
         if data_kind == "generation" and self.model_dropout:
             raise ConfigError("model-dropout=true applies to text classification backbones only")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
@@ -335,7 +339,13 @@ class RunConfig:
                 f"lora-targets={self.lora_targets!r}: strategy '{self.strategy}' merges with the "
                 f"Gram statistics of each adapted layer's inputs, which an embedding "
                 f"({', '.join(embeddings)}) does not have; drop it from lora-targets, or use "
-                "fedsa, fedit or ffa"
+                "fedsa or fedit"
+            )
+        if embeddings and self.strategy == "ffa":
+            raise ConfigError(
+                f"lora-targets={self.lora_targets!r}: ffa freezes A, and an embedding's LoRA "
+                f"starts with A = 0 (peft's scheme), so {', '.join(embeddings)} would never "
+                "change; drop it from lora-targets, or use fedsa or fedit"
             )
         lorm_only = {
             "lorm-round-grams": (self.lorm_round_grams, "trained"),

@@ -38,7 +38,7 @@ from lorm_flwr.data.datasets import (
 from lorm_flwr.data.scenario import Scenario, build_scenario
 from lorm_flwr.models.adapters import adapter_kind, attach_lora, check_lora_rank
 from lorm_flwr.models.backbones import BACKBONES, build_classifier
-from lorm_flwr.seeds import validation_split_seed
+from lorm_flwr.seeds import head_init_seed, validation_split_seed
 from lorm_flwr.train import InputSpec, TokenInputs, pick_device
 
 __all__ = ["data_of", "input_spec", "model_of", "scenario_of"]
@@ -257,9 +257,10 @@ def lora_targets(cfg: RunConfig) -> list[str]:
 def _cached_model(
     backbone: str, image_size: int, num_classes: int, seed: int, rank: int, configured_rank: int,
     alpha: float, targets: tuple[str, ...], device: str, kind: str, checkpoint: str,
-    dropout: float,
+    dropout: float, half_base: bool = False,
 ) -> PeftModel:  # fmt: skip
-    base = build_classifier(backbone, image_size, num_classes, seed, checkpoint)
+    base = build_classifier(backbone, image_size, num_classes, seed, checkpoint,
+                            half_base=half_base)  # fmt: skip
     # The run's lora-rank must fit every adapted layer; LoRM's end-of-task model of rank
     # (t+1) r may exceed it (its factors are only ever sent, never merged further).
     check_lora_rank(base, list(targets), configured_rank)
@@ -301,7 +302,7 @@ def initial_tensors(cfg: RunConfig) -> dict[str, torch.Tensor]:
     )  # fmt: skip
     tensors = get_tensors(model)
     if cfg.head_init == "trunc-normal":
-        tensors.update(timm_head_init(model_layout(model).heads, tensors, cfg.seed))
+        tensors.update(timm_head_init(model_layout(model).heads, tensors, head_init_seed(cfg.seed)))
     return tensors
 
 
@@ -322,6 +323,8 @@ def model_of(
         kind or adapter_kind(cfg.strategy),
         cfg.backbone_checkpoint,
         cfg.lora_dropout,
+        # A hub causal LM's frozen base in bf16 where bf16 autocast runs anyway (CUDA).
+        cfg.generation and cfg.precision == "bf16" and pick_device(cfg.device).type == "cuda",
     )
 
 

@@ -60,6 +60,11 @@ def task_grams_seed(seed: int, task: int, partition_id: int) -> int:
     return (seed * 100_003 + task * 1_009) * 1_000 + partition_id + 999
 
 
+def head_init_seed(seed: int) -> int:
+    """timm's head initialisation (``head-init=trunc-normal``): apart from the LoRA factors'."""
+    return seed * 5 + 40_009
+
+
 def validation_shards_seed(seed: int, task: int) -> int:
     """The split of ``task``'s validation samples over the clients (``select-round``)."""
     return seed + 30_011 * (task + 1)

@@ -220,3 +220,22 @@ def test_lora_on_the_embedding_is_seeded_and_refused_for_gram_strategies():
     for strategy in ("lorm", "regmean"):
         with pytest.raises(ConfigError, match="embedding .*embed_tokens.* drop it"):
             RunConfig.from_mapping({**keys, "strategy": strategy})
+
+
+def test_samples_whose_response_max_length_cuts_are_left_out():
+    """A cut response would leave a cut answer ('#### 1' of '#### 18') for exact match to
+    score against: such samples are dropped with a warning, and a max-length that cuts
+    every response stops the run."""
+    from lorm_flwr.data.datasets import load_dataset
+    from lorm_flwr.data.instructions import encode_data
+
+    data = load_dataset("arithmetic", 0.2, 0)
+    tok = arithmetic_tokenizer()
+    full = encode_data(data, tok, 96)
+    assert len(full.train_x) == len(data.train_x)
+    cut = encode_data(data, tok, 66)  # the longest samples no longer fit
+    assert 0 < len(cut.train_x) < len(data.train_x) and len(cut.train_x) == len(cut.train_y)
+    last = (cut.train_x != -1).sum(axis=1) - 1
+    assert (cut.train_x[np.arange(len(cut.train_x)), last] == tok.eos_token_id).all()
+    with pytest.raises(ConfigError, match="cuts the response of every train sample"):
+        encode_data(data, tok, 30)

@@ -238,3 +238,12 @@ def test_exported_text_adapter_of_every_kind_gives_the_models_logits(strategy, t
         torch.testing.assert_close(
             load_classifier(tmp_path / "adapter")(ids), want, rtol=0, atol=1e-6
         )
+
+
+def test_lora_targets_that_reach_into_the_head_are_refused():
+    with pytest.raises(ValueError, match=r"also matches the head \(model.classifier.dense\)"):
+        attach_lora(build_classifier("tiny-roberta", 0, 3, 0), rank=2, alpha=2.0,
+                    targets=["query", "dense"])  # fmt: skip
+    model = attach_lora(build_classifier("tiny-roberta", 0, 3, 0), rank=2, alpha=2.0,
+                        targets=["query", "output.dense"])  # fmt: skip
+    assert [h.name for h in model_layout(model).heads][-1] == "model.classifier.out_proj"

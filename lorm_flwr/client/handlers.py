@@ -110,8 +110,8 @@ def evaluate(msg: Message, context: Context) -> Message:
                    "partition": pid}  # fmt: skip
         try:
             write_personal_adapter(cfg, pid, num, shared, local, plan.export_to, metrics)
-        except OSError as exc:  # a full or read-only disk must not cost the run its evaluation
-            log.error("lorm-flwr: partition %d could not write its adapter: %s", pid, exc)
+        except Exception:  # a full disk or a bad base must not cost the run its last evaluation
+            log.exception("lorm-flwr: partition %d could not write its adapter", pid)
     return Message(wire.evaluation_reply(correct, total), reply_to=msg)
 
 

@@ -11,9 +11,14 @@ prompt token).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 
 import numpy as np
+
+from lorm_flwr.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "PAD",
@@ -56,7 +61,8 @@ def is_exact_match(generated: str, reference: str) -> bool:
 
 def encode_pairs(pairs: np.ndarray, tokenizer, max_length: int) -> np.ndarray:
     """``(N, 2)`` object array of (instruction, response) -> int32 ``(N, max_length)``
-    (see the module docstring). A prompt longer than ``max_length - 1`` keeps its end."""
+    (see the module docstring). A prompt longer than ``max_length - 1`` keeps its end
+    (and so loses BOS); a response that does not fit is cut (EOS last of all)."""
     out = np.full((len(pairs), max_length), PAD, dtype=np.int32)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     for i, (instruction, response) in enumerate(pairs):
@@ -71,14 +77,37 @@ def encode_pairs(pairs: np.ndarray, tokenizer, max_length: int) -> np.ndarray:
 
 
 def encode_data(data, tokenizer, max_length: int):
-    """A LabelledData of (instruction, response) pairs with every split encoded."""
-    held = data.validation_x
-    return dataclasses.replace(
-        data,
-        train_x=encode_pairs(data.train_x, tokenizer, max_length),
-        test_x=encode_pairs(data.test_x, tokenizer, max_length),
-        validation_x=None if held is None else encode_pairs(held, tokenizer, max_length),
-    )
+    """A LabelledData of (instruction, response) pairs with every split encoded.
+
+    A sample whose response ``max-length`` cuts is dropped (and counted in a warning):
+    its stored answer would be a cut number, which exact match would score against.
+    """
+    out = {}
+    for split in ("train", "test", "validation"):
+        x, y = getattr(data, f"{split}_x"), getattr(data, f"{split}_y")
+        if x is None:
+            continue
+        encoded = encode_pairs(x, tokenizer, max_length)
+        whole = _ends_with(encoded, tokenizer.eos_token_id)
+        if not whole.all():
+            log.warning(
+                "lorm-flwr: max-length=%d cuts the response of %d of %d %s samples; they are "
+                "left out (give a larger max-length to keep them)",
+                max_length, int((~whole).sum()), len(x), split,
+            )  # fmt: skip
+        if not whole.any():
+            raise ConfigError(
+                f"max-length={max_length} cuts the response of every {split} sample: give a "
+                "larger max-length"
+            )
+        out[f"{split}_x"], out[f"{split}_y"] = encoded[whole], y[whole]
+    return dataclasses.replace(data, **out)
+
+
+def _ends_with(encoded: np.ndarray, eos: int) -> np.ndarray:
+    """Which samples keep their whole response: the last real token is EOS."""
+    length = (encoded != PAD).sum(axis=1)
+    return encoded[np.arange(len(encoded)), np.maximum(length - 1, 0)] == eos
 
 
 def response_mask(encoded: np.ndarray) -> np.ndarray:

@@ -119,10 +119,12 @@ def attach_lora(
     seed: int = 0,
     dropout: float = 0.0,
 ) -> PeftModel:
-    """Wrap ``model`` with a peft adapter on ``targets``; the head is trained in full.
+    """Wrap ``model`` with a peft adapter on ``targets``; a classifier's head is trained in
+    full (a causal LM has none).
 
-    LoRA's A is drawn from ``seed`` (peft's Kaiming-uniform scheme) and B is zero,
-    so the adapter is a pure function of its arguments in any process.
+    LoRA's A is drawn from ``seed`` (peft's Kaiming-uniform scheme) and B is zero (an
+    embedding's LoRA the other way round: A zero, B normal, as peft draws it), so the
+    adapter is a pure function of its arguments in any process.
 
     ``kind``: ``lora``, ``rslora`` (LoRA with scaling alpha / sqrt(r)) or ``vera``
     (frozen random projections drawn from ``seed``, identical on every client, and
@@ -140,6 +142,19 @@ def attach_lora(
         raise ValueError(
             f"lora-targets={','.join(targets)!r}: {', '.join(unmatched)} matches no module of this "
             f"backbone; layer names: {_layer_names(model)}"
+        )
+    head = head_module(model)
+    head_path = "model." + head if isinstance(model, SequenceClassifier) else head
+    in_head = sorted(
+        n for n in names
+        if head_path and (n == head_path or n.startswith(head_path + "."))
+        and any(n == t or n.endswith("." + t) for t in targets)
+    )  # fmt: skip
+    if in_head:  # peft would wrap the head's own layers in LoRA inside modules_to_save
+        raise ValueError(
+            f"lora-targets={','.join(targets)!r} also matches the head ({', '.join(in_head)}), "
+            "which is trained in full; name the backbone's layers more precisely (for "
+            "example output.dense instead of dense)"
         )
     if kind == "vera":
         from peft import VeraConfig
@@ -244,7 +259,9 @@ def get_tensors_keys(model: PeftModel) -> set[str]:
 
 
 def adapter_layout(model: PeftModel) -> list[AdaptedLayer]:
-    """The adapted layers in module order."""
+    """The adapted Linear and 1x1-convolution layers in module order: the layers the Gram
+    merges work on. LoRA of an embedding is not among them (its factors travel like any
+    other A and B, see :func:`~lorm_flwr.models.layout.group_of`)."""
     if model not in _LAYOUTS:
         _LAYOUTS[model] = tuple(_layout(model))
     return list(_LAYOUTS[model])

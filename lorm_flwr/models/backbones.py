@@ -135,13 +135,15 @@ def _tiny_llama(num_classes: int, checkpoint: str = "", with_weights: bool = Tru
 
 
 def _hf_causal_lm(name: str) -> Callable[[int, str, bool], nn.Module]:
-    def build(num_classes: int, checkpoint: str = "", with_weights: bool = True) -> nn.Module:
+    def build(
+        num_classes: int, checkpoint: str = "", with_weights: bool = True, half_base: bool = False
+    ) -> nn.Module:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         path = checkpoint or name
-        # The frozen base in bf16 where a GPU runs it (an 8B model is 32 GB in fp32); the
+        # ``half_base``: the frozen base in bf16 (an 8B model is 32 GB in fp32); the
         # adapters peft adds stay fp32.
-        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        dtype = torch.bfloat16 if half_base else torch.float32
         try:
             with quiet_transformers():
                 if with_weights:
@@ -432,12 +434,15 @@ def build_classifier(
     seed: int,
     checkpoint: str = "",
     with_weights: bool = True,
-) -> Classifier | SequenceClassifier:
+    half_base: bool = False,
+) -> Classifier | SequenceClassifier | CausalLM:
     """Build the frozen backbone and a seeded head over ``num_classes``.
 
     Images: a timm feature extractor and a linear head. Text: transformers'
     ``AutoModelForSequenceClassification`` with its own head (``num_labels`` =
-    ``num_classes``). Everything random (the head, a random-init backbone) is drawn
+    ``num_classes``). Causal LMs: transformers' ``AutoModelForCausalLM`` (``num_classes``
+    unused), a hub model's weights in bf16 with ``half_base``. Everything random (the
+    head, a random-init backbone) is drawn
     from ``seed`` alone, so the server and every client build the same model without
     touching the global RNG.
     """
@@ -447,7 +452,8 @@ def build_classifier(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if spec.modality in ("text", "generation"):
-            model = spec.build(num_classes, checkpoint, with_weights)
+            extra = {"half_base": True} if half_base and spec.weights else {}
+            model = spec.build(num_classes, checkpoint, with_weights, **extra)
             for p in model.parameters():
                 p.requires_grad_(False)
             return model.eval()

@@ -10,7 +10,6 @@ backbone, input size, number of classes, seed, classes per task) and ``README.md
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -47,7 +46,8 @@ def export_adapter(
 
     Text adapters are saved as peft ``SEQ_CLS`` adapters of the transformers model
     itself, so ``AutoPeftModelForSequenceClassification.from_pretrained(folder)`` loads
-    them; the tokenizer is saved alongside.
+    them, and causal-LM adapters as ``CAUSAL_LM`` adapters for
+    ``AutoPeftModelForCausalLM``; the tokenizer is saved alongside.
     """
     set_tensors(model, tensors)
     folder.mkdir(parents=True, exist_ok=True)
@@ -107,46 +107,45 @@ def _save_transformers_adapter(
     peft's ``SEQ_CLS`` (``CAUSAL_LM``) adapter of the transformers model inside it; return
     the base model's path.
 
-    The LoRA factors and head are the same tensors, their keys one ``model.`` shorter.
-    The base is the weights' local folder where there is one (bundled MiniLM, a
-    backbone-checkpoint), the hub id otherwise; a random-init backbone (tests) is saved
-    under ``base_model/``.
+    peft saves the adapter of the wrapper; the transformers model's own adapter holds the
+    same tensors with keys one ``model.`` shorter, and says its task type (and, for a
+    classifier, its head in ``modules_to_save``). No second base model is built, so a
+    hub model's export costs no more memory than its adapter. The base is the weights'
+    local folder where there is one (bundled MiniLM, a backbone-checkpoint), the hub id
+    otherwise; a random-init backbone (tests, the offline tiny models) is saved under
+    ``base_model/``.
     """
-    from peft import get_peft_model
-    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    import tempfile
+
+    from safetensors.torch import load_file, save_file
 
     spec = BACKBONES[cfg.backbone]
-    fresh = build_classifier(
-        cfg.backbone, cfg.image_size, num_classes, cfg.seed, cfg.backbone_checkpoint
-    )
-    hf = fresh.model
-    classifies = isinstance(fresh, SequenceClassifier)
+    inner = model.base_model.model
+    classifies = isinstance(inner, SequenceClassifier)
     weights = cfg.backbone_checkpoint or (spec.weights() if spec.weights else "")
-    weights = "" if cfg.backbone.startswith("tiny-") else weights
     if cfg.backbone.startswith("tiny-"):  # random init: nothing on disk to point at
         base = str((folder / BASE_FOLDER).resolve())
+        fresh = build_classifier(cfg.backbone, cfg.image_size, num_classes, cfg.seed)
         with quiet_transformers():
-            hf.save_pretrained(base)
+            fresh.model.save_pretrained(base)
     elif weights and Path(weights).expanduser().exists():
         base = str(Path(weights).expanduser().resolve())
     else:
         base = spec.base_model or cfg.backbone
-    config = copy.deepcopy(model.peft_config["default"])
-    config.task_type = "SEQ_CLS" if classifies else "CAUSAL_LM"
-    config.modules_to_save = [SequenceClassifier.HEAD] if classifies else None
-    config.base_model_name_or_path = base
-    seq_cls = get_peft_model(hf, config)
-    state = {
-        "base_model.model." + k.removeprefix("base_model.model.model."): v
-        for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()
+    with tempfile.TemporaryDirectory(dir=folder) as tmp, quiet_transformers():
+        model.save_pretrained(tmp, save_embedding_layers=False)
+        tensors = load_file(str(Path(tmp) / "adapter_model.safetensors"))
+        config = json.loads((Path(tmp) / "adapter_config.json").read_text())
+    prefix = "base_model.model."
+    renamed = {
+        prefix + k.removeprefix(prefix + "model.") if k.startswith(prefix + "model.") else k: v
+        for k, v in tensors.items()
     }
-    result = set_peft_model_state_dict(seq_cls, state)
-    if getattr(result, "unexpected_keys", []):
-        raise RuntimeError(
-            f"the {config.task_type} adapter did not take {result.unexpected_keys[:3]}"
-        )
-    with quiet_transformers():
-        seq_cls.save_pretrained(str(folder), save_embedding_layers=False)
+    save_file(renamed, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config["task_type"] = "SEQ_CLS" if classifies else "CAUSAL_LM"
+    config["modules_to_save"] = [SequenceClassifier.HEAD] if classifies else None
+    config["base_model_name_or_path"] = base
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     tokenizer_of(cfg.backbone, cfg.backbone_checkpoint).save_pretrained(str(folder))
     return base
 
@@ -190,7 +189,8 @@ from transformers import AutoTokenizer
 model = AutoPeftModelForCausalLM.from_pretrained("<this folder>").eval()
 tokenizer = AutoTokenizer.from_pretrained("<this folder>")
 prompt = lorm_flwr.data.instructions.PROMPT.format(instruction="...")  # the training template
-ids = tokenizer(tokenizer.bos_token + prompt, return_tensors="pt", add_special_tokens=False)
+prompt = (tokenizer.bos_token or "") + prompt  # as in training: BOS, where the tokenizer has one
+ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
 answer = tokenizer.decode(model.generate(**ids, max_new_tokens=64, do_sample=False)[0])
 ```
 

@@ -228,6 +228,10 @@ class FederatedRun:
         last = task == self.scenario.num_tasks - 1 and round_in_task == self.cfg.rounds_per_task - 1
         # The run's last evaluation: each client also writes its own adapter.
         export = self.recorder.folder.name if last and split == "test" else ""
+        if export and not wire.is_folder_name(export):  # a renamed folder, resumed
+            log.warning("lorm-flwr: the clients' own adapters are not written: the run folder's "
+                        "name %r is not a bare name (letters, digits, ._-)", export)  # fmt: skip
+            export = ""
         config = wire.Instructions(task, export_to=export, split=split)
 
         def messages() -> list[Message]:

@@ -61,6 +61,7 @@ __all__ = [
     "evaluation_reply",
     "gram_shapes",
     "hello_reply",
+    "is_folder_name",
     "metrics_record",
     "pack_symmetric",
     "past_tasks_record",
@@ -85,6 +86,11 @@ def _flag(record: ConfigRecord, key: str) -> bool:
     if isinstance(value, str) and value.strip().lower() in ("true", "false"):
         return value.strip().lower() == "true"
     raise ValueError(f"{key}={value!r} is not true or false")
+
+
+def is_folder_name(name: str) -> bool:
+    """A bare folder name that ``export-to`` may carry (letters, digits, ``._-``)."""
+    return bool(_FOLDER_NAME.fullmatch(name)) and name not in (".", "..")
 
 
 def _folder_name(name: str) -> str:
