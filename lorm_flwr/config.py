@@ -75,6 +75,7 @@ class RunConfig:
     head_init: str = "kaiming"
     max_length: int = 128
     max_new_tokens: int = 32
+    load_in_4bit: bool = False
     seed: int = 0
     device: str = "auto"
     precision: str = "fp32"
@@ -209,6 +210,19 @@ class RunConfig:
                 f"num-tasks={self.num_tasks}: dataset '{self.dataset}' is instruction data for a "
                 "causal LM, trained as plain federated learning; give num-tasks=1"
             )
+        if self.load_in_4bit:
+            if data_kind != "generation" or BACKBONES[self.backbone].weights is None:
+                raise ConfigError(
+                    f"load-in-4bit=true applies to hub causal LMs only (backbone "
+                    f"'{self.backbone}'); leave it at false"
+                )
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError(
+                    "load-in-4bit=true needs CUDA (bitsandbytes quantises on the GPU) and this "
+                    "machine has none: leave it at false, or run on a GPU node"
+                )
         if data_kind == "generation" and self.max_length < 2:
             raise ConfigError(
                 f"max-length={self.max_length} leaves no room for a response: give >= 2"

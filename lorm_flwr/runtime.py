@@ -257,10 +257,10 @@ def lora_targets(cfg: RunConfig) -> list[str]:
 def _cached_model(
     backbone: str, image_size: int, num_classes: int, seed: int, rank: int, configured_rank: int,
     alpha: float, targets: tuple[str, ...], device: str, kind: str, checkpoint: str,
-    dropout: float, half_base: bool = False,
+    dropout: float, half_base: bool = False, load_in_4bit: bool = False,
 ) -> PeftModel:  # fmt: skip
     base = build_classifier(backbone, image_size, num_classes, seed, checkpoint,
-                            half_base=half_base)  # fmt: skip
+                            half_base=half_base, load_in_4bit=load_in_4bit)  # fmt: skip
     # The run's lora-rank must fit every adapted layer; LoRM's end-of-task model of rank
     # (t+1) r may exceed it (its factors are only ever sent, never merged further).
     check_lora_rank(base, list(targets), configured_rank)
@@ -269,6 +269,8 @@ def _cached_model(
     )
     # NHWC is 2-4x faster for EfficientNet's depthwise and 1x1 convolutions on CPU
     # (and the norm on GPUs); InputSpec hands over NHWC batches to match.
+    if load_in_4bit:  # bitsandbytes placed it on the GPU; quantised models refuse .to()
+        return model
     return model.to(device=device, memory_format=torch.channels_last)
 
 
@@ -289,8 +291,12 @@ def timm_head_init(heads, tensors: dict[str, torch.Tensor], seed: int) -> dict[s
 @functools.lru_cache(maxsize=2)
 def initial_tensors(cfg: RunConfig) -> dict[str, torch.Tensor]:
     """The adapter and head every run starts from: a pure function of the config."""
-    from lorm_flwr.models.adapters import get_tensors, model_layout
+    from lorm_flwr.models.adapters import get_tensors, initial_factors, model_layout
 
+    if cfg.generation and adapter_kind(cfg.strategy) != "vera":
+        # No head, so the factors are all there is: computed from the run's own model,
+        # without building (and holding) a second copy of a large base model.
+        return initial_factors(model_of(cfg), cfg.seed)
     base = build_classifier(
         cfg.backbone, cfg.image_size, data_of(cfg).num_classes, cfg.seed, cfg.backbone_checkpoint
     )
@@ -325,6 +331,7 @@ def model_of(
         cfg.lora_dropout,
         # A hub causal LM's frozen base in bf16 where bf16 autocast runs anyway (CUDA).
         cfg.generation and cfg.precision == "bf16" and pick_device(cfg.device).type == "cuda",
+        cfg.load_in_4bit,
     )
 
 

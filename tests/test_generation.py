@@ -239,3 +239,29 @@ def test_samples_whose_response_max_length_cuts_are_left_out():
     assert (cut.train_x[np.arange(len(cut.train_x)), last] == tok.eos_token_id).all()
     with pytest.raises(ConfigError, match="cuts the response of every train sample"):
         encode_data(data, tok, 30)
+
+
+def test_four_bit_loading_is_for_hub_causal_lms_on_cuda():
+    with pytest.raises(ConfigError, match="load-in-4bit=true applies to hub causal LMs only"):
+        RunConfig.from_mapping({**ARITHMETIC, "load-in-4bit": True})
+    hub = {**ARITHMETIC, "backbone": "qwen2.5-0.5b", "load-in-4bit": True}
+    if torch.cuda.is_available():
+        RunConfig.from_mapping(hub)
+    else:
+        with pytest.raises(ConfigError, match="load-in-4bit=true needs CUDA"):
+            RunConfig.from_mapping(hub)
+
+
+def test_initial_factors_of_a_causal_lm_equal_a_fresh_adapters():
+    """Generation runs compute their starting factors from the run's own model (no second
+    base model): they equal those of a freshly attached adapter."""
+    from lorm_flwr.models.adapters import attach_lora, get_tensors
+    from lorm_flwr.models.backbones import build_classifier
+    from lorm_flwr.runtime import initial_tensors, lora_targets
+
+    cfg = RunConfig.from_mapping({**ARITHMETIC, "lora-targets": "embed_tokens,q_proj,lm_head"})
+    fresh = attach_lora(build_classifier("tiny-llama", 0, 3, cfg.seed), rank=cfg.lora_rank,
+                        alpha=cfg.lora_alpha, targets=lora_targets(cfg), seed=cfg.seed)  # fmt: skip
+    want = get_tensors(fresh)
+    got = initial_tensors(cfg)
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)

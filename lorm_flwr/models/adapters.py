@@ -375,14 +375,21 @@ def reset_lora(model: PeftModel, seed: int) -> None:
     """Re-initialise every A from ``seed`` (see :func:`fresh_factors`); zero every B.
     LoRA on an embedding keeps peft's scheme (A zero, B standard normal), drawn from
     ``seed`` too."""
+    set_tensors(model, initial_factors(model, seed), strict=False)
+
+
+def initial_factors(model: PeftModel, seed: int) -> dict[str, torch.Tensor]:
+    """The LoRA factors :func:`reset_lora` sets, computed from ``model``'s layout alone
+    (its current values are not read)."""
     tensors = fresh_factors(adapter_layout(model), seed)
     gen = torch.Generator().manual_seed(seed + 1)
-    for key, value in get_tensors(model).items():
+    shapes = model_layout(model).shapes
+    for key in sorted(shapes):
         if key.endswith(".lora_embedding_A"):
-            tensors[key] = torch.zeros_like(value)
+            tensors[key] = torch.zeros(shapes[key])
         elif key.endswith(".lora_embedding_B"):
-            tensors[key] = torch.randn(value.shape, generator=gen, dtype=value.dtype)
-    set_tensors(model, tensors, strict=False)
+            tensors[key] = torch.randn(shapes[key], generator=gen)
+    return tensors
 
 
 @contextmanager

@@ -136,18 +136,25 @@ def _tiny_llama(num_classes: int, checkpoint: str = "", with_weights: bool = Tru
 
 def _hf_causal_lm(name: str) -> Callable[[int, str, bool], nn.Module]:
     def build(
-        num_classes: int, checkpoint: str = "", with_weights: bool = True, half_base: bool = False
+        num_classes: int,
+        checkpoint: str = "",
+        with_weights: bool = True,
+        half_base: bool = False,
+        load_in_4bit: bool = False,
     ) -> nn.Module:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         path = checkpoint or name
         # ``half_base``: the frozen base in bf16 (an 8B model is 32 GB in fp32); the
         # adapters peft adds stay fp32.
-        dtype = torch.bfloat16 if half_base else torch.float32
+        dtype = torch.bfloat16 if half_base or load_in_4bit else torch.float32
+        quantized = (
+            {"quantization_config": _four_bit(), "device_map": {"": 0}} if load_in_4bit else {}
+        )
         try:
             with quiet_transformers():
                 if with_weights:
-                    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+                    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **quantized)
                 else:
                     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
         except OSError as exc:
@@ -162,6 +169,24 @@ def _hf_causal_lm(name: str) -> Callable[[int, str, bool], nn.Module]:
         return CausalLM(model, pad)
 
     return build
+
+
+def _four_bit():
+    """bitsandbytes' 4-bit NF4 with double quantisation and bf16 compute (flowertune-llm's)."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise BackboneUnavailableError(
+            "load-in-4bit=true needs bitsandbytes: pip install bitsandbytes"
+        ) from exc
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
 
 
 def tokenizer_of(backbone: str, checkpoint: str = ""):
@@ -435,6 +460,7 @@ def build_classifier(
     checkpoint: str = "",
     with_weights: bool = True,
     half_base: bool = False,
+    load_in_4bit: bool = False,
 ) -> Classifier | SequenceClassifier | CausalLM:
     """Build the frozen backbone and a seeded head over ``num_classes``.
 
@@ -453,6 +479,8 @@ def build_classifier(
         torch.manual_seed(seed)
         if spec.modality in ("text", "generation"):
             extra = {"half_base": True} if half_base and spec.weights else {}
+            if load_in_4bit:
+                extra["load_in_4bit"] = True
             model = spec.build(num_classes, checkpoint, with_weights, **extra)
             for p in model.parameters():
                 p.requires_grad_(False)
