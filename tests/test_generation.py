@@ -259,7 +259,9 @@ def test_initial_factors_of_a_causal_lm_equal_a_fresh_adapters():
     from lorm_flwr.models.backbones import build_classifier
     from lorm_flwr.runtime import initial_tensors, lora_targets
 
-    cfg = RunConfig.from_mapping({**ARITHMETIC, "lora-targets": "embed_tokens,q_proj,lm_head"})
+    cfg = RunConfig.from_mapping(
+        {**ARITHMETIC, "strategy": "fedsa", "lora-targets": "embed_tokens,q_proj,lm_head"}
+    )
     fresh = attach_lora(build_classifier("tiny-llama", 0, 3, cfg.seed), rank=cfg.lora_rank,
                         alpha=cfg.lora_alpha, targets=lora_targets(cfg), seed=cfg.seed)  # fmt: skip
     want = get_tensors(fresh)
