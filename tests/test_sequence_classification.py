@@ -96,9 +96,14 @@ def test_fedsa_writes_each_clients_personalised_adapter(federation, tmp_path):
     head under <run folder>/clients/partition-K/adapter, loadable with peft's Auto class,
     and those adapters on the clients' own test splits give results.json's accuracy."""
     from lorm_flwr.runtime import scenario_of
+    from tests.test_select_round import check_selection
 
-    folder, results, _ = run_app(federation, tmp_path / "runs", 2,
-                                 {**TEXT, "strategy": "fedsa", "backbone": "tiny-bert"})  # fmt: skip
+    folder, results, _ = run_app(
+        federation, tmp_path / "runs", 2,
+        {**TEXT, "strategy": "fedsa", "backbone": "tiny-bert", "rounds-per-task": 3,
+         "validation-fraction": 0.2, "select-round": "best-validation"},
+    )  # fmt: skip
+    check_selection(results, rounds=3)  # each client's own model on its share of validation
     assert not (folder / "adapter").exists()
     cfg = RunConfig.from_mapping(results["config"])
     texts, labels = _test_split(cfg)
