@@ -193,6 +193,7 @@ def main() -> None:
     command = (
         f"Command: `python benchmarks/compare.py --strategies {' '.join(args.strategies)} "
         f"--seeds {' '.join(map(str, args.seeds))} --clients {args.clients}"
+        + (f" --config {args.config}" if args.config else "")
         + (f" --set {' '.join(args.set)}" if args.set else "")
         + "`"
     )
