@@ -64,6 +64,8 @@ def score_generation(
     loss_sum, tokens = 0.0, 0
     for start in range(0, len(encoded), batch_size):
         rows = encoded[start : start + batch_size]
+        real = (rows != -1).any(axis=0)  # right padding: drop the all-padding columns
+        rows = rows[:, : int(np.flatnonzero(real)[-1]) + 1 if real.any() else 1]
         x = torch.from_numpy(np.ascontiguousarray(rows)).long().to(device)
         logits = peft_model(x)
         targets = x[:, 1:]

@@ -267,3 +267,13 @@ def test_initial_factors_of_a_causal_lm_equal_a_fresh_adapters():
     want = get_tensors(fresh)
     got = initial_tensors(cfg)
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("split", ["train", "", "../test", "TEST"])
+def test_an_evaluation_split_the_client_does_not_know_is_refused(split):
+    from lorm_flwr import wire
+
+    record = wire.Instructions(task=0).to_config()
+    record["split"] = split
+    with pytest.raises(wire.PayloadError, match="neither test nor validation"):
+        wire.Instructions.from_config(record)

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
+from lorm_flwr.client.round import client_tensors
 from lorm_flwr.config import RunConfig
-from lorm_flwr.models.adapters import set_tensors
 from lorm_flwr.models.export import export_adapter
-from lorm_flwr.runtime import initial_tensors, model_of, scenario_of
+from lorm_flwr.runtime import model_of, scenario_of
 
 __all__ = ["personal_adapter_folder", "write_personal_adapter"]
 
@@ -35,13 +35,9 @@ def write_personal_adapter(
 ) -> Path:
     """Export the global parts plus this client's own parts as a peft adapter folder
     (:func:`lorm_flwr.models.export.export_adapter`); returns the folder."""
-    tensors = dict(initial_tensors(cfg))
-    tensors.update(local_tensors or {})
-    tensors.update(global_tensors)
-    model = model_of(cfg)
-    set_tensors(model, tensors)
+    tensors = client_tensors(cfg, global_tensors, local_tensors)
     folder = personal_adapter_folder(cfg, run_folder_name, partition_id)
     tasks = [list(t) for t in scenario_of(cfg, num_partitions).tasks]
-    export_adapter(model, tensors, folder, cfg, tasks, metrics)
+    export_adapter(model_of(cfg), tensors, folder, cfg, tasks, metrics)  # loads the tensors
     log.info("lorm-flwr: partition %d's personalised adapter in %s", partition_id, folder)
     return folder

@@ -60,13 +60,12 @@ class ClientResult:
     local: dict[str, torch.Tensor] | None = None  # the client's own parts, to keep
 
 
-def _load(
+def client_tensors(
     cfg: RunConfig,
-    model,
     global_tensors: dict[str, torch.Tensor],
     local_tensors: dict[str, torch.Tensor] | None,
-) -> None:
-    """Model = initial tensors, overridden by the client's own parts, then the global ones.
+) -> dict[str, torch.Tensor]:
+    """This client's model: initial tensors, overridden by its own parts, then the global ones.
 
     A client that has no local parts yet starts them from the run's seeded initial
     values, the same on every client.
@@ -74,7 +73,17 @@ def _load(
     tensors = dict(initial_tensors(cfg))
     tensors.update(local_tensors or {})
     tensors.update(global_tensors)
-    set_tensors(model, tensors)
+    return tensors
+
+
+def _load(
+    cfg: RunConfig,
+    model,
+    global_tensors: dict[str, torch.Tensor],
+    local_tensors: dict[str, torch.Tensor] | None,
+) -> None:
+    """Load :func:`client_tensors` into ``model``."""
+    set_tensors(model, client_tensors(cfg, global_tensors, local_tensors))
 
 
 def train_round(
