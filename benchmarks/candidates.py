@@ -1,0 +1,110 @@
+"""Which offline scenario separates the strategies best: every strategy on every candidate.
+
+A candidate is the default scenario (5 tasks x 2 classes, 3 clients, 2 rounds a task)
+with another backbone, image size or data set, all offline. For each candidate this runs
+the seven strategies users compare (joint, joint-incremental, FedIT, FFA-LoRA, FedSA-LoRA,
+RegMean, LoRM) through ``benchmarks/compare.py`` (one real ``flwr run`` at a time) and
+keeps every run in ``OUT/<candidate>.json``, so an interrupted screen goes on where it
+stopped. Then it writes ``OUT/table.md``: final average accuracy per strategy and
+candidate, LoRM's lead over the best other federated strategy, and LoRM's wall time.
+
+    python benchmarks/candidates.py --seeds 0 --out benchmarks/results/candidates
+    python benchmarks/candidates.py --seeds 0 --out benchmarks/results/candidates --table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# name -> run-config keys over the default (pyproject.toml). Every data set and weight
+# file here ships in a package (docs/configuration.md, "Data sets" and "Backbones").
+CANDIDATES: dict[str, dict[str, str]] = {
+    "mnist-lite0-32": {},
+    "mnist-lite0-64": {"image-size": "64"},
+    "mnist-lite1-32": {"backbone": "efficientnet-lite1"},
+    "mnist-lite2-32": {"backbone": "efficientnet-lite2"},
+    "fashion1k-lite0-32": {"dataset": "fashion-mnist", "max-samples-per-class": "1000"},
+    "fashion-lite0-32": {"dataset": "fashion-mnist"},
+}
+
+STRATEGIES = ["lorm", "fedit", "ffa", "fedsa", "regmean", "joint-incremental", "joint"]
+FEDERATED = ["fedit", "ffa", "fedsa", "regmean"]  # what LoRM must beat
+
+
+def _finals(path: Path) -> dict[str, dict[int, dict]]:
+    runs = json.loads(path.read_text())["runs"]
+    return {s: {r["seed"]: r for r in rs} for s, rs in runs.items()}
+
+
+def table(out: Path, names: list[str]) -> str:
+    lines = [
+        "Final average accuracy (test), mean over the seeds run; LoRM's lead = LoRM minus the",
+        "best other federated strategy (mean of the per-seed differences); wall = LoRM's",
+        "`flwr run` wall time, seconds (mean).",
+        "",
+        "| candidate | seeds | " + " | ".join(STRATEGIES) + " | LoRM's lead | LoRM wall s |",
+        "|---|---|" + "---|" * len(STRATEGIES) + "---|---|",
+    ]
+    for name in names:
+        path = out / f"{name}.json"
+        if not path.exists():
+            continue
+        runs = _finals(path)
+        seeds = sorted(set.intersection(*(set(runs.get(s, {})) for s in STRATEGIES)) or [])
+        cells = []
+        for s in STRATEGIES:
+            values = [r["final_average_accuracy"] for r in runs.get(s, {}).values()]
+            cells.append(f"{statistics.mean(values):.3f}" if values else "–")
+        leads = [
+            runs["lorm"][seed]["final_average_accuracy"]
+            - max(runs[s][seed]["final_average_accuracy"] for s in FEDERATED)
+            for seed in seeds
+        ]
+        walls = [r["wall_seconds"] for r in runs.get("lorm", {}).values()]
+        lines.append(
+            f"| {name} | {len(seeds)} | "
+            + " | ".join(cells)
+            + f" | {statistics.mean(leads):+.3f} |" * bool(leads)
+            + (" – |" if not leads else "")
+            + (f" {statistics.mean(walls):.0f} |" if walls else " – |")
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
+    p.add_argument("--strategies", nargs="+", default=STRATEGIES)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--out", default="benchmarks/results/candidates")
+    p.add_argument("--table", action="store_true", help="run nothing, write the table")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.table:
+        for name in args.candidates:
+            sets = [f"{k}={v}" for k, v in CANDIDATES[name].items()]
+            command = [
+                sys.executable, "benchmarks/compare.py", "--resume",
+                "--strategies", *args.strategies,
+                "--seeds", *map(str, args.seeds),
+                "--out", str(out / name),
+            ] + (["--set", *sets] if sets else [])  # fmt: skip
+            print(f"[{time.strftime('%H:%M:%S')}] candidate {name}", flush=True)
+            subprocess.run(command, check=True)
+    text = table(out, args.candidates)
+    (out / "table.md").write_text(
+        f"Command: `python benchmarks/candidates.py --seeds {' '.join(map(str, args.seeds))}`\n"
+        f"Date: {time.strftime('%Y-%m-%d')}; machine: 2-core CPU, no GPU.\n\n{text}\n"
+    )
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
