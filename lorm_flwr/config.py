@@ -16,7 +16,12 @@ from typing import Any
 
 from lorm_flwr.errors import ConfigError
 
-__all__ = ["GRAM_ALPHA_DEFAULTS", "ConfigError", "RunConfig"]
+__all__ = ["AUGMENTATIONS", "GRAM_ALPHA_DEFAULTS", "ConfigError", "RunConfig"]
+
+# How augment=true augments a training image (lorm_flwr.train.InputSpec): the LoRM reference's
+# CIFAR-100/ImageNet-R/ImageNet-A transform, its CUB-200 one (resize, random crop, flip) and its
+# Cars-196 one (flip only).
+AUGMENTATIONS = ("random-resized-crop", "random-crop", "flip")
 
 # Every derived seed (lorm_flwr.seeds) must stay an int64 on the wire and a valid
 # numpy/torch seed: seed * 100_003 + ... fits int64 far beyond this.
@@ -62,15 +67,17 @@ class RunConfig:
     dirichlet_beta: float = 0.5
     min_samples_per_client: int = 6
     class_order: str = "natural"
+    classes_per_task: int = 0
     test_fraction: float = 0.2
     validation_fraction: float = 0.0
     select_round: str = "last"
     max_samples_per_class: int = 0
     image_size: int = 32
     augment: bool = False
+    augmentation: str = "random-resized-crop"
     gram_passes: int = 1
     eval_center_crop: bool = False
-    normalize: bool = True
+    normalize: bool | str = True
     resize_interpolation: str = "bilinear"
     head_init: str = "kaiming"
     max_length: int = 128
@@ -122,6 +129,17 @@ class RunConfig:
         if not math.isfinite(float(value)):
             raise ConfigError(f"gram-alpha={value!r} is invalid: must be in [0, 1]")
         object.__setattr__(self, "gram_alpha", float(value))
+        # normalize: true (the backbone's own mean and std), false (inputs stay in [0, 1]) or
+        # "imagenet" (ImageNet's mean and std, as the reference's ImageNet-A and CUB-200).
+        norm = self.normalize
+        if isinstance(norm, str) and norm.strip().lower() in ("true", "false"):
+            norm = norm.strip().lower() == "true"
+        if not (isinstance(norm, bool) or norm == "imagenet"):
+            raise ConfigError(
+                f"normalize={self.normalize!r} is invalid: expected true (the backbone's mean "
+                "and std), false (none) or 'imagenet'"
+            )
+        object.__setattr__(self, "normalize", norm)
 
     # ----------------------------------------------------------------- parsing
     @classmethod
@@ -263,9 +281,16 @@ class RunConfig:
                 "pass sees the same inputs, so more passes only cost time"
             )
         _one_of("resize-interpolation", self.resize_interpolation, ("bilinear", "bicubic"))
+        _one_of("augmentation", self.augmentation, AUGMENTATIONS)
+        if self.augmentation != "random-resized-crop" and not self.augment:
+            raise ConfigError(
+                f"augmentation={self.augmentation!r} chooses how augment=true augments: "
+                "set augment=true, or leave augmentation at 'random-resized-crop'"
+            )
         _one_of("head-init", self.head_init, ("kaiming", "trunc-normal"))
         image_only = {  # key -> (value, default)
             "augment": (self.augment, False),
+            "augmentation": (self.augmentation, "random-resized-crop"),
             "eval-center-crop": (self.eval_center_crop, False),
             "normalize": (self.normalize, True),
             "resize-interpolation": (self.resize_interpolation, "bilinear"),
@@ -314,6 +339,15 @@ class RunConfig:
                 f"num-tasks={self.num_tasks} is invalid: dataset '{self.dataset}' has only "
                 f"{num_classes} classes, so at most {num_classes} tasks of disjoint classes"
             )
+        _non_negative("classes_per_task", self.classes_per_task)
+        if self.classes_per_task:
+            last = num_classes - self.classes_per_task * (self.num_tasks - 1)
+            if last < 1:
+                raise ConfigError(
+                    f"classes-per-task={self.classes_per_task} is invalid: {self.num_tasks - 1} "
+                    f"tasks of {self.classes_per_task} classes leave {last} of dataset "
+                    f"'{self.dataset}''s {num_classes} classes for the last task"
+                )
         if not self.output_dir.strip():
             raise ConfigError("output-dir='' is invalid: give a folder path")
 

@@ -37,7 +37,7 @@ from lorm_flwr.data.datasets import (
 )
 from lorm_flwr.data.scenario import Scenario, build_scenario
 from lorm_flwr.models.adapters import adapter_kind, attach_lora, check_lora_rank
-from lorm_flwr.models.backbones import BACKBONES, build_classifier
+from lorm_flwr.models.backbones import BACKBONES, IMAGENET_MEAN, IMAGENET_STD, build_classifier
 from lorm_flwr.seeds import head_init_seed, validation_split_seed
 from lorm_flwr.train import InputSpec, TokenInputs, pick_device
 
@@ -147,6 +147,8 @@ def scenario_of(cfg: RunConfig, num_clients: int) -> Scenario:
         "order": cfg.class_order, "seed": cfg.seed,
         "packages": versions("numpy", "flwr-datasets", "datasets"),
     }  # fmt: skip
+    if cfg.classes_per_task:  # only when set: the default's cached scenarios stay valid
+        key["classes_per_task"] = cfg.classes_per_task
 
     def compute() -> Scenario:
         return build_scenario(
@@ -159,11 +161,12 @@ def scenario_of(cfg: RunConfig, num_clients: int) -> Scenario:
             min_samples=cfg.min_samples_per_client,
             order=cfg.class_order,
             seed=cfg.seed,
+            classes_per_task=cfg.classes_per_task,
         )
 
     load = functools.partial(
         _load_scenario, data=data, num_tasks=cfg.num_tasks, num_clients=num_clients,
-        order=cfg.class_order, seed=cfg.seed,
+        order=cfg.class_order, seed=cfg.seed, classes_per_task=cfg.classes_per_task,
     )  # fmt: skip
     return cached("scenario", key, compute, _save_scenario, load)
 
@@ -212,8 +215,9 @@ def _save_scenario(scenario: Scenario, folder: Path) -> None:
 
 
 def _load_scenario(
-    entry: Entry, *, data: LabelledData, num_tasks: int, num_clients: int, order: str, seed: int
-) -> Scenario:
+    entry: Entry, *, data: LabelledData, num_tasks: int, num_clients: int, order: str, seed: int,
+    classes_per_task: int = 0,
+) -> Scenario:  # fmt: skip
     """The entry's scenario, checked against its key and data (:func:`check_scenario`)."""
     meta = entry.json("tasks.json")
     tasks, n = meta["tasks"], meta["clients"]
@@ -229,7 +233,7 @@ def _load_scenario(
         tests = tuple(tuple(z[f"test-{t}-{k}"] for k in range(n)) for t in range(len(tasks)))
     scenario = Scenario(tuple(tuple(t) for t in tasks), shards, tests)
     check_scenario(scenario, data=data, num_tasks=num_tasks, num_clients=num_clients,
-                   order=order, seed=seed)  # fmt: skip
+                   order=order, seed=seed, classes_per_task=classes_per_task)  # fmt: skip
     return scenario
 
 
@@ -242,10 +246,13 @@ def input_spec(cfg: RunConfig, *, train: bool = False) -> InputSpec | TokenInput
     spec = BACKBONES[cfg.backbone]
     if spec.modality in ("text", "generation"):
         return TokenInputs()
+    imagenet = cfg.normalize == "imagenet"
     return InputSpec(
-        cfg.image_size, spec.mean, spec.std,
-        augment=train and cfg.augment, center_crop=not train and cfg.eval_center_crop,
-        normalize=cfg.normalize, interpolation=cfg.resize_interpolation,
+        cfg.image_size, IMAGENET_MEAN if imagenet else spec.mean,
+        IMAGENET_STD if imagenet else spec.std,
+        augment=train and cfg.augment, augmentation=cfg.augmentation,
+        center_crop=not train and cfg.eval_center_crop,
+        normalize=cfg.normalize is not False, interpolation=cfg.resize_interpolation,
     )  # fmt: skip
 
 

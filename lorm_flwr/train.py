@@ -41,10 +41,12 @@ CENTER_CROP_RATIO = 224 / 256
 class InputSpec:
     """How raw uint8 images become backbone inputs.
 
-    ``augment`` (training and its Gram passes): per image, a random resized crop to
-    ``image_size`` (scale (0.08, 1), ratio (3/4, 4/3), bicubic) and a random
-    horizontal flip, drawn from torch's global generator (seeded by the caller), as
-    in the LoRM reference. ``center_crop`` (evaluation): resize to
+    ``augment`` (training and its Gram passes): per image, drawn from torch's global
+    generator (seeded by the caller), ``augmentation``: ``random-resized-crop`` (to
+    ``image_size``, scale (0.08, 1), ratio (3/4, 4/3), bicubic, as the LoRM reference's
+    CIFAR-100 and ImageNet-R), ``random-crop`` (resize to ``image_size / 0.875``
+    bicubic, a random ``image_size`` crop: its CUB-200) or ``flip`` (the plain resize
+    alone: its Cars-196); each then a random horizontal flip. ``center_crop`` (evaluation): resize to
     ``image_size / 0.875`` (bicubic) and take the center ``image_size`` square, the
     reference's 256 -> 224 at 224 px. Otherwise images of another size are resized
     with ``interpolation``: ``bilinear`` (no antialiasing) or ``bicubic`` (antialiased
@@ -56,6 +58,7 @@ class InputSpec:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     augment: bool = False
+    augmentation: str = "random-resized-crop"
     center_crop: bool = False
     normalize: bool = True
     interpolation: str = "bilinear"
@@ -88,11 +91,32 @@ class InputSpec:
         from torchvision.transforms import v2
 
         bicubic = v2.InterpolationMode.BICUBIC
-        return v2.Compose(
-            [
-                v2.RandomResizedCrop(self.image_size, interpolation=bicubic, antialias=True),
-                v2.RandomHorizontalFlip(),
+        size = self.image_size
+        if self.augmentation == "random-crop":
+            side = max(size, round(size / CENTER_CROP_RATIO))
+            crop = [
+                v2.Resize((side, side), interpolation=bicubic, antialias=True),
+                v2.RandomCrop(size),
             ]
+        elif self.augmentation == "flip":
+            # the same resize as without augmentation (bicubic antialiased, bilinear not)
+            crop = [
+                v2.Resize(
+                    (size, size),
+                    interpolation=self._interpolation,
+                    antialias=self.interpolation == "bicubic",
+                )
+            ]
+        else:
+            crop = [v2.RandomResizedCrop(size, interpolation=bicubic, antialias=True)]
+        return v2.Compose([*crop, v2.RandomHorizontalFlip()])
+
+    @property
+    def _interpolation(self):
+        from torchvision.transforms import v2
+
+        return {"bicubic": v2.InterpolationMode.BICUBIC}.get(
+            self.interpolation, v2.InterpolationMode.BILINEAR
         )
 
     def _bicubic_resize(self, x: torch.Tensor) -> torch.Tensor:

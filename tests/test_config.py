@@ -24,7 +24,7 @@ def test_pyproject_defaults_parse_and_match_dataclass():
     ("key", "value", "fragment"),
     [
         ("strategy", "fedavgx", "strategy='fedavgx' is not known"),
-        ("dataset", "imagenet", "dataset='imagenet' is not known; allowed: "),
+        ("dataset", "imagenet-1k", "dataset='imagenet-1k' is not known"),
         ("backbone", "resnet9000", "backbone='resnet9000' is not known; allowed: "),
         ("lora-rank", 0, "lora-rank=0 is invalid: must be > 0"),
         ("lora-rank", -3, "lora-rank=-3 is invalid: must be > 0"),

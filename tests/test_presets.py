@@ -28,6 +28,10 @@ def test_the_expected_presets_exist():
     assert {
         "lorm-cifar100",
         "lorm-eurosat",
+        "lorm-imagenet-r",
+        "lorm-imagenet-a",
+        "lorm-cub200",
+        "lorm-cars196",
         "fedsa-rte",
         "offline-mnist",
         "offline-bbc-news",
@@ -69,6 +73,11 @@ def test_dry_run_of_a_hub_preset_offline_names_what_it_could_not_reach(capsys):
     assert "could not reach the weights of 'vit-base-in21k'" in out
     # the architecture alone still gives the layout: 48 layers of rank 1
     assert "48 adapted layers, rank 1" in out
+
+
+def test_dry_run_of_the_cars_preset_offline_names_the_data_it_could_not_reach():
+    plan = make_plan(RunConfig.from_mapping(_load(ROOT / "configs" / "lorm-cars196.toml")), 10)
+    assert any("cars196" in reason for reason in plan.unreachable)
 
 
 def test_dry_run_of_a_text_hub_preset_offline():

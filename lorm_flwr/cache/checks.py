@@ -88,11 +88,13 @@ def _shards(
 
 def check_scenario(
     scenario: Scenario, *, data: LabelledData, num_tasks: int, num_clients: int, order: str,
-    seed: int,
+    seed: int, classes_per_task: int = 0,
 ) -> None:  # fmt: skip
     """``scenario`` is one that ``build_scenario`` could draw for these settings on ``data``."""
     try:
-        tasks = split_classes(class_order(data.num_classes, order, seed), num_tasks)
+        tasks = split_classes(
+            class_order(data.num_classes, order, seed), num_tasks, classes_per_task
+        )
     except ScenarioError as exc:
         raise Damaged(str(exc)) from exc
     if [list(t) for t in scenario.tasks] != tasks:

@@ -39,12 +39,26 @@ def class_order(num_classes: int, order: str, seed: int) -> list[int]:
     return [int(c) for c in np.random.default_rng(seed).permutation(num_classes)]
 
 
-def split_classes(order: list[int], num_tasks: int) -> list[list[int]]:
-    """Cut the class order into ``num_tasks`` contiguous, disjoint, near-equal tasks."""
+def split_classes(order: list[int], num_tasks: int, classes_per_task: int = 0) -> list[list[int]]:
+    """Cut the class order into ``num_tasks`` contiguous, disjoint tasks.
+
+    ``classes_per_task`` 0: near-equal tasks (sizes differ by at most one). Otherwise
+    every task but the last holds ``classes_per_task`` classes and the last the rest, as
+    the LoRM reference cuts Cars-196 (9 tasks of 20, then 16).
+    """
     if not 1 <= num_tasks <= len(order):
         raise ScenarioError(
             f"num-tasks={num_tasks} is invalid: must be between 1 and {len(order)} classes"
         )
+    if classes_per_task:
+        last = len(order) - classes_per_task * (num_tasks - 1)
+        if classes_per_task < 0 or last < 1:
+            raise ScenarioError(
+                f"classes-per-task={classes_per_task} is invalid: {num_tasks - 1} tasks of "
+                f"{classes_per_task} leave {last} of the {len(order)} classes for the last task"
+            )
+        cuts = [classes_per_task * t for t in range(1, num_tasks)]
+        return [[int(c) for c in part] for part in np.split(np.asarray(order), cuts)]
     return [[int(c) for c in part] for part in np.array_split(np.asarray(order), num_tasks)]
 
 
@@ -166,6 +180,7 @@ def build_scenario(
     min_samples: int,
     order: str,
     seed: int,
+    classes_per_task: int = 0,
 ) -> Scenario:
     """Split classes into tasks and each task's samples over clients.
 
@@ -173,7 +188,7 @@ def build_scenario(
     """
     if num_clients < 1:
         raise ScenarioError(f"the federation has {num_clients} clients; need at least 1")
-    tasks = split_classes(class_order(num_classes, order, seed), num_tasks)
+    tasks = split_classes(class_order(num_classes, order, seed), num_tasks, classes_per_task)
     shards, test_shards = [], []
     for t, classes in enumerate(tasks):
         in_task = np.flatnonzero(np.isin(train_labels, classes))  # (n_t,)
