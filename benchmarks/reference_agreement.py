@@ -96,8 +96,10 @@ class _Weights(nn.Module):
 class Reference:
     """A fed-mammoth LoRM server over our layout: keys ``layerN.weight`` and ``model.head``."""
 
-    def __init__(self, lorm_class: type, layout, tensors: dict[str, torch.Tensor]) -> None:
-        self.layout = layout
+    def __init__(
+        self, lorm_class: type, layout, tensors: dict[str, torch.Tensor], rcond: float = 0.0
+    ) -> None:
+        self.layout, self.rcond = layout, rcond
         self.keys = [f"layer{i}.weight" for i in range(len(layout.layers))]
         head = layout.heads[0]
         m = lorm_class.__new__(lorm_class)
@@ -120,6 +122,29 @@ class Reference:
         self.inverse_failed = 0
         self.set_factors(tensors)
 
+    @contextlib.contextmanager
+    def _solves(self):
+        """Its solves as they are, but: a failed exact inverse falls back to the
+        pseudo-inverse (counted), and with ``rcond`` every pseudo-inverse cuts singular
+        values below ``rcond`` x the largest (ours: 1e-6) instead of torch's 1e-15."""
+        exact, pinverse = torch.inverse, torch.pinverse
+
+        def inverse(x: torch.Tensor) -> torch.Tensor:
+            try:
+                return exact(x)
+            except torch.linalg.LinAlgError:
+                self.inverse_failed += 1
+                return torch.pinverse(x)
+
+        torch.inverse = inverse
+        if self.rcond:
+            torch.pinverse = lambda x, rcond=self.rcond: pinverse(x, rcond=rcond)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # its "Merging Bs"
+                yield
+        finally:
+            torch.inverse, torch.pinverse = exact, pinverse
+
     def set_factors(self, tensors: dict[str, torch.Tensor]) -> None:
         for key, ly in zip(self.keys, self.layout.layers):
             self.m.cur_A[key] = ly.matrix(tensors[ly.a_key]).float().clone()
@@ -129,20 +154,17 @@ class Reference:
         """One client's dict as its ``get_client_info`` builds it; Grams as (k, k) matrices."""
         head = self.layout.heads[0]
 
-        def square(g: torch.Tensor) -> torch.Tensor:
-            return torch.diag(g).float() if g.dim() == 1 else g.float()
-
         info = {
             "cur_A": {k: ly.matrix(tensors[ly.a_key]).float().clone()
                       for k, ly in zip(self.keys, self.layout.layers)},
             "cur_B": {k: ly.matrix(tensors[ly.b_key]).float().clone()
                       for k, ly in zip(self.keys, self.layout.layers)},
-            "grams": {f"layer{i}": square(grams[ly.name])
+            "grams": {f"layer{i}": _square(grams[ly.name])
                       for i, ly in enumerate(self.layout.layers)},
             "num_train_samples": n,
         }  # fmt: skip
         if head.name in grams:
-            info["grams"][HEAD_GRAM] = square(grams[head.name])
+            info["grams"][HEAD_GRAM] = _square(grams[head.name])
             info["state_dict"] = {
                 HEAD_W: tensors[head.weight_key].float().clone(),
                 HEAD_B: tensors[head.bias_key].float().clone(),
@@ -154,25 +176,11 @@ class Reference:
 
         Its head merge inverts the summed head Gram exactly (``torch.inverse``), which
         fails when a feature is zero on every client (EfficientNet's ReLU6 leaves some
-        dead); then, and only then, the pseudo-inverse stands in, and ``inverse_failed``
-        counts it.
+        dead); then, and only then, the pseudo-inverse stands in (:meth:`_solves`).
         """
         self.m.cur_train_matrix = factor
-        exact = torch.inverse
-
-        def inverse(x: torch.Tensor) -> torch.Tensor:
-            try:
-                return exact(x)
-            except torch.linalg.LinAlgError:
-                self.inverse_failed += 1
-                return torch.linalg.pinv(x)
-
-        torch.inverse = inverse
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):
-                self.m.end_round_server(copy.deepcopy(clients))
-        finally:
-            torch.inverse = exact
+        with self._solves():
+            self.m.end_round_server(copy.deepcopy(clients))
         state = self.m.network.state_dict()
         out = {HEAD_W: state[HEAD_W].clone(), HEAD_B: state[HEAD_B].clone()}
         side = self.m.cur_A if factor == "A" else self.m.cur_B
@@ -184,7 +192,7 @@ class Reference:
         (after task 0 the reference keeps ``B_0 A_0``)."""
         self.m.cur_task = task
         self.set_factors(tensors)
-        with contextlib.redirect_stdout(io.StringIO()):
+        with self._solves():
             self.m.end_task_server(copy.deepcopy(clients))
         if task == 0:
             return {k: self.m.cur_B[k] @ self.m.cur_A[k] for k in self.keys}
@@ -222,7 +230,9 @@ def _reference_model(layout, ref_delta: dict, head: dict, tensors, rank: int) ->
     return TaskModel(out, rank=rank, alpha=float(rank))
 
 
-def run(cfg: RunConfig, num_clients: int, lorm_class: type, tasks: int = 0) -> dict:
+def run(
+    cfg: RunConfig, num_clients: int, lorm_class: type, tasks: int = 0, rcond: float = 0.0
+) -> dict:
     layout = model_layout(model_of(cfg))
     clients = Clients(cfg, num_clients)
     tasks = min(tasks or clients.scenario.num_tasks, clients.scenario.num_tasks)
@@ -230,8 +240,8 @@ def run(cfg: RunConfig, num_clients: int, lorm_class: type, tasks: int = 0) -> d
     theirs_strategy = strategy_class("lorm")(cfg, layout)  # only for its round plans
     start = initial_tensors(cfg)
     ours_t, theirs_t = dict(start), dict(start)
-    shadow = Reference(lorm_class, layout, start)  # fed our trajectory: item 1
-    ref = Reference(lorm_class, layout, start)  # its own trajectory: item 2
+    shadow = Reference(lorm_class, layout, start, rcond)  # fed our trajectory: item 1
+    ref = Reference(lorm_class, layout, start, rcond)  # its own trajectory: item 2
     merges: list[dict] = []
     matrices: dict[str, list[list[float]]] = {"ours": [], "reference merge, our run": [],
                                               "reference": []}  # fmt: skip
@@ -263,7 +273,7 @@ def run(cfg: RunConfig, num_clients: int, lorm_class: type, tasks: int = 0) -> d
 
         model = ours.end_task(task, ours_t, query)
         shadow_delta = shadow.end_task(
-            task, ours_t, [{"grams": {_short(layout, n): g for n, g in grams.items()}}
+            task, ours_t, [{"grams": {_short(layout, n): _square(g) for n, g in grams.items()}}
                            for grams, _ in seen[-1]]
         )  # fmt: skip
         merges.append(_compare_task_end(layout, task, model, shadow_delta, ours.history))
@@ -283,7 +293,7 @@ def run(cfg: RunConfig, num_clients: int, lorm_class: type, tasks: int = 0) -> d
         # task end, the reference's trajectory (Grams on its task model W0 + B_t A_t)
         _, raw_end = clients.task_end(theirs_t, wire.Instructions(task=task, grams=wire.GRAMS_TASK))
         delta = ref.end_task(
-            task, theirs_t, [{"grams": {_short(layout, n): g for n, g in grams.items()}}
+            task, theirs_t, [{"grams": {_short(layout, n): _square(g) for n, g in grams.items()}}
                              for grams, _ in raw_end]
         )  # fmt: skip
         rank = cfg.lora_rank * (task + 1)
@@ -299,6 +309,11 @@ def run(cfg: RunConfig, num_clients: int, lorm_class: type, tasks: int = 0) -> d
         "accuracy_matrix": matrices,
         "inverse_failed": [shadow.inverse_failed, ref.inverse_failed],
     }
+
+
+def _square(g: torch.Tensor) -> torch.Tensor:
+    """A Gram as the reference holds it: (k, k), also when only its diagonal (k,) was kept."""
+    return torch.diag(g).float() if g.dim() == 1 else g.float()
 
 
 def _short(layout, name: str) -> str:
@@ -427,57 +442,43 @@ def _compare_task_end(layout, task, model: TaskModel, theirs: dict, history) -> 
     return _summary(what, rows)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--fed-mammoth", required=True, type=Path, help="a fed-mammoth checkout")
-    p.add_argument("--clients", type=int, default=3)
-    p.add_argument("--tasks", type=int, default=0, help="stop after this many tasks (0: all)")
-    p.add_argument("--set", nargs="*", default=[], help="run-config key=value overrides")
-    p.add_argument("--out", default="benchmarks/results/reference_agreement")
-    args = p.parse_args()
-    lorm_class = load_reference(args.fed_mammoth)
-    overrides = dict(item.partition("=")[::2] for item in args.set)
-    cfg = RunConfig.from_mapping({"strategy": "lorm", **overrides})
-    start = time.perf_counter()
-    result = run(cfg, args.clients, lorm_class, args.tasks)
-    commit = _commit(args.fed_mammoth)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(
-        json.dumps({"config": overrides, "fed_mammoth": commit, **result}, indent=1)
-    )
+def report(saved: dict) -> str:
+    """The Markdown of a saved result (``OUT.json``)."""
     lines = [
-        "Command: `python -m benchmarks.reference_agreement --fed-mammoth PATH"
-        + (f" --set {' '.join(args.set)}" if args.set else "")
-        + "`",
+        f"Command: `{saved['command']}`",
         (
-            f"Date: {time.strftime('%Y-%m-%d')}; machine: 2-core CPU; fed-mammoth {commit}; "
-            f"{time.perf_counter() - start:.0f} s."
+            f"Date: {saved['date']}; machine: 2-core CPU; fed-mammoth "
+            f"{saved['fed_mammoth']}; {saved['seconds']:.0f} s."
         ),
         "",
         (
-            "1. Each merge on the same inputs, the worst layer: the merged weights' largest "
-            "difference over their largest entry, and the difference on the layer's inputs X "
-            "(the clients' summed Gram), ||(ours - reference) X|| / ||reference X||; and "
-            "each merge's least-squares objective sum_i ||(M - M_i) X_i||^2 over the clients' "
-            "own sum_i ||M_i X_i||^2 (task ends: over tasks), the worst layer, for both:"
+            "1. Each merge on the same inputs. Outputs: ||(ours - reference) X|| / "
+            "||reference X|| on the layer's inputs X (the clients' summed Gram; a B-step on "
+            "the codes A X), worst backbone layer and the head's weight; weights: the largest "
+            "difference over the largest entry, worst backbone layer; objective: the merge's "
+            "least-squares loss sum_i ||(M - M_i) X_i||^2 over sum_i ||M_i X_i||^2 (task "
+            "ends: over the tasks), worst backbone layer, ours and the reference's."
         ),
         "",
         (
-            "| merge | weights: largest difference / largest entry | its layer "
-            "| outputs: ||D X|| / ||W X|| | its layer | objective lost, ours (worst layer) "
-            "| objective lost, reference (worst layer) |"
+            "| merge | outputs, backbone | outputs, head | weights, backbone "
+            "| objective, ours | objective, reference |"
         ),
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|",
     ]
-    for m in result["merges"]:
-        (lw, w), (lo, o) = m["worst_weights"], m["worst_outputs"]
-        (lo_name, lo_v), (lr_name, lr_v) = m["worst_objective"].values()
+    for m in saved["merges"]:
+        rows = [r for r in m["layers"] if not r[0].startswith(("linear_head", "model.head"))]
+        head = [r for r in m["layers"] if r[0].endswith("head.weight")]
+        out = max(rows, key=lambda r: r[2])
+        weights = max(rows, key=lambda r: r[1])
+        ours = max(rows, key=lambda r: r[3][0])
+        ref = max(rows, key=lambda r: r[3][1])
         lines.append(
-            f"| {m['what']} | {w:.1e} | {lw} | {o:.1e} | {lo} "
-            f"| {lo_v:.1e} ({lo_name}) | {lr_v:.1e} ({lr_name}) |"
+            f"| {m['what']} | {out[2]:.1e} ({_short_name(out[0])}) | "
+            + (f"{head[0][2]:.1e}" if head else "–")
+            + f" | {weights[1]:.1e} | {ours[3][0]:.2e} | {ref[3][1]:.2e} |"
         )
-    failed = result["inverse_failed"]
+    failed = saved["inverse_failed"]
     lines += [
         "",
         (
@@ -487,16 +488,65 @@ def main() -> None:
         ),
         "",
         (
-            "2. Accuracy per seen task after each task: our run; the reference's task-end "
-            "merge of our run's factors and Grams (our round merges); the reference's own run "
-            "(its round and task-end merges throughout, our clients):"
+            "2. Accuracy per seen task after each task (final average accuracy last): our "
+            "run; the reference's task-end merge of our run's factors and Grams; the "
+            "reference's own run (its round and task-end merges throughout, our clients):"
         ),
         "",
     ]
-    for name, rows in result["accuracy_matrix"].items():
+    for name, rows in saved["accuracy_matrix"].items():
+        final = sum(rows[-1]) / len(rows[-1])
         lines.append(f"- {name}: " + "; ".join(
-            "[" + ", ".join(f"{a:.3f}" for a in row) + "]" for row in rows))  # fmt: skip
-    text = "\n".join(lines)
+            "[" + ", ".join(f"{a:.3f}" for a in row) + "]" for row in rows
+        ) + f"; final {final:.3f}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _short_name(layer: str) -> str:
+    return layer.removeprefix("backbone.")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--fed-mammoth", type=Path, help="a fed-mammoth checkout")
+    p.add_argument("--clients", type=int, default=3)
+    p.add_argument("--tasks", type=int, default=0, help="stop after this many tasks (0: all)")
+    p.add_argument(
+        "--reference-rcond",
+        type=float,
+        default=0.0,
+        help="run the reference's pseudo-inverses with this cut-off (0: its own, torch's)",
+    )
+    p.add_argument("--set", nargs="*", default=[], help="run-config key=value overrides")
+    p.add_argument("--out", default="benchmarks/results/reference_agreement")
+    p.add_argument("--report-only", action="store_true", help="rewrite OUT.md from OUT.json")
+    args = p.parse_args()
+    out = Path(args.out)
+    if args.report_only:
+        text = report(json.loads(out.with_suffix(".json").read_text()))
+        out.with_suffix(".md").write_text(text + "\n")
+        print(text)
+        return
+    if args.fed_mammoth is None:
+        p.error("--fed-mammoth PATH is required (a checkout of aimagelab/fed-mammoth)")
+    lorm_class = load_reference(args.fed_mammoth)
+    overrides = dict(item.partition("=")[::2] for item in args.set)
+    cfg = RunConfig.from_mapping({"strategy": "lorm", **overrides})
+    start = time.perf_counter()
+    result = run(cfg, args.clients, lorm_class, args.tasks, args.reference_rcond)
+    saved = {
+        "command": "python -m benchmarks.reference_agreement --fed-mammoth PATH"
+        + (f" --set {' '.join(args.set)}" if args.set else "")
+        + (f" --reference-rcond {args.reference_rcond}" if args.reference_rcond else ""),
+        "date": time.strftime("%Y-%m-%d"),
+        "seconds": time.perf_counter() - start,
+        "config": overrides,
+        "fed_mammoth": _commit(args.fed_mammoth),
+        **result,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(saved, indent=1))
+    text = report(saved)
     out.with_suffix(".md").write_text(text + "\n")
     print(text)
 
