@@ -45,34 +45,39 @@ def _finals(path: Path) -> dict[str, dict[int, dict]]:
 def table(out: Path, names: list[str]) -> str:
     lines = [
         "Final average accuracy (test), mean over the seeds run; LoRM's lead = LoRM minus the",
-        "best other federated strategy (mean of the per-seed differences); wall = LoRM's",
-        "`flwr run` wall time, seconds (mean).",
+        "best other federated strategy (mean of the per-seed differences); wall = each",
+        "strategy's `flwr run` wall time, seconds (mean; LoRM's, and the longest of the others).",
         "",
-        "| candidate | seeds | " + " | ".join(STRATEGIES) + " | LoRM's lead | LoRM wall s |",
-        "|---|---|" + "---|" * len(STRATEGIES) + "---|---|",
-    ]
+        "| candidate | seeds | " + " | ".join(STRATEGIES) + " | LoRM's lead | wall s, LoRM "
+        "| wall s, slowest other |",
+        "|---|---|" + "---|" * len(STRATEGIES) + "---|---|---|",
+    ]  # fmt: skip
     for name in names:
         path = out / f"{name}.json"
         if not path.exists():
             continue
         runs = _finals(path)
-        seeds = sorted(set.intersection(*(set(runs.get(s, {})) for s in STRATEGIES)) or [])
-        cells = []
-        for s in STRATEGIES:
-            values = [r["final_average_accuracy"] for r in runs.get(s, {}).values()]
-            cells.append(f"{statistics.mean(values):.3f}" if values else "–")
+        seeds = sorted(set.intersection(*(set(runs.get(s, {})) for s in STRATEGIES)))
+
+        def mean(s: str, key: str = "final_average_accuracy", runs=runs) -> str:
+            values = [r[key] for r in runs.get(s, {}).values()]
+            if not values:
+                return "–"
+            return f"{statistics.mean(values):{'.3f' if 'accuracy' in key else '.0f'}}"
+
         leads = [
             runs["lorm"][seed]["final_average_accuracy"]
             - max(runs[s][seed]["final_average_accuracy"] for s in FEDERATED)
             for seed in seeds
         ]
-        walls = [r["wall_seconds"] for r in runs.get("lorm", {}).values()]
+        lead = f"{statistics.mean(leads):+.3f}" if leads else "–"
+        others = [statistics.mean(r["wall_seconds"] for r in runs[s].values())
+                  for s in STRATEGIES if s != "lorm" and runs.get(s)]  # fmt: skip
+        slowest = f"{max(others):.0f}" if others else "–"
+        cells = " | ".join(mean(s) for s in STRATEGIES)
         lines.append(
-            f"| {name} | {len(seeds)} | "
-            + " | ".join(cells)
-            + f" | {statistics.mean(leads):+.3f} |" * bool(leads)
-            + (" – |" if not leads else "")
-            + (f" {statistics.mean(walls):.0f} |" if walls else " – |")
+            f"| {name} | {len(seeds)} | {cells} | {lead} | {mean('lorm', 'wall_seconds')} "
+            f"| {slowest} |"
         )
     return "\n".join(lines)
 

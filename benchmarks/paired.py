@@ -5,7 +5,10 @@ difference of final average accuracy, their mean, standard deviation, a 95% conf
 interval (Student's t), the paired t-test's and the Wilcoxon signed-rank test's two-sided
 p-values, and the mean difference over its standard deviation.
 
-    python -m benchmarks.paired benchmarks/results/accuracy_current.json lorm fedit
+    python -m benchmarks.paired --runs benchmarks/results/accuracy_current.json --a lorm --b fedit
+
+Several ``--runs`` files are read as one (a strategy's seeds from all of them; a seed in two
+files must be one run).
 """
 
 from __future__ import annotations
@@ -53,14 +56,23 @@ def describe(name_a: str, name_b: str, r: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("runs", type=Path, help="compare.py's OUT.json")
-    p.add_argument("a")
-    p.add_argument("b", nargs="+", help="one or more strategies to pair against")
+    p.add_argument("--runs", type=Path, nargs="+", required=True, help="compare.py's OUT.json")
+    p.add_argument("--a", required=True, help="the strategy (compare.py entry) to test")
+    p.add_argument("--b", nargs="+", required=True, help="the strategies to pair it against")
     args = p.parse_args()
-    runs = json.loads(args.runs.read_text())["runs"]
+    runs: dict[str, dict[int, float]] = {}
+    for path in args.runs:
+        for name, rs in json.loads(path.read_text())["runs"].items():
+            for r in rs:
+                seen = runs.setdefault(name, {}).get(r["seed"])
+                if seen is not None and seen != r["final_average_accuracy"]:
+                    raise SystemExit(f"{name} seed {r['seed']}: two runs disagree ({path})")
+                runs[name][r["seed"]] = r["final_average_accuracy"]
 
     def finals(name: str) -> dict[int, float]:
-        return {r["seed"]: r["final_average_accuracy"] for r in runs[name]}
+        if name not in runs:
+            raise SystemExit(f"no runs of {name!r}; have {', '.join(sorted(runs))}")
+        return runs[name]
 
     for b in args.b:
         print(describe(args.a, b, paired(finals(args.a), finals(b))))
