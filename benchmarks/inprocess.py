@@ -20,7 +20,7 @@ from lorm_flwr.runtime import data_of, input_spec, model_of, scenario_of
 from lorm_flwr.server.strategies.base import Gathered
 from lorm_flwr.train import pick_device, predict
 
-__all__ = ["Clients", "accuracy_per_task"]
+__all__ = ["Clients", "accuracy_per_task", "as_factors", "energy"]
 
 
 class Clients:
@@ -67,6 +67,24 @@ class Clients:
             gathered.add(wire.Reply(k, grams=stats, metrics={wire.NUM_EXAMPLES: n}))
             raw.append(({self.names[key]: g for key, g in stats.items()}, n))
         return gathered, raw
+
+    def recording_query(self, captured: list):
+        """A strategy's ``TaskQuery`` that runs :meth:`task_end` and appends each query's
+        raw per-client Grams to ``captured``."""
+
+        def query(record_on, plan: wire.Instructions) -> Gathered:
+            gathered, raw = self.task_end(record_on, plan)
+            captured.append(raw)
+            return gathered
+
+        return query
+
+
+def energy(m: torch.Tensor, gram: torch.Tensor) -> float:
+    """``tr(m G m^T) = ||m X||^2`` for the inputs X of Gram ``gram``, (k, k) or its diagonal
+    (k,); ``m: (rows, k)``. In fp64."""
+    m, g = m.double(), gram.double()
+    return float(((m * g) if g.dim() == 1 else (m @ g)).mul(m).sum())
 
 
 def accuracy_per_task(

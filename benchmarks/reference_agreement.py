@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmarks.inprocess import Clients, as_factors
+from benchmarks.inprocess import Clients, as_factors, energy
 from lorm_flwr import wire
 from lorm_flwr.config import RunConfig
 from lorm_flwr.models.adapters import model_layout
@@ -207,16 +207,12 @@ def _difference(a: torch.Tensor, b: torch.Tensor, gram: torch.Tensor) -> tuple[f
     (``(k, k)`` or its diagonal ``(k,)``), i.e. ``sqrt(tr(D G D^T) / tr(b G b^T))``: what
     the layer's outputs see. Directions no input excites change the first, not the second.
     """
-    a, b, g = a.double(), b.double(), gram.double()
-
-    def energy(m: torch.Tensor) -> float:
-        return float(((m * g) if g.dim() == 1 else (m @ g)).mul(m).sum())
-
+    a, b = a.double(), b.double()
     d = a - b
     scale = float(b.abs().max())
     weights = float(d.abs().max()) / scale if scale > 0 else 0.0
-    base = energy(b)
-    outputs = (max(energy(d), 0.0) / base) ** 0.5 if base > 0 else 0.0
+    base = energy(b, gram)
+    outputs = (max(energy(d, gram), 0.0) / base) ** 0.5 if base > 0 else 0.0
     return weights, outputs
 
 
@@ -265,13 +261,7 @@ def run(
             print(f"task {task} round {r} ({factor}): {merges[-1]['summary']}", flush=True)
         # task end, ours (and the shadow reference on the same Grams)
         seen: list = []
-
-        def query(record_on, instr, seen=seen):
-            gathered, raw = clients.task_end(record_on, instr)
-            seen.append(raw)
-            return gathered
-
-        model = ours.end_task(task, ours_t, query)
+        model = ours.end_task(task, ours_t, clients.recording_query(seen))
         shadow_delta = shadow.end_task(
             task, ours_t, [{"grams": {_short(layout, n): _square(g) for n, g in grams.items()}}
                            for grams, _ in seen[-1]]
@@ -339,12 +329,6 @@ def _with_reference(layout, tensors, merged: dict, factor: str) -> dict:
     return out
 
 
-def _energy(m: torch.Tensor, gram: torch.Tensor) -> float:
-    """``tr(m G m^T) = ||m X||^2`` for the inputs X of Gram ``gram`` ((k, k) or (k,))."""
-    m, g = m.double(), gram.double()
-    return float(((m * g) if g.dim() == 1 else (m @ g)).mul(m).sum())
-
-
 def _code_gram(a: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     a, g = a.double(), gram.double()
     return (a * g) @ a.T if g.dim() == 1 else a @ g @ a.T
@@ -352,7 +336,7 @@ def _code_gram(a: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
 
 def _objective(merged: torch.Tensor, own: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
     """LoRM's least-squares objective ``sum_i ||(M - M_i) X_i||^2`` over ``(M_i, G_i)``."""
-    return sum(_energy(merged.double() - m.double(), g) for m, g in own)
+    return sum(energy(merged.double() - m.double(), g) for m, g in own)
 
 
 def _summed(raw: list[tuple], name: str) -> torch.Tensor:
@@ -386,7 +370,7 @@ def _compare_round(layout, task, r, factor, ours_t, theirs, raw) -> dict:
 def _ratio(ref: torch.Tensor, ours: torch.Tensor, own: list) -> tuple[float, float]:
     """The objective of ours and of the reference's, each over ``sum_i ||M_i X_i||^2``
     (the clients' own outputs): how much of what the clients' layers compute is lost."""
-    norm = sum(_energy(m, g) for m, g in own)
+    norm = sum(energy(m, g) for m, g in own)
     if norm <= 0:
         return 0.0, 0.0
     return _objective(ours, own) / norm, _objective(ref, own) / norm
@@ -414,7 +398,7 @@ def _task_objective(delta: torch.Tensor, h) -> float:
     """``sum_t ||(Delta - s B_t A_t) X_t||^2`` from the history's sums: ``tr(D S D^T)
     - 2 sum_t tr(D (A_t G_t)^T (s B_t)^T) + sum_t tr(s B_t (A_t G_t) A_t^T (s B_t)^T)``."""
     d = delta.double()
-    total = _energy(d, h.gram_total)
+    total = energy(d, h.gram_total)
     for sb, a, ag in zip(h.scaled_bs, h.a_mats, h.a_grams):
         total -= 2 * float((d * (sb @ ag)).sum())
         total += float(torch.trace(sb @ (ag @ a.T) @ sb.T))

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.inprocess import Clients, accuracy_per_task
+from benchmarks.inprocess import Clients, accuracy_per_task, energy
 from lorm_flwr import wire
 from lorm_flwr.config import RunConfig
 from lorm_flwr.math.merge import cross_task_factors
@@ -85,10 +85,6 @@ def _mean_of_deltas(layout, tensors, tasks: list[dict]):
     return out
 
 
-def _with_head(layout, tensors, head: dict):
-    return {**tensors, **head}
-
-
 def _head(layout, tensors) -> dict:
     keys = [k for h in layout.heads for k in (h.weight_key, h.bias_key)]
     return {k: tensors[k].clone() for k in keys}
@@ -102,13 +98,8 @@ def _reproduction(layout, merged, tasks: list[dict]) -> list[float]:
         for ly in layout.layers:
             delta = ly.matrix(merged[ly.b_key]).double() @ ly.matrix(merged[ly.a_key]).double()
             own = t["sB"][ly.name] @ t["A"][ly.name]
-            g = t["G"][ly.name]
-
-            def energy(m, g=g):
-                return float(((m * g) if g.dim() == 1 else (m @ g)).mul(m).sum())
-
-            err += energy(delta - own)
-            norm += energy(own)
+            err += energy(delta - own, t["G"][ly.name])
+            norm += energy(own, t["G"][ly.name])
         out.append(err / norm if norm > 0 else 0.0)
     return out
 
@@ -130,13 +121,7 @@ def run_seed(cfg: RunConfig, num_clients: int, passes: int) -> list[dict]:
             gathered, _ = clients.train(plan, tensors)
             tensors = strategy.merge(plan, gathered, tensors).tensors
         captured: list = []
-
-        def query(record_on, instr, captured=captured):
-            gathered, raw = clients.task_end(record_on, instr)
-            captured.append(raw)
-            return gathered
-
-        model = strategy.end_task(task, tensors, query)
+        model = strategy.end_task(task, tensors, clients.recording_query(captured))
         _, raw_more = clients.task_end(
             tensors, wire.Instructions(task=task, grams=strategy.task_grams), more
         )
@@ -152,7 +137,7 @@ def run_seed(cfg: RunConfig, num_clients: int, passes: int) -> list[dict]:
                        for ly in layout.layers},
                 "A": {ly.name: ly.matrix(tensors[ly.a_key]).double() for ly in layout.layers},
                 "head": _head(layout, tensors),
-                "factors": {k: v for k, v in tensors.items()},
+                "factors": dict(tensors),
             }
         )  # fmt: skip
         rank = r * (task + 1)
@@ -170,13 +155,13 @@ def run_seed(cfg: RunConfig, num_clients: int, passes: int) -> list[dict]:
         own_head = ([], [])
         for k, past in enumerate(tasks):
             inc, aware = accuracy_per_task(
-                cfg, scenario, task, _with_head(layout, past["factors"], tasks[-1]["head"]),
+                cfg, scenario, task, {**past["factors"], **tasks[-1]["head"]},
                 r, cfg.lora_alpha,
             )  # fmt: skip
             own_adapter[0].append(inc[k])
             own_adapter[1].append(aware[k])
             inc, aware = accuracy_per_task(
-                cfg, scenario, k, _with_head(layout, model.tensors, past["head"]),
+                cfg, scenario, k, {**model.tensors, **past["head"]},
                 model.rank, model.alpha,
             )  # fmt: skip
             own_head[0].append(inc[k])
