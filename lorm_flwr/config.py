@@ -16,12 +16,15 @@ from typing import Any
 
 from lorm_flwr.errors import ConfigError
 
-__all__ = ["AUGMENTATIONS", "GRAM_ALPHA_DEFAULTS", "ConfigError", "RunConfig"]
+__all__ = ["AUGMENTATIONS", "GRAM_ALPHA_DEFAULTS", "TRACKERS", "ConfigError", "RunConfig"]
 
 # How augment=true augments a training image (lorm_flwr.train.InputSpec): the LoRM reference's
 # CIFAR-100/ImageNet-R/ImageNet-A transform, its CUB-200 one (resize, random crop, flip) and its
 # Cars-196 one (flip only).
 AUGMENTATIONS = ("random-resized-crop", "random-crop", "flip")
+
+# Where a run's figures are logged besides results.json (lorm_flwr.server.tracking).
+TRACKERS = ("none", "tensorboard", "mlflow", "wandb")
 
 # Every derived seed (lorm_flwr.seeds) must stay an int64 on the wire and a valid
 # numpy/torch seed: seed * 100_003 + ... fits int64 far beyond this.
@@ -87,6 +90,7 @@ class RunConfig:
     device: str = "auto"
     precision: str = "fp32"
     output_dir: str = "~/lorm-flwr-runs"
+    tracking: str = "none"
     min_clients: int = 2
     num_clients: int = 3
     clients_per_round: int = 0
@@ -288,6 +292,7 @@ class RunConfig:
                 "set augment=true, or leave augmentation at 'random-resized-crop'"
             )
         _one_of("head-init", self.head_init, ("kaiming", "trunc-normal"))
+        _one_of("tracking", self.tracking, TRACKERS)
         image_only = {  # key -> (value, default)
             "augment": (self.augment, False),
             "augmentation": (self.augmentation, "random-resized-crop"),

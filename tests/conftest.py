@@ -11,6 +11,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+# Tracked runs stay in their run folders: W&B offline, MLflow's file store in the run.
+os.environ["WANDB_MODE"] = "offline"
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.pop("MLFLOW_TRACKING_URI", None)
 # The node cache (lorm_flwr.cache.node_cache) of this test session: shared by its processes, never
 # the user's ~/.cache, removed at exit.
 if "LORM_FLWR_CACHE" not in os.environ:

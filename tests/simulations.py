@@ -18,11 +18,16 @@ ALL_STRATEGIES = [
     "fedit", "lorm", "fedsa", "fedsa-rslora", "fedsa-vera", "ffa", "regmean", "joint", "joint-incremental",
 ]  # fmt: skip
 # The session's one run per strategy: LoRM runs 2 rounds per task (a B-round and an
-# A-round), the others 1.
+# A-round), the others 1. Three of them track (read back in test_simulation; LoRM's
+# MLflow run also in test_resume, killed and resumed).
+TRACKED = {"lorm": "mlflow", "fedit": "tensorboard", "joint-incremental": "wandb"}
 SHARED_RUN = {
-    s: {**TINY, "strategy": s, **({"rounds-per-task": 2} if s == "lorm" else {})}
+    s: {
+        **TINY, "strategy": s, **({"rounds-per-task": 2} if s == "lorm" else {}),
+        **({"tracking": TRACKED[s]} if s in TRACKED else {}),
+    }
     for s in ALL_STRATEGIES
-}
+}  # fmt: skip
 SHARED_CLIENTS = 2
 
 

@@ -109,3 +109,23 @@ def test_a_killed_run_resumes_to_the_uninterrupted_results(tmp_path, per_strateg
         r["train_loss"] for r in reference["rounds"]
     ]
     assert resumed["final_average_accuracy"] == reference["final_average_accuracy"]
+
+    # Tracking (CFG tracks to MLflow): the three starts went on in one MLflow run, which
+    # holds every round and task end once, as the results do.
+    import mlflow
+
+    assert CFG["tracking"] == "mlflow"
+    client = mlflow.MlflowClient((folder / "mlruns").resolve().as_uri())
+    (experiment,) = [e for e in client.search_experiments() if e.name == "lorm-flwr"]
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED"
+    history = sorted(
+        (m.step, m.value) for m in client.get_metric_history(run.info.run_id, "round/accuracy")
+    )
+    assert history == [
+        (i + 1, pytest.approx(r["accuracy"])) for i, r in enumerate(resumed["rounds"])
+    ]
+    ends = client.get_metric_history(run.info.run_id, "task_end/accuracy")
+    assert sorted(m.value for m in ends) == pytest.approx(
+        sorted(t["accuracy"] for t in resumed["task_end"])
+    )

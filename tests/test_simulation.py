@@ -145,6 +145,67 @@ def test_every_strategy_runs_two_tasks(per_strategy, strategy):
         assert (folder / "adapter" / "adapter_config.json").exists()
 
 
+def test_tracked_runs_log_what_results_json_holds(per_strategy):
+    """The shared runs track (tests.simulations.TRACKED): read back, the trackers hold the
+    rounds, the accuracy-matrix rows and the final figures of each run's results.json."""
+    import mlflow
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    # MLflow (LoRM): a file store in the run folder, one finished run.
+    folder, results, _ = per_strategy["lorm"]
+    mlflow.set_tracking_uri((folder / "mlruns").resolve().as_uri())
+    runs = mlflow.search_runs(experiment_names=["lorm-flwr"])
+    assert len(runs) == 1 and runs.iloc[0]["status"] == "FINISHED"
+    run = runs.iloc[0]
+    assert run["params.strategy"] == "lorm" and run["params.seed"] == "1"
+    assert run["metrics.final/final_average_accuracy"] == pytest.approx(
+        results["final_average_accuracy"]
+    )
+    client = mlflow.MlflowClient((folder / "mlruns").resolve().as_uri())
+    history = sorted(
+        (m.step, m.value) for m in client.get_metric_history(run["run_id"], "round/accuracy")
+    )
+    assert history == [
+        (i + 1, pytest.approx(r["accuracy"])) for i, r in enumerate(results["rounds"])
+    ]
+    ups = sorted(
+        (m.step, m.value) for m in client.get_metric_history(run["run_id"], "round/bytes_up")
+    )
+    assert [v for _, v in ups] == [r["bytes_up"] for r in results["rounds"]]
+    row = results["accuracy_matrix"][-1]
+    for k, acc in enumerate(row):
+        (last,) = [m for m in client.get_metric_history(run["run_id"], f"task_end/accuracy_task_{k}")
+                   if m.step == len(results["rounds"])]  # fmt: skip
+        assert last.value == pytest.approx(acc)
+    assert {a.path for a in client.list_artifacts(run["run_id"])} >= {
+        "accuracy.png",
+        "results.json",
+        "adapter",
+    }
+
+    # TensorBoard (FedIT): event files in the run folder.
+    folder, results, _ = per_strategy["fedit"]
+    events = EventAccumulator(str(folder / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("round/train_loss")] == [
+        (i + 1, pytest.approx(r["train_loss"])) for i, r in enumerate(results["rounds"])
+    ]
+    assert [e.value for e in events.Scalars("task_end/accuracy")] == pytest.approx(
+        [t["accuracy"] for t in results["task_end"]]
+    )
+    (forgetting,) = events.Scalars("task_end/forgetting")
+    assert forgetting.value == pytest.approx(results["average_forgetting"])
+    (final,) = events.Scalars("final/final_average_accuracy")
+    assert final.value == pytest.approx(results["final_average_accuracy"])
+
+    # W&B (joint-incremental, WANDB_MODE=offline): the offline run in the run folder.
+    folder, results, _ = per_strategy["joint-incremental"]
+    import json
+
+    run_id = json.loads((folder / "tracking.json").read_text())["wandb"]["run_id"]
+    assert list((folder / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+
+
 def test_fedsa_uploads_about_half_of_fedit(per_strategy):
     fedit = per_strategy["fedit"][1]["rounds"][0]["bytes_up"]
     fedsa = per_strategy["fedsa"][1]["rounds"][0]["bytes_up"]

@@ -58,6 +58,7 @@ RESUMABLE_CHANGES = frozenset(
         "max-message-mb",
         "dry-run",
         "resume-unverified",
+        "tracking",  # where figures are logged: a resume may start tracking (all is replayed)
     }
 )
 

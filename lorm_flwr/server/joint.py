@@ -32,6 +32,7 @@ from lorm_flwr.server.results import (
     provenance,
     run_folder,
 )
+from lorm_flwr.server.tracking import check_tracking
 from lorm_flwr.train import pick_device, train_local
 
 __all__ = ["JOINT_STRATEGIES", "main_joint", "run_joint"]
@@ -115,6 +116,7 @@ def main_joint(cfg: RunConfig, run_id: int | None = None) -> None:
     """
     from lorm_flwr.runtime import scenario_of
 
+    check_tracking(cfg)
     check_output_dir(cfg)
     scenario = scenario_of(cfg, 1)
     folder = run_folder(cfg)
@@ -124,9 +126,11 @@ def main_joint(cfg: RunConfig, run_id: int | None = None) -> None:
     log.info("lorm-flwr: %s (no federation), writing results to %s", cfg.strategy, folder)
     start = time.perf_counter()
     try:
+        recorder.start_tracking()
         run_joint(cfg, scenario, recorder, lambda line: log.info("%s", line))
     except BaseException:
         recorder.status = "failed"
         recorder.write()
+        recorder.stop_tracking(failed=True)
         raise
     recorder.finish(start)

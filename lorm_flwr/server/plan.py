@@ -100,8 +100,11 @@ def make_plan(cfg: RunConfig, num_clients: int) -> Plan:
     from lorm_flwr.data.datasets import DataUnavailableError
     from lorm_flwr.models.backbones import BackboneUnavailableError
     from lorm_flwr.runtime import scenario_of
+    from lorm_flwr.server.tracking import missing_tracker
 
     plan = Plan(cfg, num_clients)
+    if problem := missing_tracker(cfg):
+        plan.problems.append(problem)
     try:
         scenario = scenario_of(cfg, num_clients)
         plan.tasks = [list(t) for t in scenario.tasks]

@@ -251,6 +251,8 @@ class RunRecorder:
     provenance: dict[str, Any] = field(default_factory=dict)
     # Generation: the untrained model's exact match and held-out loss (before round 1).
     untrained: dict[str, Any] = field(default_factory=dict)
+    # tracking != none: the tracker fed from these records (lorm_flwr.server.tracking)
+    tracking: Any = None
 
     _STATE = (
         "rounds",
@@ -272,9 +274,28 @@ class RunRecorder:
             if k in state:  # a checkpoint of format 1 has no handshakes
                 setattr(self, k, state[k])
 
+    def start_tracking(self) -> None:
+        """Open the tracker ``tracking`` names (a resumed run: the same tracked run) and log
+        what is recorded but not yet logged."""
+        if self.cfg.tracking != "none" and self.tracking is None:
+            from lorm_flwr.server.tracking import RunTracking
+
+            self.tracking = RunTracking(self.cfg, self.folder)
+            self.track()
+
+    def track(self) -> None:
+        if self.tracking is not None:
+            self.tracking.sync(self)
+
+    def stop_tracking(self, failed: bool) -> None:
+        if self.tracking is not None:
+            self.tracking.close(failed)
+            self.tracking = None
+
     def add_round(self, row: RoundRow) -> None:
         self.rounds.append(row.to_dict())
         self.write()
+        self.track()
 
     def end_task(self, task: int, per_task: list[float], summary: dict[str, Any]) -> None:
         """Record row ``a[task][k]`` of the accuracy matrix (None for unseen tasks)."""
@@ -283,6 +304,7 @@ class RunRecorder:
         self.accuracy_matrix.append(row)
         self.task_end.append({"task": task, **summary})
         self.write()
+        self.track()
 
     def payload(self) -> dict[str, Any]:
         return {
@@ -339,6 +361,8 @@ class RunRecorder:
         self.status = "completed"
         self.write()
         self.plot()
+        self.track()  # after the plot: it is one of the tracked artifacts
+        self.stop_tracking(failed=False)
         log.info(
             "lorm-flwr: done. final average accuracy %.3f, average forgetting %.3f",
             self.final["final_average_accuracy"], self.final["average_forgetting"],

@@ -43,6 +43,7 @@ from lorm_flwr.server.results import (
 from lorm_flwr.server.rounds import FederatedRun
 from lorm_flwr.server.strategies.base import Tensors
 from lorm_flwr.server.task_end import end_task
+from lorm_flwr.server.tracking import check_tracking
 from lorm_flwr.wire.limits import check_message_sizes, max_message_bytes
 
 __all__ = ["run_federated"]
@@ -61,6 +62,7 @@ def run_federated(grid: Grid, cfg: RunConfig, run_id: int | None = None) -> None
     checkpoint holds plus the new rounds. Only a resume refused before any work leaves
     the folder it names as it was.
     """
+    check_tracking(cfg)  # a tracker that is not installed stops here, before any work
     checkpoint = resume_point(cfg)  # a resume it cannot honour stops here
     if checkpoint is None:
         check_output_dir(cfg)  # so does an output folder it cannot write
@@ -96,6 +98,7 @@ def run_federated(grid: Grid, cfg: RunConfig, run_id: int | None = None) -> None
                 recorder.write()
         except OSError as write_error:  # never hide the run's own error behind this one
             log.error("lorm-flwr: could not write results.json: %s", write_error)
+        recorder.stop_tracking(failed=True)
         log.error(
             "lorm-flwr: run stopped: %s. Results so far are in %s; continue with "
             "--run-config \"resume-from='%s'\" (same other keys)",
@@ -109,6 +112,7 @@ def _run(
     training: list[bool],
 ) -> None:  # fmt: skip
     """The hello, the scenario, then tasks x rounds from the start or the checkpoint."""
+    recorder.start_tracking()  # resumed: the same tracked run, with what it missed
     # The server's model first (cached): a lora-rank or max-length the backbone cannot
     # hold stops the run here, before any node is asked anything.
     layout = model_layout(model_of(cfg))
