@@ -72,6 +72,9 @@ class Group:
     runs: list[Run] = field(default_factory=list)
 
 
+TRACKER_FOLDERS = {"mlruns", "wandb", "tensorboard"}
+
+
 def find_runs(paths: Iterable[str | Path]) -> list[Run]:
     """Every completed run in or below ``paths`` (a run folder, or folders above runs)."""
     folders: list[Path] = []
@@ -79,7 +82,11 @@ def find_runs(paths: Iterable[str | Path]) -> list[Run]:
         if (p / "results.json").exists():
             folders.append(p)
         elif p.is_dir():
-            folders.extend(sorted(f.parent for f in p.rglob("results.json")))
+            # not the copies a tracker keeps as artifacts (tracking=mlflow: <run>/mlruns/...)
+            found = (f.parent for f in p.rglob("results.json"))
+            folders.extend(
+                sorted(f for f in found if not TRACKER_FOLDERS & set(f.relative_to(p).parts))
+            )
         else:
             raise ValueError(f"{p}: no results.json in or below it")
     runs = []

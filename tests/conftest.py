@@ -15,6 +15,12 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ["WANDB_MODE"] = "offline"
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"  # the tests read the runs' own file stores
+# W&B's own folders (staging, cache, settings) for this session only, never the user's.
+_wandb_home = tempfile.mkdtemp(prefix="lorm-flwr-test-wandb-")
+atexit.register(shutil.rmtree, _wandb_home, True)
+for _name in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
+    os.environ[_name] = os.path.join(_wandb_home, _name.lower())
 # The node cache (lorm_flwr.cache.node_cache) of this test session: shared by its processes, never
 # the user's ~/.cache, removed at exit.
 if "LORM_FLWR_CACHE" not in os.environ:

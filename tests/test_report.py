@@ -34,6 +34,11 @@ def test_runs_group_by_setting_and_report_mean_and_std_over_seeds(tmp_path, caps
     _run(tmp_path, "d", "lorm", 0, 0.9, None, 2_000_000, num_tasks=1)
     (tmp_path / "e").mkdir()
     (tmp_path / "e" / "results.json").write_text(json.dumps({"status": "failed", "config": {}}))
+    # tracking=mlflow keeps a copy of results.json as an artifact inside the run: not a run
+    artifacts = tmp_path / "a" / "mlruns" / "1" / "abc" / "artifacts"
+    artifacts.mkdir(parents=True)
+    (artifacts / "results.json").write_text((tmp_path / "a" / "results.json").read_text())
+    assert len(find_runs([tmp_path])) == 4
     groups = group_runs(find_runs([tmp_path]))
     assert [g.label for g in groups] == [
         "lorm num-tasks=5",

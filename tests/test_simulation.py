@@ -149,7 +149,8 @@ def test_tracked_runs_log_what_results_json_holds(per_strategy):
     """The shared runs track (tests.simulations.TRACKED): read back, the trackers hold the
     rounds, the accuracy-matrix rows and the final figures of each run's results.json."""
     import mlflow
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tests.tracked import tensorboard_scalars
 
     # MLflow (LoRM): a file store in the run folder, one finished run.
     folder, results, _ = per_strategy["lorm"]
@@ -185,18 +186,20 @@ def test_tracked_runs_log_what_results_json_holds(per_strategy):
 
     # TensorBoard (FedIT): event files in the run folder.
     folder, results, _ = per_strategy["fedit"]
-    events = EventAccumulator(str(folder / "tensorboard"))
-    events.Reload()
-    assert [(e.step, e.value) for e in events.Scalars("round/train_loss")] == [
+    scalars = tensorboard_scalars(folder / "tensorboard")
+    assert scalars["round/train_loss"] == [
         (i + 1, pytest.approx(r["train_loss"])) for i, r in enumerate(results["rounds"])
     ]
-    assert [e.value for e in events.Scalars("task_end/accuracy")] == pytest.approx(
+    assert scalars["round/bytes_up"] == [
+        (i + 1, r["bytes_up"]) for i, r in enumerate(results["rounds"])
+    ]
+    assert [v for _, v in scalars["task_end/accuracy"]] == pytest.approx(
         [t["accuracy"] for t in results["task_end"]]
     )
-    (forgetting,) = events.Scalars("task_end/forgetting")
-    assert forgetting.value == pytest.approx(results["average_forgetting"])
-    (final,) = events.Scalars("final/final_average_accuracy")
-    assert final.value == pytest.approx(results["final_average_accuracy"])
+    assert scalars["task_end/forgetting"] == [(2, pytest.approx(results["average_forgetting"]))]
+    assert scalars["final/final_average_accuracy"] == [
+        (2, pytest.approx(results["final_average_accuracy"]))
+    ]
 
     # W&B (joint-incremental, WANDB_MODE=offline): the offline run in the run folder.
     folder, results, _ = per_strategy["joint-incremental"]

@@ -16,6 +16,7 @@ import pytest
 
 from lorm_flwr.config import ConfigError, RunConfig
 from lorm_flwr.server.tracking import STATE_FILE, RunTracking, check_tracking
+from tests.tracked import tensorboard_scalars
 
 TASKS = 2
 
@@ -48,17 +49,18 @@ def _outputs(folder: Path) -> None:
 
 
 def _killed_and_resumed(folder: Path, cfg: RunConfig, killed=lambda tracking: None) -> None:
-    """Round 1-3 and task end 0 logged, killed; the resume restarts from the checkpoint
-    after round 2 (so round 3 is run again) and goes on to the end."""
+    """As a run feeds its tracker (after each checkpoint): rounds 1-2 and task end 0 logged
+    and noted; round 3 logged, then killed before tracking.json noted it. The resume goes on
+    from the checkpoint after round 3 and logs to the end."""
     first = RunTracking(cfg, folder)
     first.sync(_recorder(folder, 1, 0))
     first.sync(_recorder(folder, 2, 1))
+    noted = (folder / STATE_FILE).read_text()
     first.sync(_recorder(folder, 3, 1))
-    first.backend.flush()  # then killed: never closed
+    (folder / STATE_FILE).write_text(noted)  # killed before the note
     killed(first)
     resumed = RunTracking(cfg, folder)
-    resumed.sync(_recorder(folder, 2, 1))  # the checkpoint's records
-    resumed.sync(_recorder(folder, 3, 1))  # round 3 again: already logged
+    resumed.sync(_recorder(folder, 3, 1))  # the checkpoint's records: round 3 again
     resumed.sync(_recorder(folder, 4, 1))
     resumed.sync(_recorder(folder, 4, 2))
     _outputs(folder)
@@ -98,12 +100,12 @@ def test_tensorboard_logs_each_step_once_across_a_resume(tmp_path):
     events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0})
     events.Reload()
     final = _recorder(tmp_path, 4, 2, completed=True)
-    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)]
-               for tag in events.Tags()["scalars"]}  # fmt: skip
+    scalars = tensorboard_scalars(tmp_path / "tensorboard")
     assert scalars["round/accuracy"] == [
         (i + 1, pytest.approx(r["accuracy"])) for i, r in enumerate(final.rounds)
     ]
     assert scalars["round/bytes_up"] == [(i + 1, 1000 + i) for i in range(4)]
+    # the killed start's round 3 was purged, not kept beside the resumed start's
     assert "round/exchange_seconds" not in scalars  # NaN is not logged
     assert [s for s, _ in scalars["round/accuracy_task_1"]] == [3, 4]
     # Task ends at their last round's step: the accuracy-matrix row and forgetting.
@@ -116,6 +118,24 @@ def test_tensorboard_logs_each_step_once_across_a_resume(tmp_path):
     state = json.loads((tmp_path / STATE_FILE).read_text())["tensorboard"]
     assert state["rounds_logged"] == 4 and state["task_ends_logged"] == 2
     assert state["final_logged"]
+
+
+def test_tensorboard_resume_after_a_task_end_logged_but_not_noted(tmp_path):
+    """Killed after logging task end 0 (at round 2's step) but before noting it: the resume
+    purges from step 2, so round 2 is logged again beside the task end, each once."""
+    cfg = RunConfig.from_mapping({"tracking": "tensorboard"})
+    first = RunTracking(cfg, tmp_path)
+    first.sync(_recorder(tmp_path, 2, 0))
+    noted = (tmp_path / STATE_FILE).read_text()
+    first.sync(_recorder(tmp_path, 2, 1))
+    (tmp_path / STATE_FILE).write_text(noted)
+    resumed = RunTracking(cfg, tmp_path)
+    resumed.sync(_recorder(tmp_path, 2, 1))
+    resumed.sync(_recorder(tmp_path, 3, 1))
+    resumed.close(failed=False)
+    scalars = tensorboard_scalars(tmp_path / "tensorboard")
+    assert [step for step, _ in scalars["round/accuracy"]] == [1, 2, 3]
+    assert [step for step, _ in scalars["task_end/accuracy"]] == [2]
 
 
 def test_mlflow_logs_one_run_with_each_step_once_across_a_resume(tmp_path, monkeypatch):
@@ -141,26 +161,6 @@ def test_mlflow_logs_one_run_with_each_step_once_across_a_resume(tmp_path, monke
     assert sorted(m.step for m in ends) == [2, 4]
     artifacts = {a.path for a in client.list_artifacts(run["run_id"])}
     assert artifacts == {"accuracy.png", "results.json", "adapter"}
-
-
-def test_mlflow_counts_what_a_killed_start_logged_but_did_not_note(tmp_path, monkeypatch):
-    """Killed between logging a round and noting it in tracking.json: the store's history
-    says the round is there, so the resume does not log it again."""
-    import mlflow
-
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    cfg = RunConfig.from_mapping({"tracking": "mlflow"})
-    first = RunTracking(cfg, tmp_path)
-    first.sync(_recorder(tmp_path, 2, 1))
-    noted = (tmp_path / STATE_FILE).read_text()
-    first.sync(_recorder(tmp_path, 3, 1))
-    (tmp_path / STATE_FILE).write_text(noted)  # as if killed before the note
-    resumed = RunTracking(cfg, tmp_path)
-    resumed.sync(_recorder(tmp_path, 3, 1))
-    resumed.sync(_recorder(tmp_path, 4, 1))
-    client = mlflow.MlflowClient((tmp_path / "mlruns").resolve().as_uri())
-    steps = [m.step for m in client.get_metric_history(resumed.backend.run_id, "round/accuracy")]
-    assert sorted(steps) == [1, 2, 3, 4]
 
 
 def test_wandb_offline_run_is_resumed_by_its_id(tmp_path, monkeypatch):
@@ -196,15 +196,13 @@ def test_a_failing_tracker_never_stops_the_run(tmp_path, caplog):
 def test_a_resume_may_switch_trackers_and_replays_everything(tmp_path):
     """tracking.json keeps one entry per tracker: a resume that turns TensorBoard on logs
     the whole run so far to it."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     (tmp_path / STATE_FILE).write_text(json.dumps({"mlflow": {"rounds_logged": 3,
                                                               "task_ends_logged": 1}}))  # fmt: skip
     tracking = RunTracking(RunConfig.from_mapping({"tracking": "tensorboard"}), tmp_path)
     tracking.sync(_recorder(tmp_path, 3, 1))
     tracking.close(failed=False)
-    events = EventAccumulator(str(tmp_path / "tensorboard"))
-    events.Reload()
-    assert [e.step for e in events.Scalars("round/accuracy")] == [1, 2, 3]
+    assert [
+        step for step, _ in tensorboard_scalars(tmp_path / "tensorboard")["round/accuracy"]
+    ] == [1, 2, 3]
     state = json.loads((tmp_path / STATE_FILE).read_text())
     assert state["mlflow"]["rounds_logged"] == 3 and state["tensorboard"]["rounds_logged"] == 3

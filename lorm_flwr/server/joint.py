@@ -90,6 +90,7 @@ def run_joint(
             summary["validation"] = {"accuracy": val.accuracy, "per_task": val.per_task,
                                      "correct": val.correct, "total": val.total}  # fmt: skip
         recorder.end_task(last_task, ev.per_task, summary)
+        recorder.track()
         metrics = {
             f"accuracy on classes seen after task {last_task}": ev.accuracy,
             "accuracy per task": ev.per_task,
@@ -128,9 +129,11 @@ def main_joint(cfg: RunConfig, run_id: int | None = None) -> None:
     try:
         recorder.start_tracking()
         run_joint(cfg, scenario, recorder, lambda line: log.info("%s", line))
+        recorder.finish(start)
     except BaseException:
-        recorder.status = "failed"
-        recorder.write()
-        recorder.stop_tracking(failed=True)
+        try:
+            recorder.status = "failed"
+            recorder.write()
+        finally:
+            recorder.stop_tracking(failed=True)
         raise
-    recorder.finish(start)

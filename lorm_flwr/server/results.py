@@ -284,6 +284,8 @@ class RunRecorder:
             self.track()
 
     def track(self) -> None:
+        """Log what is recorded and not yet logged. The federated run calls this after each
+        checkpoint, so a tracker never holds a round that a resume will redo."""
         if self.tracking is not None:
             self.tracking.sync(self)
 
@@ -295,7 +297,6 @@ class RunRecorder:
     def add_round(self, row: RoundRow) -> None:
         self.rounds.append(row.to_dict())
         self.write()
-        self.track()
 
     def end_task(self, task: int, per_task: list[float], summary: dict[str, Any]) -> None:
         """Record row ``a[task][k]`` of the accuracy matrix (None for unseen tasks)."""
@@ -304,7 +305,6 @@ class RunRecorder:
         self.accuracy_matrix.append(row)
         self.task_end.append({"task": task, **summary})
         self.write()
-        self.track()
 
     def payload(self) -> dict[str, Any]:
         return {

@@ -98,7 +98,8 @@ def run_federated(grid: Grid, cfg: RunConfig, run_id: int | None = None) -> None
                 recorder.write()
         except OSError as write_error:  # never hide the run's own error behind this one
             log.error("lorm-flwr: could not write results.json: %s", write_error)
-        recorder.stop_tracking(failed=True)
+        finally:
+            recorder.stop_tracking(failed=True)
         log.error(
             "lorm-flwr: run stopped: %s. Results so far are in %s; continue with "
             "--run-config \"resume-from='%s'\" (same other keys)",
@@ -112,7 +113,6 @@ def _run(
     training: list[bool],
 ) -> None:  # fmt: skip
     """The hello, the scenario, then tasks x rounds from the start or the checkpoint."""
-    recorder.start_tracking()  # resumed: the same tracked run, with what it missed
     # The server's model first (cached): a lora-rank or max-length the backbone cannot
     # hold stops the run here, before any node is asked anything.
     layout = model_layout(model_of(cfg))
@@ -183,6 +183,11 @@ def _run(
             recorder={**recorder.state(), "shard_sizes": recorder.shard_sizes},
             rng=capture_rng(), elapsed_seconds=time.perf_counter() - start,
         ))  # fmt: skip
+        recorder.track()  # after the checkpoint: the tracker holds what a resume goes on from
+
+    # Opened last before training (a run stopped by its config opens no tracked run);
+    # resumed: the same tracked run, first given what it missed.
+    recorder.start_tracking()
 
     training.append(True)  # from here a failure writes this start's results
     for task in range(first_task, scenario.num_tasks):

@@ -109,15 +109,24 @@ def task_end_steps(rounds: list[dict[str, Any]], task_ends: list[dict[str, Any]]
 class RunTracking:
     """One run's tracker: started once per start of the run, fed by :meth:`sync`.
 
-    Tracker errors after the start never stop the run (results.json is the record):
-    the first is logged as a warning and tracking stops.
+    A tracker that cannot start stops the run before its first round with a
+    :class:`ConfigError` that names the remedy. Tracker errors after the start never stop
+    the run (results.json is the record): the first is logged as a warning and tracking
+    is off for the rest of the run.
     """
 
     def __init__(self, cfg: RunConfig, folder: Path) -> None:
         self.cfg, self.folder = cfg, folder
         self.state = self._load_state()
-        self.backend = BACKENDS[cfg.tracking](cfg, folder, self.state)
-        self.state.update(self.backend.identity())
+        try:
+            self.backend = BACKENDS[cfg.tracking](cfg, folder, self.state, self._save_state)
+        except ConfigError:
+            raise
+        except Exception as exc:
+            raise ConfigError(
+                f"tracking={cfg.tracking!r} could not start: {type(exc).__name__}: {exc}. "
+                "Fix the tracker's settings (docs/outputs.md, 'Tracking') or set tracking='none'"
+            ) from exc
         self._save_state()
         self.broken = False
 
@@ -132,6 +141,7 @@ class RunTracking:
             raise ConfigError(f"{path} is unreadable ({exc}): the tracked run to go on in is "
                               "unknown; remove the file to start a new tracked run") from None  # fmt: skip
         fresh = {"rounds_logged": 0, "task_ends_logged": 0}
+        self.resuming = self.cfg.tracking in self.file  # an earlier start of this tracker
         return self.file.setdefault(self.cfg.tracking, fresh)
 
     def _save_state(self) -> None:
@@ -140,7 +150,9 @@ class RunTracking:
         write_json_atomic(self.folder / STATE_FILE, self.file)
 
     def sync(self, recorder) -> None:
-        """Log what ``recorder`` holds beyond what was logged: rounds, task ends, the end."""
+        """Log what ``recorder`` holds beyond what was logged: rounds, task ends, the end.
+
+        Called after each checkpoint, so what is logged is what a resume goes on from."""
         if self.broken:
             return
         try:
@@ -153,16 +165,27 @@ class RunTracking:
 
     def _sync(self, recorder) -> None:
         rounds, task_ends = recorder.rounds, recorder.task_end
-        done = self.state["rounds_logged"]
-        for step, row in enumerate(rounds[done:], start=done + 1):
-            self.backend.log(round_metrics(row), step)
-        # max: a resume from an earlier checkpoint than the last step logged redoes rounds
-        self.state["rounds_logged"] = max(done, len(rounds))
+        done, ends_done = self.state["rounds_logged"], self.state["task_ends_logged"]
+        pending = [(step, 0, round_metrics(row))
+                   for step, row in enumerate(rounds[done:], start=done + 1)]  # fmt: skip
         steps = task_end_steps(rounds, task_ends)
-        for i in range(self.state["task_ends_logged"], len(task_ends)):
-            metrics = task_end_metrics(recorder.accuracy_matrix[: i + 1], task_ends[i])
-            self.backend.log(metrics, steps[i])
-        self.state["task_ends_logged"] = max(self.state["task_ends_logged"], len(task_ends))
+        pending += [(steps[i], 1, task_end_metrics(recorder.accuracy_matrix[: i + 1], task_ends[i]))
+                    for i in range(ends_done, len(task_ends))]  # fmt: skip
+        if pending and self.resuming and self.backend.purges:
+            # A killed start may have written past what it noted: the tracker hides every
+            # step from the first one this start logs, so all of them are logged again.
+            first = min(step for step, _, _ in pending)
+            self.backend.purge_from(first)
+            pending = [(step, 0, round_metrics(row))
+                       for step, row in enumerate(rounds, start=1) if step >= first]  # fmt: skip
+            pending += [(steps[i], 1, task_end_metrics(recorder.accuracy_matrix[: i + 1], task_ends[i]))
+                        for i in range(len(task_ends)) if steps[i] >= first]  # fmt: skip
+        self.resuming = False
+        pending.sort(key=lambda item: item[:2])  # by step; a round before its task end
+        for step, _, metrics in pending:
+            self.backend.log(metrics, step)
+        self.state["rounds_logged"] = max(done, len(rounds))
+        self.state["task_ends_logged"] = max(ends_done, len(task_ends))
         if recorder.status == "completed" and not self.state.get("final_logged"):
             final = _finite({f"final/{k}": recorder.final.get(k) for k in FINAL_METRICS})
             self.backend.log(final, max(len(rounds), 1))
@@ -173,6 +196,8 @@ class RunTracking:
         self._save_state()
 
     def close(self, failed: bool) -> None:
+        if self.broken:  # a tracker that failed may hang again: leave it
+            return
         try:
             self.backend.close(failed)
         except Exception as exc:  # noqa: BLE001
@@ -180,7 +205,8 @@ class RunTracking:
 
 
 def _artifact_paths(folder: Path) -> list[Path]:
-    """What a run leaves for a tracker to keep: the plot, results.json, the adapter folder."""
+    """What a run leaves for a tracker to keep: the plot, results.json, the adapter folder
+    (strategies with a global model; FedSA's adapters stay with each client)."""
     from lorm_flwr.server.plot import PLOT_FILE
     from lorm_flwr.server.results import RESULTS_FILE
 
@@ -190,13 +216,16 @@ def _artifact_paths(folder: Path) -> list[Path]:
 
 
 class _Backend:
-    """What every tracker does; ``state`` is tracking.json's (the run id, what was logged)."""
+    """What every tracker does. ``state`` is tracking.json's entry (the run id, what was
+    logged); ``save`` writes it, for a backend that must note its id before it opens."""
 
-    def __init__(self, cfg: RunConfig, folder: Path, state: dict[str, Any]) -> None:
+    purges = False  # whether purge_from hides what was logged from a step on
+
+    def __init__(self, cfg: RunConfig, folder: Path, state: dict[str, Any], save) -> None:
         self.cfg, self.folder = cfg, folder
 
-    def identity(self) -> dict[str, Any]:
-        return {}
+    def purge_from(self, step: int) -> None:
+        """A resumed start logs from ``step`` on: hide what a killed start logged there."""
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         raise NotImplementedError
@@ -215,21 +244,32 @@ class _Backend:
 
 
 class TensorBoardTracking(_Backend):
-    """Event files in ``<run>/tensorboard``: scalars, the config as text and hparams, the plot."""
+    """Event files in ``<run>/tensorboard``: scalars (fp64), the config as text and hparams,
+    the plot. The writer opens with the first step of this start, so that a resumed start
+    purges what a killed one wrote from that step on."""
 
-    def __init__(self, cfg: RunConfig, folder: Path, state: dict[str, Any]) -> None:
-        super().__init__(cfg, folder, state)
+    purges = True
+
+    def __init__(self, cfg: RunConfig, folder: Path, state: dict[str, Any], save) -> None:
+        super().__init__(cfg, folder, state, save)
         from torch.utils.tensorboard import SummaryWriter
 
-        resuming = state["rounds_logged"] > 0
-        # purge_step hides a killed start's events from the first step this start logs on.
-        self.writer = SummaryWriter(
-            log_dir=str(folder / "tensorboard"),
-            purge_step=state["rounds_logged"] + 1 if resuming else None,
-        )
-        if not state.get("params_logged"):
-            self._params()
-            state["params_logged"] = True
+        self._writer_class = SummaryWriter
+        self.writer = None
+        self.params = not state.get("params_logged")
+        state["params_logged"] = True
+
+    def _open(self, purge_step: int | None = None):
+        """The writer, opened at ``purge_step``: the first step this start logs. Every start
+        opens with one, since TensorBoard takes a log's first restart mark as its start
+        and only the later ones as restarts that purge."""
+        if self.writer is None:
+            self.writer = self._writer_class(
+                str(self.folder / "tensorboard"), purge_step=purge_step
+            )
+            if self.params:
+                self._params()
+        return self.writer
 
     def _params(self) -> None:
         from torch.utils.tensorboard.summary import hparams
@@ -242,9 +282,14 @@ class TensorBoardTracking(_Backend):
         for summary in hparams(values, {"final/final_average_accuracy": float("nan")}):
             self.writer.file_writer.add_summary(summary)
 
+    def purge_from(self, step: int) -> None:
+        self._open(purge_step=step)
+
     def log(self, metrics: dict[str, float], step: int) -> None:
+        writer = self._open(purge_step=step)
         for name, value in metrics.items():
-            self.writer.add_scalar(name, value, step)
+            # fp64: a float32 scalar would round byte counts above 2^24
+            writer.add_scalar(name, value, step, new_style=True, double_precision=True)
 
     def artifacts(self, folder: Path) -> None:
         import numpy as np
@@ -255,35 +300,49 @@ class TensorBoardTracking(_Backend):
         if (folder / PLOT_FILE).exists():
             with Image.open(folder / PLOT_FILE) as image:
                 pixels = np.asarray(image.convert("RGB"))
-            self.writer.add_image("accuracy", pixels, dataformats="HWC")
+            self._open().add_image("accuracy", pixels, dataformats="HWC")
 
     def flush(self) -> None:
-        self.writer.flush()
+        if self.writer is not None:
+            self.writer.flush()
 
     def close(self, failed: bool) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 class MlflowTracking(_Backend):
-    """An MLflow run: params, metrics, and the plot, results.json and adapter as artifacts."""
+    """An MLflow run: params, metrics, and the plot, results.json and adapter as artifacts.
 
-    def __init__(self, cfg: RunConfig, folder: Path, state: dict[str, Any]) -> None:
-        super().__init__(cfg, folder, state)
+    Each round's (or task end's) metrics go in one batch, so MLflow's own history says
+    which steps a killed start logged."""
+
+    def __init__(self, cfg: RunConfig, folder: Path, state: dict[str, Any], save) -> None:
+        super().__init__(cfg, folder, state, save)
         from mlflow import MlflowClient
 
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or (folder / "mlruns").resolve().as_uri()
-        if not os.environ.get("MLFLOW_TRACKING_URI"):
+        env_uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+        uri = env_uri or (folder / "mlruns").resolve().as_uri()
+        if state.get("tracking_uri") and state["tracking_uri"] != uri:
+            raise ConfigError(
+                f"tracking=mlflow: this run was tracked at {state['tracking_uri']}, now the "
+                f"tracking URI is {uri}: set MLFLOW_TRACKING_URI to the first (or remove "
+                f"'mlflow' from {folder / STATE_FILE} to start a new tracked run)"
+            )
+        if not env_uri:
             # MLflow 3 refuses a new file store unless asked: the store is this run's own.
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        # A tracking server that is down must not hold a round for minutes of retries.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
         self.client = MlflowClient(uri)
-        self.uri = uri
         run_id = state.get("run_id")
         if run_id:
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")
             # The store's own count: a killed start may have logged more than it noted.
-            rounds = self.client.get_metric_history(run_id, "round/accuracy")
-            ends = self.client.get_metric_history(run_id, "task_end/accuracy")
+            rounds = self.client.get_metric_history(run_id, "round/bytes_up")
+            ends = self.client.get_metric_history(run_id, "task_end/task")
             state["rounds_logged"] = max([state["rounds_logged"], *(m.step for m in rounds)])
             state["task_ends_logged"] = max(state["task_ends_logged"], len(ends))
         else:
@@ -294,10 +353,9 @@ class MlflowTracking(_Backend):
             )
             run = self.client.create_run(experiment_id, run_name=folder.name)
             self.run_id = run.info.run_id
+            state.update(run_id=self.run_id, tracking_uri=uri)
+            save()
             self._params()
-
-    def identity(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, "tracking_uri": self.uri}
 
     def _params(self) -> None:
         from mlflow.entities import Param
@@ -328,27 +386,34 @@ class MlflowTracking(_Backend):
 
 
 class WandbTracking(_Backend):
-    """A W&B run under ``<run>/wandb``, resumed by its id; ``WANDB_MODE=offline`` honoured."""
+    """A W&B run under ``<run>/wandb``, resumed by its id; ``WANDB_MODE=offline`` honoured.
 
-    def __init__(self, cfg: RunConfig, folder: Path, state: dict[str, Any]) -> None:
-        super().__init__(cfg, folder, state)
+    Every metric is plotted against ``round`` (logged with it), not W&B's own step, which
+    only grows: a task end or a backlog logged after a later round would be dropped."""
+
+    def __init__(self, cfg: RunConfig, folder: Path, state: dict[str, Any], save) -> None:
+        super().__init__(cfg, folder, state, save)
+        import secrets
+
         import wandb
 
-        run_id = state.get("run_id")
+        if not state.get("run_id"):  # noted before the run opens: a kill cannot fork it
+            state["run_id"] = secrets.token_hex(4)
+            save()
         self.run = wandb.init(
             project=os.environ.get("WANDB_PROJECT", EXPERIMENT),
             dir=str(folder),
             name=folder.name,
-            id=run_id,  # None: W&B makes one (kept in tracking.json)
+            id=state["run_id"],
             resume="allow",
-            config=None if run_id else cfg.to_dict(),
+            config=cfg.to_dict(),
+            allow_val_change=True,  # a resume may change resume-from, output-dir, ...
         )
-
-    def identity(self) -> dict[str, Any]:
-        return {"run_id": self.run.id}
+        self.run.define_metric("round")
+        self.run.define_metric("*", step_metric="round")
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        self.run.log(metrics, step=step)
+        self.run.log({**metrics, "round": step}, commit=True)
 
     def summary(self, final: dict[str, float]) -> None:
         self.run.summary.update(final)
@@ -358,10 +423,11 @@ class WandbTracking(_Backend):
 
         artifact = wandb.Artifact(f"{folder.name}-outputs", type="model")
         for path in _artifact_paths(folder):
+            # immutable: referenced where they are, not copied to W&B's staging folder
             if path.is_dir():
-                artifact.add_dir(str(path), name=path.name)
+                artifact.add_dir(str(path), name=path.name, policy="immutable")
             else:
-                artifact.add_file(str(path))
+                artifact.add_file(str(path), policy="immutable")
         self.run.log_artifact(artifact)
 
     def close(self, failed: bool) -> None:
