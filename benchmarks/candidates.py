@@ -37,14 +37,29 @@ STRATEGIES = ["lorm", "fedit", "ffa", "fedsa", "regmean", "joint-incremental", "
 FEDERATED = ["fedit", "ffa", "fedsa", "regmean"]  # what LoRM must beat
 
 
-def _finals(path: Path) -> dict[str, dict[int, dict]]:
-    runs = json.loads(path.read_text())["runs"]
-    return {s: {r["seed"]: r for r in rs} for s, rs in runs.items()}
+# More seeds of a candidate, run with compare.py outside this screen (same keys).
+MORE_SEEDS: dict[str, list[str]] = {
+    "mnist-lite0-32": ["benchmarks/results/ten-seeds.json", "benchmarks/results/ten-seeds-b.json"],
+}
+
+
+def _finals(out: Path, name: str) -> dict[str, dict[int, dict]]:
+    """strategy -> seed -> run, from ``OUT/<name>.json``, ``OUT/<name>-seeds*.json`` (more
+    seeds, run with compare.py) and ``MORE_SEEDS[name]``."""
+    paths = [out / f"{name}.json", *sorted(out.glob(f"{name}-seeds*.json"))]
+    paths += [Path(p) for p in MORE_SEEDS.get(name, [])]
+    finals: dict[str, dict[int, dict]] = {}
+    for path in paths:
+        if path.exists():
+            for s, rs in json.loads(path.read_text())["runs"].items():
+                finals.setdefault(s, {}).update({r["seed"]: r for r in rs})
+    return finals
 
 
 def table(out: Path, names: list[str]) -> str:
     lines = [
-        "Final average accuracy (test), mean over the seeds run; LoRM's lead = LoRM minus the",
+        "Final average accuracy (test), mean over the seeds run (seeds: those every federated",
+        "strategy ran; joint and joint-incremental: seed 0 only); LoRM's lead = LoRM minus the",
         "best other federated strategy (mean of the per-seed differences); wall = each",
         "strategy's `flwr run` wall time, seconds (mean; LoRM's, and the longest of the others).",
         "",
@@ -53,14 +68,16 @@ def table(out: Path, names: list[str]) -> str:
         "|---|---|" + "---|" * len(STRATEGIES) + "---|---|---|",
     ]  # fmt: skip
     for name in names:
-        path = out / f"{name}.json"
-        if not path.exists():
+        runs = _finals(out, name)
+        if not runs:
             continue
-        runs = _finals(path)
-        seeds = sorted(set.intersection(*(set(runs.get(s, {})) for s in STRATEGIES)))
+        # the seeds every federated strategy ran (joint ones may have fewer: their column
+        # is the mean over their own seeds)
+        seeds = sorted(set.intersection(*(set(runs.get(s, {})) for s in ["lorm", *FEDERATED])))
 
-        def mean(s: str, key: str = "final_average_accuracy", runs=runs) -> str:
-            values = [r[key] for r in runs.get(s, {}).values()]
+        def mean(s: str, key: str = "final_average_accuracy", runs=runs, seeds=seeds) -> str:
+            paired = s in ("lorm", *FEDERATED)  # over the common seeds
+            values = [r[key] for seed, r in runs.get(s, {}).items() if not paired or seed in seeds]
             if not values:
                 return "–"
             return f"{statistics.mean(values):{'.3f' if 'accuracy' in key else '.0f'}}"
@@ -105,7 +122,9 @@ def main() -> None:
             subprocess.run(command, check=True)
     text = table(out, args.candidates)
     (out / "table.md").write_text(
-        f"Command: `python benchmarks/candidates.py --seeds {' '.join(map(str, args.seeds))}`\n"
+        f"Command: `python benchmarks/candidates.py "
+        f"{'--table' if args.table else '--seeds ' + ' '.join(map(str, args.seeds))}` (the runs: "
+        "OUT/<candidate>.json, OUT/<candidate>-seeds*.json and MORE_SEEDS)\n"
         f"Date: {time.strftime('%Y-%m-%d')}; machine: 2-core CPU, no GPU.\n\n{text}\n"
     )
     print(text)
