@@ -21,10 +21,14 @@ ALL_STRATEGIES = [
 # A-round), the others 1. Three of them track (read back in test_simulation; LoRM's
 # MLflow run also in test_resume, killed and resumed).
 TRACKED = {"lorm": "mlflow", "fedit": "tensorboard", "joint-incremental": "wandb"}
+# FedSA-VeRA's shared run also runs the FedSA reference's schedule keys (test_fidelity).
+FEDSA_REFERENCE_STEPS = {"local-steps": 3, "lora-dropout": 0.05, "warmup-steps": 2,
+                         "fedsa-weighted": False, "lr-a": 0.003}  # fmt: skip
 SHARED_RUN = {
     s: {
         **TINY, "strategy": s, **({"rounds-per-task": 2} if s == "lorm" else {}),
         **({"tracking": TRACKED[s]} if s in TRACKED else {}),
+        **(FEDSA_REFERENCE_STEPS if s == "fedsa-vera" else {}),
     }
     for s in ALL_STRATEGIES
 }  # fmt: skip

@@ -388,12 +388,12 @@ def test_reference_mode_lorm_runs_with_validation_and_sends_the_past_tasks(feder
     assert [t["adapter_rank"] for t in results["task_end"]] == [2, 4]
 
 
-@pytest.mark.slow
-def test_fedsa_reference_steps_dropout_and_warmup_run(federation, tmp_path):
-    from tests.simulations import TINY, run_app
+def test_fedsa_reference_steps_dropout_and_warmup_run(per_strategy):
+    """The session's shared FedSA-VeRA run carries the FedSA reference's schedule keys."""
+    from tests.simulations import FEDSA_REFERENCE_STEPS
 
-    cfg = {**TINY, "strategy": "fedsa-vera", "local-steps": 3, "lora-dropout": 0.05,
-           "warmup-steps": 2, "fedsa-weighted": False, "lr-a": 0.003}  # fmt: skip
-    _, results, _ = run_app(federation, tmp_path / "runs", 2, cfg)
+    _, results, _ = per_strategy["fedsa-vera"]
+    for key, value in FEDSA_REFERENCE_STEPS.items():
+        assert results["config"][key] == value
     assert len(results["accuracy_matrix"]) == 2
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in results["rounds"])

@@ -77,9 +77,12 @@ def test_heads_are_the_models_own(backbone):
 def test_lorm_text_adapter_loads_with_auto_peft_and_scores_as_results_say(federation, tmp_path):
     """LoRM on tiny RoBERTa (2 clients): the exported adapter is a SEQ_CLS adapter that
     AutoPeftModelForSequenceClassification loads from the run folder alone, and its test
-    accuracy equals results.json's final accuracy."""
+    accuracy equals results.json's final accuracy. One task: plain federated learning of all
+    classes, LoRM's end-of-task merge with nothing before it."""
     folder, results, _ = run_app(federation, tmp_path / "runs", 2,
                                  {**TEXT, "strategy": "lorm", "backbone": "tiny-roberta"})  # fmt: skip
+    assert len(results["accuracy_matrix"]) == 1 and results["tasks"] == [[0, 1, 2, 3, 4]]
+    assert results["average_forgetting"] is None  # nothing to forget with one task
     config = (folder / "adapter" / "adapter_config.json").read_text()
     assert '"task_type": "SEQ_CLS"' in config and '"classifier"' in config
     cfg = RunConfig.from_mapping(results["config"])

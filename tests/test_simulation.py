@@ -215,13 +215,6 @@ def test_fedsa_uploads_about_half_of_fedit(per_strategy):
     assert fedsa < 0.6 * fedit
 
 
-def test_plain_federated_learning_is_one_task_of_all_classes(federation, tmp_path):
-    """LoRM with one task: its end-of-task merge with nothing before it."""
-    _, results, _ = _run(federation, tmp_path, num_clients=2, strategy="lorm", **{"num-tasks": 1})
-    assert len(results["accuracy_matrix"]) == 1 and len(results["tasks"][0]) == 10
-    assert results["average_forgetting"] is None  # nothing to forget with one task
-
-
 TEXT = {
     "dataset": "bbc-news",
     "backbone": "minilm",

@@ -32,7 +32,7 @@ from lorm_flwr.server.results import (
     provenance,
     run_folder,
 )
-from lorm_flwr.server.tracking import check_tracking
+from lorm_flwr.server.tracking import check_tracking, start_tracking
 from lorm_flwr.train import pick_device, train_local
 
 __all__ = ["JOINT_STRATEGIES", "main_joint", "run_joint"]
@@ -127,7 +127,7 @@ def main_joint(cfg: RunConfig, run_id: int | None = None) -> None:
     log.info("lorm-flwr: %s (no federation), writing results to %s", cfg.strategy, folder)
     start = time.perf_counter()
     try:
-        recorder.start_tracking()
+        start_tracking(recorder)
         run_joint(cfg, scenario, recorder, lambda line: log.info("%s", line))
         recorder.finish(start)
     except BaseException:

@@ -251,7 +251,8 @@ class RunRecorder:
     provenance: dict[str, Any] = field(default_factory=dict)
     # Generation: the untrained model's exact match and held-out loss (before round 1).
     untrained: dict[str, Any] = field(default_factory=dict)
-    # tracking != none: the tracker fed from these records (lorm_flwr.server.tracking)
+    # tracking != none: the tracker fed from these records, set by
+    # lorm_flwr.server.tracking.start_tracking (which imports this module, not the reverse)
     tracking: Any = None
 
     _STATE = (
@@ -273,15 +274,6 @@ class RunRecorder:
         for k in self._STATE:
             if k in state:  # a checkpoint of format 1 has no handshakes
                 setattr(self, k, state[k])
-
-    def start_tracking(self) -> None:
-        """Open the tracker ``tracking`` names (a resumed run: the same tracked run) and log
-        what is recorded but not yet logged."""
-        if self.cfg.tracking != "none" and self.tracking is None:
-            from lorm_flwr.server.tracking import RunTracking
-
-            self.tracking = RunTracking(self.cfg, self.folder)
-            self.track()
 
     def track(self) -> None:
         """Log what is recorded and not yet logged. The federated run calls this after each

@@ -43,7 +43,7 @@ from lorm_flwr.server.results import (
 from lorm_flwr.server.rounds import FederatedRun
 from lorm_flwr.server.strategies.base import Tensors
 from lorm_flwr.server.task_end import end_task
-from lorm_flwr.server.tracking import check_tracking
+from lorm_flwr.server.tracking import check_tracking, start_tracking
 from lorm_flwr.wire.limits import check_message_sizes, max_message_bytes
 
 __all__ = ["run_federated"]
@@ -187,7 +187,7 @@ def _run(
 
     # Opened last before training (a run stopped by its config opens no tracked run);
     # resumed: the same tracked run, first given what it missed.
-    recorder.start_tracking()
+    start_tracking(recorder)
 
     training.append(True)  # from here a failure writes this start's results
     for task in range(first_task, scenario.num_tasks):

@@ -30,7 +30,7 @@ from typing import Any
 from lorm_flwr.config import ConfigError, RunConfig
 from lorm_flwr.math.continual import average_forgetting
 
-__all__ = ["STATE_FILE", "RunTracking", "check_tracking", "missing_tracker"]
+__all__ = ["STATE_FILE", "RunTracking", "check_tracking", "missing_tracker", "start_tracking"]
 
 log = logging.getLogger("flwr.lorm")
 
@@ -104,6 +104,14 @@ def task_end_metrics(matrix: list[list[float | None]], entry: dict[str, Any]) ->
 def task_end_steps(rounds: list[dict[str, Any]], task_ends: list[dict[str, Any]]) -> list[int]:
     """The step of each task end: the number of rounds run up to its task's last round."""
     return [sum(1 for r in rounds if r["task"] <= entry["task"]) for entry in task_ends]
+
+
+def start_tracking(recorder) -> None:
+    """Open the tracker ``tracking`` names for ``recorder``'s run (a resumed run: the same
+    tracked run) and log what is recorded but not yet logged."""
+    if recorder.cfg.tracking != "none" and recorder.tracking is None:
+        recorder.tracking = RunTracking(recorder.cfg, recorder.folder)
+        recorder.track()
 
 
 class RunTracking:
