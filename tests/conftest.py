@@ -49,6 +49,16 @@ def federation(tmp_path_factory):
         yield fed
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (README's test command runs 2 workers) a session fixture is built
+    once per worker: every test that reads the shared runs goes to one worker, so they are
+    run once (``--dist loadgroup``); the rest spreads over both."""
+    for item in items:
+        if "per_strategy" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("shared-runs"))
+
+
 @pytest.fixture(scope="session")
 def per_strategy(federation, tmp_path_factory):
     """strategy -> (folder, results, process) of its shared run (``SHARED_RUN``)."""
