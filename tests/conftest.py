@@ -35,7 +35,9 @@ torch.set_num_threads(1)
 # ---------------------------------------------------------------- simulations
 # One SuperLink and one 2-task run per strategy for the whole session: every test
 # that only reads a run's outputs (test_simulation, the resume and deployment
-# references) shares these instead of starting its own.
+# references) shares these instead of starting its own. Under pytest-xdist (2 workers,
+# pyproject.toml) each worker that runs such a test builds them once: xdist's loadgroup,
+# which would keep them on one worker, did not group with pytest 9.2 and xdist 3.8 here.
 import pytest
 
 from tests.simulations import ALL_STRATEGIES, SHARED_CLIENTS, SHARED_RUN, run_app
@@ -47,16 +49,6 @@ def federation(tmp_path_factory):
 
     with simulation_superlink(tmp_path_factory.mktemp("federation")) as fed:
         yield fed
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (README's test command runs 2 workers) a session fixture is built
-    once per worker: every test that reads the shared runs goes to one worker, so they are
-    run once (``--dist loadgroup``); the rest spreads over both."""
-    for item in items:
-        if "per_strategy" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("shared-runs"))
 
 
 @pytest.fixture(scope="session")
