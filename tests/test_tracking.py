@@ -206,3 +206,16 @@ def test_a_resume_may_switch_trackers_and_replays_everything(tmp_path):
     ] == [1, 2, 3]
     state = json.loads((tmp_path / STATE_FILE).read_text())
     assert state["mlflow"]["rounds_logged"] == 3 and state["tensorboard"]["rounds_logged"] == 3
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["not json", "[1, 2]", '{"tensorboard": 3}', '{"tensorboard": {"rounds_logged": "x"}}',
+     '{"tensorboard": {"rounds_logged": -1, "task_ends_logged": 0}}'],
+)  # fmt: skip
+def test_a_damaged_tracking_json_is_named_and_left_as_it_is(tmp_path, content):
+    (tmp_path / STATE_FILE).write_text(content)
+    with pytest.raises(ConfigError, match=r"tracking\.json .*remove the file"):
+        RunTracking(RunConfig.from_mapping({"tracking": "tensorboard"}), tmp_path)
+    assert (tmp_path / STATE_FILE).read_text() == content
+    assert not (tmp_path / "tensorboard").exists()

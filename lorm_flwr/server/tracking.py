@@ -148,9 +148,19 @@ class RunTracking:
         except (OSError, ValueError) as exc:
             raise ConfigError(f"{path} is unreadable ({exc}): the tracked run to go on in is "
                               "unknown; remove the file to start a new tracked run") from None  # fmt: skip
-        fresh = {"rounds_logged": 0, "task_ends_logged": 0}
-        self.resuming = self.cfg.tracking in self.file  # an earlier start of this tracker
-        return self.file.setdefault(self.cfg.tracking, fresh)
+        entry = self.file.get(self.cfg.tracking) if isinstance(self.file, dict) else None
+        counts = ("rounds_logged", "task_ends_logged")
+        if not isinstance(self.file, dict) or (entry is not None and not (
+            isinstance(entry, dict)
+            and all(type(entry.get(k)) is int and entry[k] >= 0 for k in counts)
+        )):  # fmt: skip
+            raise ConfigError(
+                f"{path} is not what this run wrote (an object of trackers, each with "
+                f"non-negative {' and '.join(counts)}): the tracked run to go on in is unknown; "
+                "remove the file to start a new tracked run"
+            )
+        self.resuming = entry is not None  # an earlier start of this tracker
+        return self.file.setdefault(self.cfg.tracking, dict.fromkeys(counts, 0))
 
     def _save_state(self) -> None:
         from lorm_flwr.server.results import write_json_atomic
