@@ -33,14 +33,13 @@ torch.set_num_threads(1)
 
 
 # ---------------------------------------------------------------- simulations
-# One SuperLink and one 2-task run per strategy for the whole session: every test
-# that only reads a run's outputs (test_simulation, the resume and deployment
-# references) shares these instead of starting its own. Under pytest-xdist (2 workers,
-# pyproject.toml) each worker that runs such a test builds them once: xdist's loadgroup,
-# which would keep them on one worker, did not group with pytest 9.2 and xdist 3.8 here.
+# One 2-task run per strategy for the whole session: every test that only reads a run's
+# outputs (test_simulation, the resume and deployment references) shares these instead
+# of starting its own. Under pytest-xdist (2 workers, pyproject.toml) the workers share
+# one folder and split the runs between them (tests.simulations.shared_runs).
 import pytest
 
-from tests.simulations import ALL_STRATEGIES, SHARED_CLIENTS, SHARED_RUN, run_app
+from tests.simulations import shared_runs
 
 
 @pytest.fixture(scope="session")
@@ -52,10 +51,11 @@ def federation(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def per_strategy(federation, tmp_path_factory):
+def per_strategy(request, tmp_path_factory):
     """strategy -> (folder, results, process) of its shared run (``SHARED_RUN``)."""
-    out = {}
-    for strategy in ALL_STRATEGIES:
-        runs = tmp_path_factory.mktemp(strategy) / "runs"
-        out[strategy] = run_app(federation, runs, SHARED_CLIENTS, SHARED_RUN[strategy])
-    return out
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # the session's folder, above each worker's own (popen-gw0, popen-gw1)
+        root = tmp_path_factory.getbasetemp().parent / "shared-runs"
+    else:
+        root = tmp_path_factory.mktemp("shared-runs")
+    return shared_runs(root, lambda: request.getfixturevalue("federation"))

@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
 TINY = {
     "dataset": "digits",
     "backbone": "vit-tiny",
@@ -45,3 +53,56 @@ def run_app(federation, out, num_clients, cfg, **kwargs):
     folder, results = load_results(out)
     assert results["status"] == "completed", proc.stdout[-3000:]
     return folder, results, proc
+
+
+@contextlib.contextmanager
+def _lock(path: Path, wait: bool):
+    """An exclusive ``flock`` on ``path``: yields whether it is held (``wait=False``
+    gives up at once when another process holds it). The kernel drops it when the
+    holder dies, so a crashed worker never blocks the others."""
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def shared_runs(root: Path, federation) -> dict:
+    """strategy -> (folder, results, process) of every ``SHARED_RUN``, each built once
+    under ``root`` however many processes ask (pytest-xdist workers share ``root``).
+
+    A process builds each run no other is building (one lock per strategy), then waits
+    for the rest, so two workers split the runs between them. ``federation()`` gives the
+    asker's SuperLink, started only if it builds something. A run whose build failed
+    leaves no ``process.json``: the next process to take its lock builds it afresh.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    out: dict = {}
+    for wait in (False, True):  # first build what is free, then wait for the others
+        for strategy in [s for s in ALL_STRATEGIES if s not in out]:
+            with _lock(root / f"{strategy}.lock", wait) as held:
+                if not held:
+                    continue
+                runs, record = root / strategy / "runs", root / strategy / "process.json"
+                if not record.exists():
+                    shutil.rmtree(runs, ignore_errors=True)  # a failed build's leftovers
+                    _, _, proc = run_app(federation(), runs, SHARED_CLIENTS, SHARED_RUN[strategy])
+                    fields = {
+                        k: getattr(proc, k) for k in ("args", "returncode", "stdout", "stderr")
+                    }
+                    record.with_suffix(".tmp").write_text(json.dumps(fields))
+                    os.replace(record.with_suffix(".tmp"), record)
+                from harness.local_federation import load_results
+
+                folder, results = load_results(runs)
+                out[strategy] = (
+                    folder,
+                    results,
+                    subprocess.CompletedProcess(**json.loads(record.read_text())),
+                )
+    return out
