@@ -342,9 +342,26 @@ def model_of(
     )
 
 
-# glibc's mallopt parameter: allocations above this many bytes get their own mapping.
+# glibc's mallopt parameters: allocations above M_MMAP_THRESHOLD bytes get their own
+# mapping; free memory above M_TRIM_THRESHOLD at the heap's top goes back to the system.
+_M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 SERVER_MMAP_THRESHOLD = 128 * 1024
+CLIENT_MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's documented maximum on 64-bit systems
+CLIENT_TRIM_THRESHOLD = 256 * 1024 * 1024
+
+
+def _mallopt(*settings: tuple[int, int]) -> bool:
+    """glibc's ``mallopt`` for each (parameter, value); False off glibc or if one is refused."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        accepted = [bool(libc.mallopt(param, value)) for param, value in settings]  # every one
+        return all(accepted)
+    except (OSError, AttributeError):
+        return False
 
 
 def keep_server_heap_flat() -> bool:
@@ -353,14 +370,27 @@ def keep_server_heap_flat() -> bool:
     returns its own mapping. Otherwise the heap keeps the freed blocks of each decoded
     reply and the server's resident memory grows with the number of clients although
     it holds no more replies (benchmarks/server_memory.py). No-op (False) off glibc."""
-    import ctypes
-    import ctypes.util
+    # the trim threshold too, in case this process ran client code first (in-process runs)
+    return _mallopt(
+        (_M_MMAP_THRESHOLD, SERVER_MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, SERVER_MMAP_THRESHOLD)
+    )
 
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, SERVER_MMAP_THRESHOLD))
-    except (OSError, AttributeError):
-        return False
+
+@functools.cache
+def keep_client_heap_warm() -> bool:
+    """Let glibc keep a client's freed activations for the next batch, once per process.
+
+    With glibc's defaults every activation above its (adaptive) mmap threshold gets a
+    fresh mapping, and memory freed at the heap's top goes back to the system: each
+    statistics pass, one batch of the whole shard, then pays a page fault on every
+    page of every large activation, every time (a quarter of a B-round's pass on the
+    default, benchmarks/client_overhead.py). Blocks up to ``CLIENT_MMAP_THRESHOLD``
+    now come from the heap, which keeps up to ``CLIENT_TRIM_THRESHOLD`` of free memory.
+    Only the allocator changes: every result is the same. No-op (False) off glibc.
+    """
+    return _mallopt(
+        (_M_MMAP_THRESHOLD, CLIENT_MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, CLIENT_TRIM_THRESHOLD)
+    )
 
 
 def set_threads(cfg: RunConfig) -> None:

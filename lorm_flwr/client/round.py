@@ -34,6 +34,7 @@ from lorm_flwr.runtime import (
     generation_scores,
     initial_tensors,
     input_spec,
+    keep_client_heap_warm,
     model_of,
     scenario_of,
     set_threads,
@@ -103,6 +104,7 @@ def train_round(
     reference code does, instead of on the trained model.
     """
     set_threads(cfg)
+    keep_client_heap_warm()
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id={partition_id} outside [0, {num_partitions})")
     data = data_of(cfg)
@@ -174,6 +176,7 @@ def evaluate_personal(
     all seen classes).
     """
     set_threads(cfg)
+    keep_client_heap_warm()
     data = data_of(cfg)
     scenario = scenario_of(cfg, num_partitions)
     seen = scenario.seen_classes(task)
@@ -292,6 +295,7 @@ def task_grams(
     ``tensors`` is the model to record on, an adapter of ``plan.rank``/``plan.alpha``.
     """
     set_threads(cfg)
+    keep_client_heap_warm()
     data = data_of(cfg)
     shard = scenario_of(cfg, num_partitions).shards[plan.task][partition_id]
     model = model_of(cfg, rank=plan.rank or None, alpha=plan.alpha if plan.rank else None)
