@@ -246,9 +246,9 @@ def test_a_damaged_checkpoint_names_resume_from_and_what_is_wrong(tmp_path, dama
         path.write_bytes(bytes(data[: len(data) // 2]))
     elif damage == "flipped byte":  # one byte of the stored state: only the checksum can tell
         outer = torch.load(path, weights_only=True)
-        state = bytearray(outer["state"])
+        state = outer["state"].clone()  # the wrapped state's bytes, a uint8 tensor
         state[len(state) // 2] ^= 0x01
-        torch.save({**outer, "state": bytes(state)}, path)
+        torch.save({**outer, "state": state}, path)
     elif damage == "not a checkpoint":
         torch.save([1, 2, 3], path)
     else:
@@ -261,6 +261,26 @@ def test_a_damaged_checkpoint_names_resume_from_and_what_is_wrong(tmp_path, dama
         resume_point(RunConfig(resume_from=str(tmp_path)))
     if damage == "flipped byte":
         assert "checksum does not match" in str(info.value)
+
+
+def test_a_format_3_checkpoint_pickled_bytes_still_loads(tmp_path):
+    # Format 3 kept the wrapped state as pickled bytes; format 4 as a uint8 tensor.
+    import hashlib
+    import io
+
+    from lorm_flwr.server.checkpoint import load_checkpoint
+
+    fields = {"config": RunConfig().to_dict(), "task": 1, "round_in_task": 0,
+              "tensors": {"a": torch.arange(5.0)}, "strategy": {}, "recorder": {},
+              "rng": capture_rng(), "elapsed_seconds": 2.5, "version": 3}  # fmt: skip
+    buffer = io.BytesIO()
+    torch.save(fields, buffer)
+    payload = buffer.getvalue()
+    torch.save({"version": 3, "sha256": hashlib.sha256(payload).hexdigest(), "state": payload},
+               tmp_path / CHECKPOINT_FILE)  # fmt: skip
+    back = load_checkpoint(tmp_path)
+    assert back.version == 3 and back.task == 1 and back.elapsed_seconds == 2.5
+    assert torch.equal(back.tensors["a"], torch.arange(5.0))
 
 
 # ------------------------------------------------------- streaming exchange
