@@ -52,6 +52,18 @@ def test_symmetric_statistics_travel_as_their_upper_triangle():
             assert isinstance(shape, PackedShape) and shape == (shape.side * (shape.side + 1) // 2,)
 
 
+def test_unpacking_keeps_every_bit_of_the_triangle():
+    # Signed zeros, NaN and huge values come back as sent, mirrored below the diagonal.
+    k = 40
+    packed = torch.randn(packed_length(k))
+    packed[1:4] = torch.tensor([-0.0, float("nan"), 3.0e38])  # g[0, 1:4]
+    g = unpack_upper(packed, k)
+    rows, cols = torch.triu_indices(k, k)
+    assert torch.equal(g[rows, cols].view(torch.int32), packed.view(torch.int32))
+    assert torch.equal(g.T.contiguous().view(torch.int32), g.view(torch.int32))
+    assert torch.signbit(g[1, 0]) and torch.isnan(g[2, 0]) and g[3, 0] == 3.0e38
+
+
 def test_pack_and_unpack_are_inverse_and_reject_what_is_not_a_triangle():
     g = torch.randn(7, 7, dtype=torch.float64)
     g = g + g.T

@@ -365,6 +365,46 @@ def test_a_client_reuses_freed_activation_memory_without_page_faults():
     assert runs["warm"][1] < 5000
 
 
+_SERVER_EVALUATION = """
+import os, resource, torch
+from lorm_flwr.runtime import keep_server_heap_flat, warm_heap
+
+def resident_mib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+def second_pass_faults():
+    faults = []
+    for _ in range(2):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        live = [torch.ones(n << 18) for n in (24, 20, 16, 8)]  # MiB
+        del live
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return faults[1]
+
+assert keep_server_heap_flat()
+flat = second_pass_faults()
+before = resident_mib()
+with warm_heap():
+    warm = second_pass_faults()
+    held = resident_mib() - before
+print(flat, warm, held, resident_mib() - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_the_server_heap_is_warm_only_while_it_evaluates():
+    # The flat heap faults every page in anew; within warm_heap (evaluation) freed pages
+    # are reused, so the heap holds them; after it, they go back to the system.
+    out = subprocess.run(
+        [sys.executable, "-c", _SERVER_EVALUATION], capture_output=True, text=True, check=True
+    )
+    flat, warm, held, kept = map(float, out.stdout.split())
+    assert flat > 15000 and warm < 5000
+    assert held > 50  # MiB: the 68 MiB of freed activations, kept for reuse
+    assert kept < 10  # ... and returned at the block's end
+
+
 class _RefusingGrid(ScriptedGrid):
     """A SuperLink that refuses some pushes ("" ids, as Flower's runtime does, or a short
     list) and answers a refused id's pull with a fresh error message every time."""

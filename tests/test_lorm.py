@@ -214,6 +214,45 @@ def test_a_gram_with_a_negative_eigenvalue_is_rejected_though_its_2x2_minors_pas
             wire.check_gram(1, "g", bad)
 
 
+def test_a_gram_known_symmetric_is_judged_as_by_the_full_check_and_left_untouched():
+    # Unpacked Grams skip the symmetry test and the averaging with the transpose: the
+    # verdict must be the full check's, and the caller's fp64 Gram must stay as it was.
+    x = torch.randn(30, 6, dtype=torch.float64)
+    cases = [
+        (x.T @ x, None),  # PSD, fp64: the check works on the caller's own tensor
+        ((x.T @ x).float(), None),
+        (torch.tensor([[1.0, 1.0, -1.0], [1.0, 1.0, 1.0], [-1.0, 1.0, 1.0]]), "semi-definite"),
+        (torch.tensor([[-1.0, 0.0], [0.0, 1.0]]), "negative diagonal"),
+    ]
+    for g, why in cases:
+        before = g.clone()
+        for symmetric in (False, True):
+            if why is None:
+                wire.check_gram(2, "y|G", g, symmetric=symmetric)
+            else:
+                with pytest.raises(wire.PayloadError, match=why):
+                    wire.check_gram(2, "y|G", g, symmetric=symmetric)
+            assert torch.equal(g, before)
+
+
+def test_a_non_finite_tensor_is_named_whatever_its_dtype():
+    from flwr.app import Array, ArrayRecord
+
+    from lorm_flwr.wire.checks import PayloadError, decode_tensors
+
+    big = np.full(4, 3.0e38, dtype=np.float32)  # finite: their sum only fits in fp64
+    assert decode_tensors(3, ArrayRecord({"a": Array(big)}), {"a": (4,)}, torch.float32)
+    for bad in (np.nan, np.inf, -np.inf):
+        for dtype in (torch.float32, torch.float64, torch.bfloat16):
+            values = np.ones(5, dtype=np.float32)
+            values[2] = bad
+            with pytest.raises(PayloadError, match="node 3: a holds NaN or Inf"):
+                decode_tensors(3, ArrayRecord({"a": Array(values)}), {"a": (5,)}, dtype)
+    huge = np.full(2, 1.0e300)  # finite in fp64, Inf once cast to the fp32 of the wire
+    with pytest.raises(PayloadError, match="holds NaN or Inf"):
+        decode_tensors(3, ArrayRecord({"a": Array(huge)}), {"a": (2,)}, torch.float32)
+
+
 def test_a_reply_with_an_indefinite_gram_is_rejected_in_a_round():
     model, glob, clients = _setup("A")
     strategy = _strategy(model)

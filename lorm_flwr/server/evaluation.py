@@ -10,7 +10,7 @@ import torch
 from lorm_flwr.config import RunConfig
 from lorm_flwr.data.scenario import Scenario
 from lorm_flwr.models.adapters import set_tensors
-from lorm_flwr.runtime import data_of, generation_scores, input_spec, model_of
+from lorm_flwr.runtime import data_of, generation_scores, input_spec, model_of, warm_heap
 from lorm_flwr.train import evaluate_accuracy, pick_device, predict
 
 __all__ = ["EvalResult", "evaluate_global"]
@@ -59,15 +59,16 @@ def evaluate_global(
         correct = int(scores.exact.sum())
         em = correct / max(len(images), 1)
         return EvalResult(em, [em], correct, len(images), scores.loss)
-    preds = predict(
-        model,
-        images,
-        seen_classes=seen,
-        inputs=input_spec(cfg),
-        batch_size=cfg.eval_batch_size,
-        device=pick_device(cfg.device),
-        precision=cfg.precision,
-    )
+    with warm_heap():  # its activations only: the model's tensors were set before
+        preds = predict(
+            model,
+            images,
+            seen_classes=seen,
+            inputs=input_spec(cfg),
+            batch_size=cfg.eval_batch_size,
+            device=pick_device(cfg.device),
+            precision=cfg.precision,
+        )
     overall, per_task = evaluate_accuracy(preds, labels, scenario.tasks[: task + 1])
     correct = int((preds == labels).sum())
     return EvalResult(overall, per_task, correct, len(labels))

@@ -139,10 +139,19 @@ def decode_tensors(
         if array.dtype.kind != "f":  # (its shape is the header's, checked above)
             raise PayloadError(f"node {node}: {key} has dtype {array.dtype}, expected a float")
         tensor = torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
-        if not torch.isfinite(tensor).all():
+        if not _all_finite(tensor):
             raise PayloadError(f"node {node}: {key} holds NaN or Inf (as {dtype})")
         out[key] = tensor
     return out
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or Inf in ``tensor``. Below fp64, one fp64 sum tells: a NaN or Inf makes it
+    non-finite, and finite values under fp32's maximum (3.4e38) cannot add up to fp64's
+    (1.8e308); 7x faster than ``isfinite().all()`` on a k = 1152 Gram."""
+    if tensor.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return bool(torch.isfinite(tensor.sum(dtype=torch.float64)))
+    return bool(torch.isfinite(tensor).all())
 
 
 def decode_reply(
@@ -181,10 +190,11 @@ def decode_reply(
         grams = decode_tensors(node, content[GRAMS], spec.grams, torch.float32)
         for key, t in grams.items():
             shape = spec.grams[key]
-            if isinstance(shape, PackedShape):
+            packed = isinstance(shape, PackedShape)
+            if packed:
                 grams[key] = t = unpack_upper(t, shape.side)
             if key.rsplit("|", 1)[-1] in SYMMETRIC_PARTS:
-                check_gram(node, key, t)
+                check_gram(node, key, t, symmetric=packed)
     return Reply(node, arrays, grams, metrics)
 
 
@@ -194,7 +204,7 @@ def decode_reply(
 PSD_TOLERANCE = 1e-5
 
 
-def check_gram(node: int, key: str, gram: torch.Tensor) -> None:
+def check_gram(node: int, key: str, gram: torch.Tensor, symmetric: bool = False) -> None:
     """Reject a statistic that cannot be ``X X^T``.
 
     A diagonal ``(k,)`` must be non-negative; a full ``(k, k)`` one symmetric and
@@ -202,6 +212,11 @@ def check_gram(node: int, key: str, gram: torch.Tensor) -> None:
     ``G + PSD_TOLERANCE * trace(G) * I`` (fp64) must succeed, which it does exactly
     when every eigenvalue is above ``-PSD_TOLERANCE * trace(G)``. Cost: one
     Cholesky per Gram, O(k^3 / 3) (see docs for the measured price).
+
+    ``symmetric``: ``gram`` is exactly symmetric by construction (unpacked from its
+    upper triangle), so the symmetry test and the averaging with its transpose, which
+    would give back ``gram`` bit for bit, are skipped (over a third of the check's
+    time at k = 1152).
     """
     g = gram.double()
     diag = g if g.dim() == 1 else torch.diagonal(g)
@@ -211,9 +226,12 @@ def check_gram(node: int, key: str, gram: torch.Tensor) -> None:
         raise PayloadError(f"node {node}: {key} has a negative diagonal entry (not PSD)")
     if g.dim() == 1:
         return
-    if not torch.allclose(g, g.T, rtol=1e-4, atol=tol):
-        raise PayloadError(f"node {node}: {key} is not symmetric")
-    shifted = (g + g.T) / 2
+    if symmetric:
+        shifted = g if g is not gram else g.clone()  # (a fp32 Gram's fp64 copy is our own)
+    else:
+        if not torch.allclose(g, g.T, rtol=1e-4, atol=tol):
+            raise PayloadError(f"node {node}: {key} is not symmetric")
+        shifted = (g + g.T) / 2
     shifted.diagonal().add_(tol)
     _, info = torch.linalg.cholesky_ex(shifted)
     if int(info) != 0:
