@@ -62,6 +62,7 @@ def run_federated(grid: Grid, cfg: RunConfig, run_id: int | None = None) -> None
     checkpoint holds plus the new rounds. Only a resume refused before any work leaves
     the folder it names as it was.
     """
+    started_at = time.time()  # for the start-up's timeline (benchmarks/default_run.py)
     check_tracking(cfg)  # a tracker that is not installed stops here, before any work
     checkpoint = resume_point(cfg)  # a resume it cannot honour stops here
     if checkpoint is None:
@@ -83,7 +84,7 @@ def run_federated(grid: Grid, cfg: RunConfig, run_id: int | None = None) -> None
     log.info("lorm-flwr: writing results to %s", folder)
     training: list[bool] = []  # set once the first round of this start begins
     try:
-        _run(grid, cfg, checkpoint, recorder, training)
+        _run(grid, cfg, checkpoint, recorder, training, started_at)
     except BaseException as exc:
         error = f"{type(exc).__name__}: {exc}"
         try:
@@ -110,16 +111,20 @@ def run_federated(grid: Grid, cfg: RunConfig, run_id: int | None = None) -> None
 
 def _run(
     grid: Grid, cfg: RunConfig, checkpoint: Checkpoint | None, recorder: RunRecorder,
-    training: list[bool],
+    training: list[bool], started_at: float,
 ) -> None:  # fmt: skip
     """The hello, the scenario, then tasks x rounds from the start or the checkpoint."""
     # The server's model first (cached): a lora-rank or max-length the backbone cannot
     # hold stops the run here, before any node is asked anything.
     layout = model_layout(model_of(cfg))
+    hello_at = time.time()
     partition_of, hello, num_clients = handshake(grid, cfg)
-    recorder.handshakes.append(
-        {**hello.to_dict(), "partitions": {str(n): p for n, p in partition_of.items()}}
-    )
+    # Where this start's time went before its first round (epoch seconds): the ServerApp
+    # entered, the hello sent (after the server's model), answered, the rounds begun.
+    timeline = {"server_started_at": started_at, "hello_at": hello_at,
+                "hello_done_at": time.time()}  # fmt: skip
+    partitions = {str(n): p for n, p in partition_of.items()}
+    recorder.handshakes.append({**hello.to_dict(), "partitions": partitions, "timeline": timeline})
     if cfg.clients_per_round > len(partition_of):  # partitions missing since the hello
         log.warning(
             "lorm-flwr: clients-per-round=%d, but %d clients answered the hello: every round "
@@ -176,19 +181,24 @@ def _run(
     start = time.perf_counter() - elapsed
     run = FederatedRun(grid, cfg, strategy, scenario, recorder, partition_of, start)
 
-    def save(task: int, round_in_task: int, current: Tensors) -> None:
+    def save(task: int, round_in_task: int, current: Tensors, row: dict) -> None:
+        """The checkpoint, then the tracker; the checkpoint's seconds go into ``row`` (the
+        round's or task end's entry of the results, written with the next results)."""
+        saving = time.perf_counter()
         save_checkpoint(recorder.folder, Checkpoint(
             config=cfg.to_dict(), task=task, round_in_task=round_in_task, tensors=current,
             strategy=strategy.state_dict(),
             recorder={**recorder.state(), "shard_sizes": recorder.shard_sizes},
             rng=capture_rng(), elapsed_seconds=time.perf_counter() - start,
         ))  # fmt: skip
+        row["checkpoint_seconds"] = time.perf_counter() - saving
         recorder.track()  # after the checkpoint: the tracker holds what a resume goes on from
 
     # Opened last before training (a run stopped by its config opens no tracked run);
     # resumed: the same tracked run, first given what it missed.
     start_tracking(recorder)
 
+    timeline["rounds_at"] = time.time()
     training.append(True)  # from here a failure writes this start's results
     for task in range(first_task, scenario.num_tasks):
         round0 = first_round if task == first_task else 0
@@ -198,7 +208,7 @@ def _run(
             strategy.task = task  # mid-task: the factors are the checkpoint's
         for round_in_task in range(round0, cfg.rounds_per_task):
             tensors = run.train_round(task, round_in_task, tensors)
-            save(task, round_in_task + 1, tensors)
+            save(task, round_in_task + 1, tensors, recorder.rounds[-1])
         end_task(run, task, tensors)
-        save(task + 1, 0, tensors)
+        save(task + 1, 0, tensors, recorder.task_end[-1])
     recorder.finish(start)

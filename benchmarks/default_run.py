@@ -1,0 +1,119 @@
+"""Where every second of the README's first command goes.
+
+Runs the default job (``flwr run`` with 3 clients, ``client-resources-num-cpus=1``)
+against a loopback SuperLink that is already up, as ``flwr run .`` finds it after its
+first use, and splits its wall time with the timeline and per-round timings the run
+writes into ``results.json``:
+
+- launch: ``flwr run`` invoked until the ServerApp starts (the CLI, packaging the app,
+  the SuperLink starting the simulation, Ray, importing the app);
+- server set-up: the ServerApp's model and checks, until the hello is sent;
+- hello: the clients' actors start, import the client code and answer;
+- per round: the clients' training and statistics on the critical path (the slowest
+  client of each round), the rest of the exchange (waiting for clients that share a
+  core, messages, the server's checks and decoding), the merge, the evaluation and
+  the checkpoint;
+- task ends: LoRM's statistics exchange, the cross-task merge, evaluation and export;
+- finish: results, plot and ``flwr run`` returning.
+
+The goal (issue 27): wall at most 2x the critical path's training and statistics.
+
+    python -m benchmarks.default_run --strategies lorm fedit --out benchmarks/results/default_run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+from harness.local_federation import load_results, simulation_superlink
+
+
+def breakdown(results: dict, invoked_at: float, wall: float) -> dict[str, float]:
+    """Seconds per phase of one run, from its ``results.json`` (a start without resume)."""
+    t = results["handshakes"][-1]["timeline"]
+    rounds, ends = results["rounds"], results["task_end"]
+
+    def total(rows: list[dict], key: str) -> float:
+        return sum(r.get(key, 0.0) for r in rows)
+
+    critical = total(rounds, "client_train_seconds_max") + total(rounds, "client_grams_seconds_max")
+    loop = results["wall_seconds"]  # the ServerApp's rounds and task ends
+    phases = {
+        "launch": t["server_started_at"] - invoked_at,
+        "server set-up": t["hello_at"] - t["server_started_at"],
+        "hello": t["hello_done_at"] - t["hello_at"],
+        "before the first round": t["rounds_at"] - t["hello_done_at"],
+        "clients' training": total(rounds, "client_train_seconds_max"),
+        "clients' statistics": total(rounds, "client_grams_seconds_max"),
+        "rest of the exchanges": total(rounds, "exchange_seconds") - critical,
+        "merge": total(rounds, "merge_seconds"),
+        "evaluation": total(rounds, "evaluate_seconds"),
+        "task ends": total(ends, "seconds"),
+        "checkpoints": total(rounds, "checkpoint_seconds") + total(ends, "checkpoint_seconds"),
+    }
+    accounted = sum(v for k, v in phases.items() if k not in ("launch", "server set-up", "hello",
+                                                              "before the first round"))  # fmt: skip
+    phases["rest of the loop"] = loop - accounted
+    phases["finish"] = wall - (t["rounds_at"] - invoked_at) - loop
+    phases["wall"] = wall
+    phases["critical path"] = critical
+    phases["wall / critical path"] = wall / critical if critical else float("nan")
+    return phases
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--strategies", nargs="+", default=["lorm", "fedit"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clients", type=int, default=3)
+    p.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
+    args = p.parse_args()
+    table: dict[str, dict[str, float]] = {}
+    accuracy: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp, simulation_superlink(Path(tmp)) as fed:
+        for strategy in args.strategies:
+            out = Path(tmp) / strategy
+            invoked_at, start = time.time(), time.perf_counter()
+            proc = fed.run(
+                {"strategy": strategy, "seed": args.seed, "output-dir": str(out)},
+                num_supernodes=args.clients,
+                timeout=1800,
+            )
+            wall = time.perf_counter() - start
+            if proc.returncode != 0:
+                raise SystemExit(proc.stdout[-3000:] + proc.stderr[-3000:])
+            _, results = load_results(out)
+            table[strategy] = breakdown(results, invoked_at, wall)
+            accuracy[strategy] = results["final_average_accuracy"]
+            print(f"{strategy}: wall {wall:.1f} s, final average accuracy {accuracy[strategy]}")
+    phases = list(next(iter(table.values())))
+    lines = [
+        f"Command: `python -m benchmarks.default_run --strategies {' '.join(args.strategies)}`",
+        f"Date: {time.strftime('%Y-%m-%d')}; machine: {platform.machine()}, {os.cpu_count()} "
+        + f"cores, no GPU; seed {args.seed}, {args.clients} clients.",
+        "",
+        "| phase, seconds | " + " | ".join(table) + " |",
+        "|---|" + "---|" * len(table),
+    ]
+    for phase in phases:
+        cells = [f"{table[s][phase]:.2f}" if "/" in phase else f"{table[s][phase]:.1f}"
+                 for s in table]  # fmt: skip
+        lines.append(f"| {phase} | " + " | ".join(cells) + " |")
+    lines.append("| final average accuracy | " + " | ".join(f"{accuracy[s]}" for s in table) + " |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        args.out.with_suffix(".json").write_text(
+            json.dumps({"phases": table, "accuracy": accuracy}, indent=1) + "\n"
+        )
+        args.out.with_suffix(".md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
