@@ -67,6 +67,12 @@ def test_fedit_simulation_writes_results_and_a_reloadable_adapter(per_strategy):
         h["bytes_up"] for h in results["handshakes"]
     )
     assert (folder / "accuracy.png").stat().st_size > 1000
+    # Where the time went (benchmarks/default_run.py): the start's timeline, in order,
+    # and every round's and task end's checkpoint.
+    timeline = results["handshakes"][-1]["timeline"]
+    moments = ["server_started_at", "hello_at", "hello_done_at", "rounds_at"]
+    assert [timeline[k] for k in moments] == sorted(timeline[k] for k in moments)
+    assert all(row["checkpoint_seconds"] > 0 for row in results["rounds"] + results["task_end"])
     assert results["average_incremental_accuracy"] == pytest.approx(
         sum(t["accuracy"] for t in results["task_end"]) / 2
     )
