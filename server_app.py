@@ -13,7 +13,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from lorm_flwr.config import RunConfig
-from lorm_flwr.runtime import keep_server_heap_flat
+from lorm_flwr.runtime import keep_client_heap_warm, keep_server_heap_flat
 from lorm_flwr.server.hello import wait_for_nodes
 from lorm_flwr.server.joint import JOINT_STRATEGIES, main_joint
 from lorm_flwr.server.run import run_federated
@@ -43,10 +43,12 @@ def _dry_run(grid: Grid, cfg: RunConfig) -> None:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_mapping(context.run_config)  # bad values stop here
+    if cfg.strategy in JOINT_STRATEGIES and not cfg.dry_run:
+        keep_client_heap_warm()  # it trains here, as a client would, and decodes no replies
+        main_joint(cfg, context.run_id)
+        return
     keep_server_heap_flat()
     if cfg.dry_run:
         _dry_run(grid, cfg)
-    elif cfg.strategy in JOINT_STRATEGIES:
-        main_joint(cfg, context.run_id)
     else:
         run_federated(grid, cfg, context.run_id)

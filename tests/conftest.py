@@ -53,9 +53,10 @@ def federation(tmp_path_factory):
 @pytest.fixture(scope="session")
 def per_strategy(request, tmp_path_factory):
     """strategy -> (folder, results, process) of its shared run (``SHARED_RUN``)."""
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        # the session's folder, above each worker's own (popen-gw0, popen-gw1)
-        root = tmp_path_factory.getbasetemp().parent / "shared-runs"
+    workerinput = getattr(request.config, "workerinput", None)
+    if workerinput is not None:  # an xdist worker: the folder of this session's test run
+        run = workerinput["testrunuid"]
+        root = tmp_path_factory.getbasetemp().parent / f"shared-runs-{run}"
     else:
         root = tmp_path_factory.mktemp("shared-runs")
     return shared_runs(root, lambda: request.getfixturevalue("federation"))

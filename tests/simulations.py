@@ -78,8 +78,9 @@ def shared_runs(root: Path, federation) -> dict:
 
     A process builds each run no other is building (one lock per strategy), then waits
     for the rest, so two workers split the runs between them. ``federation()`` gives the
-    asker's SuperLink, started only if it builds something. A run whose build failed
-    leaves no ``process.json``: the next process to take its lock builds it afresh.
+    asker's SuperLink, started only if it builds something. A build that fails leaves
+    ``failed.txt``, and every other asker fails at once with its message; a worker
+    killed mid-build leaves neither file, and the next asker builds the run afresh.
     """
     root.mkdir(parents=True, exist_ok=True)
     out: dict = {}
@@ -89,9 +90,19 @@ def shared_runs(root: Path, federation) -> dict:
                 if not held:
                     continue
                 runs, record = root / strategy / "runs", root / strategy / "process.json"
+                failed = root / strategy / "failed.txt"
+                if failed.exists():
+                    raise RuntimeError(f"shared {strategy} run failed: {failed.read_text()}")
                 if not record.exists():
-                    shutil.rmtree(runs, ignore_errors=True)  # a failed build's leftovers
-                    _, _, proc = run_app(federation(), runs, SHARED_CLIENTS, SHARED_RUN[strategy])
+                    shutil.rmtree(runs, ignore_errors=True)  # a killed build's leftovers
+                    try:
+                        _, _, proc = run_app(
+                            federation(), runs, SHARED_CLIENTS, SHARED_RUN[strategy]
+                        )
+                    except BaseException as exc:
+                        failed.parent.mkdir(parents=True, exist_ok=True)
+                        failed.write_text(f"{type(exc).__name__}: {exc}"[-5000:])
+                        raise
                     fields = {
                         k: getattr(proc, k) for k in ("args", "returncode", "stdout", "stderr")
                     }

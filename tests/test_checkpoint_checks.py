@@ -359,6 +359,50 @@ def test_a_valid_checkpoint_still_resumes(tmp_path, strategy, task, round_in_tas
     assert back.strategy["task"] == checkpoint.strategy["task"]
 
 
+def test_a_format_3_checkpoint_resumes_without_resume_unverified(tmp_path):
+    # Format 3 (the release before) kept its checksummed state as pickled bytes.
+    import hashlib
+    import io
+
+    checkpoint = valid_checkpoint(CFG, TASK, ROUND)
+    buffer = io.BytesIO()
+    torch.save({**asdict(checkpoint), "version": 3}, buffer)
+    payload = buffer.getvalue()
+    torch.save({"version": 3, "sha256": hashlib.sha256(payload).hexdigest(), "state": payload},
+               tmp_path / CHECKPOINT_FILE)  # fmt: skip
+    back = resume_point(CFG.replace(resume_from=str(tmp_path)))
+    assert back.version == 3 and back.checksummed
+    assert (back.task, back.round_in_task) == (TASK, ROUND)
+
+
+def test_a_state_claiming_a_checksummed_format_without_its_checksum_is_refused(tmp_path):
+    _write_old_format(tmp_path, valid_checkpoint(CFG, TASK, ROUND), FORMAT_VERSION)
+    with pytest.raises(ConfigError, match="damaged or not a lorm-flwr checkpoint: KeyError"):
+        resume_point(CFG.replace(resume_from=str(tmp_path), resume_unverified=True))
+
+
+def test_a_flipped_bit_anywhere_in_the_file_is_named_or_harmless(tmp_path):
+    # One flipped bit at bytes across the file (the zip magic and headers included): the
+    # load names the file as damaged, or it reads exactly what was saved (zip padding).
+    checkpoint = valid_checkpoint(CFG, TASK, ROUND)
+    save_checkpoint(tmp_path, checkpoint)
+    path = tmp_path / CHECKPOINT_FILE
+    data = path.read_bytes()
+    positions = sorted({0, 1, 27, 30, len(data) - 1, *range(0, len(data), len(data) // 60)})
+    for at in positions:
+        for bit in (0x01, 0x80):
+            damaged = bytearray(data)
+            damaged[at] ^= bit
+            path.write_bytes(bytes(damaged))
+            try:
+                back = load_checkpoint(tmp_path)
+            except ValueError as exc:
+                assert "damaged or not a lorm-flwr checkpoint" in str(exc)
+                continue
+            assert back.checksummed and (back.task, back.round_in_task) == (TASK, ROUND)
+            assert all(torch.equal(back.tensors[k], t) for k, t in checkpoint.tensors.items())
+
+
 def _write_old_format(folder, checkpoint: Checkpoint, version: int) -> None:
     """A checkpoint as formats 1 and 2 were written: the state itself, no checksum."""
     state = {**asdict(checkpoint), "version": version}

@@ -70,7 +70,7 @@ def test_fedit_simulation_writes_results_and_a_reloadable_adapter(per_strategy):
     # Where the time went (benchmarks/default_run.py): the start's timeline, in order,
     # and every round's and task end's checkpoint.
     timeline = results["handshakes"][-1]["timeline"]
-    moments = ["server_started_at", "hello_at", "hello_done_at", "rounds_at"]
+    moments = ["server_started_at", "hello_at", "hello_done_at", "loop_started_at"]
     assert [timeline[k] for k in moments] == sorted(timeline[k] for k in moments)
     assert all(row["checkpoint_seconds"] > 0 for row in results["rounds"] + results["task_end"])
     assert results["average_incremental_accuracy"] == pytest.approx(

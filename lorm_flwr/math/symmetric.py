@@ -92,7 +92,7 @@ def unpack_upper(packed: torch.Tensor, k: int | None = None) -> torch.Tensor:
         raise ValueError(f"{packed.shape[0]} numbers are not the upper triangle of {side}x{side}")
     # The upper triangle is the mask's True entries in row-major order, the packing's
     # order; the lower one is selected from the transpose (no arithmetic: every bit kept).
-    # A third of the time of indexed writes at k = 1152.
+    # 2.6x faster than indexed writes at k = 1152 (median of 15 alternating timings).
     upper = _upper_mask(side, str(packed.device))
     out = packed.new_zeros(side, side).masked_scatter_(upper, packed)
     return torch.where(upper, out, out.T)

@@ -55,7 +55,8 @@ def evaluate_global(
     model = model_of(cfg, rank=rank, alpha=alpha)
     set_tensors(model, tensors)
     if cfg.generation:  # exact match of the generated final answers
-        scores = generation_scores(cfg, model, images)
+        with warm_heap():
+            scores = generation_scores(cfg, model, images)
         correct = int(scores.exact.sum())
         em = correct / max(len(images), 1)
         return EvalResult(em, [em], correct, len(images), scores.loss)

@@ -120,7 +120,7 @@ def _run(
     hello_at = time.time()
     partition_of, hello, num_clients = handshake(grid, cfg)
     # Where this start's time went before its first round (epoch seconds): the ServerApp
-    # entered, the hello sent (after the server's model), answered, the rounds begun.
+    # entered, the hello sent (after the server's model), answered, the loop's clock started.
     timeline = {"server_started_at": started_at, "hello_at": hello_at,
                 "hello_done_at": time.time()}  # fmt: skip
     partitions = {str(n): p for n, p in partition_of.items()}
@@ -179,11 +179,13 @@ def _run(
                  checkpoint_path(cfg.resume_from))  # fmt: skip
     recorder.shard_sizes = shard_sizes  # checked against the checkpoint's, for a resume
     start = time.perf_counter() - elapsed
+    timeline["loop_started_at"] = time.time()  # where results' wall_seconds starts counting
     run = FederatedRun(grid, cfg, strategy, scenario, recorder, partition_of, start)
 
     def save(task: int, round_in_task: int, current: Tensors, row: dict) -> None:
         """The checkpoint, then the tracker; the checkpoint's seconds go into ``row`` (the
-        round's or task end's entry of the results, written with the next results)."""
+        round's or task end's entry of the results, written with the next results). The
+        checkpoint itself holds that row without them: after a resume it lacks the key."""
         saving = time.perf_counter()
         save_checkpoint(recorder.folder, Checkpoint(
             config=cfg.to_dict(), task=task, round_in_task=round_in_task, tensors=current,
@@ -198,7 +200,6 @@ def _run(
     # resumed: the same tracked run, first given what it missed.
     start_tracking(recorder)
 
-    timeline["rounds_at"] = time.time()
     training.append(True)  # from here a failure writes this start's results
     for task in range(first_task, scenario.num_tasks):
         round0 = first_round if task == first_task else 0

@@ -203,7 +203,7 @@ def decode_reply(
 PSD_TOLERANCE = 1e-5
 
 
-def check_gram(node: int, key: str, gram: torch.Tensor, symmetric: bool = False) -> None:
+def check_gram(node: int, key: str, gram: torch.Tensor, *, symmetric: bool = False) -> None:
     """Reject a statistic that cannot be ``X X^T``.
 
     A diagonal ``(k,)`` must be non-negative; a full ``(k, k)`` one symmetric and
