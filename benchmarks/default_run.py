@@ -47,11 +47,13 @@ def breakdown(results: dict, invoked_at: float, wall: float) -> dict[str, float]
 
     critical = total(rounds, "client_train_seconds_max") + total(rounds, "client_grams_seconds_max")
     loop = results["wall_seconds"]  # the ServerApp's rounds and task ends
-    phases = {
+    start_up = {
         "launch": t["server_started_at"] - invoked_at,
         "server set-up": t["hello_at"] - t["server_started_at"],
         "hello": t["hello_done_at"] - t["hello_at"],
         "before the first round": t["loop_started_at"] - t["hello_done_at"],
+    }
+    in_loop = {
         "clients' training": total(rounds, "client_train_seconds_max"),
         "clients' statistics": total(rounds, "client_grams_seconds_max"),
         "rest of the exchanges": total(rounds, "exchange_seconds") - critical,
@@ -60,9 +62,7 @@ def breakdown(results: dict, invoked_at: float, wall: float) -> dict[str, float]
         "task ends": total(ends, "seconds"),
         "checkpoints": total(rounds, "checkpoint_seconds") + total(ends, "checkpoint_seconds"),
     }
-    accounted = sum(v for k, v in phases.items() if k not in ("launch", "server set-up", "hello",
-                                                              "before the first round"))  # fmt: skip
-    phases["rest of the loop"] = loop - accounted
+    phases = {**start_up, **in_loop, "rest of the loop": loop - sum(in_loop.values())}
     phases["finish"] = wall - (t["loop_started_at"] - invoked_at) - loop
     phases["wall"] = wall
     phases["critical path"] = critical

@@ -62,7 +62,9 @@ def _cached_mask(k: int, device: str) -> torch.Tensor:
 
 
 def _upper_mask(k: int, device: str) -> torch.Tensor:
-    """``(k, k)`` booleans, True on and above the diagonal (k^2 bytes: 1.3 MiB at k=1152)."""
+    """``(k, k)`` booleans, True on and above the diagonal (k^2 bytes: 1.3 MiB at k=1152).
+    For unpacking only: packing gathers by index pairs, 1.4x faster than selecting by the
+    mask at k = 1152."""
     if k <= _CACHED_SIDE:
         return _cached_mask(k, device)
     return torch.ones(k, k, dtype=torch.bool, device=device).triu_()
