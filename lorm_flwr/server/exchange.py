@@ -187,6 +187,7 @@ def exchange(
     order: Callable[[int], int] = lambda node: node,
     fold: Callable[[], Fold[T, Any]] | None = None,
     entry: ExchangeLog | None = None,
+    meanwhile: Callable[[], None] | None = None,
 ) -> tuple[Any, ExchangeLog]:
     """Send ``messages()``; deliver each valid decoded reply to a fold, in ``order(node)``.
 
@@ -212,6 +213,10 @@ def exchange(
     ``entry.failed_nodes`` to ask other nodes in a retry. A ``messages`` that raises
     :class:`TooFewNodes` (its bounded wait for nodes ran out) fails the exchange at
     once: waiting again would only wait as long once more.
+
+    ``meanwhile``: the server's own work to do while the nodes compute (the previous
+    round's evaluation and checkpoint), called once, as soon as the first attempt's
+    messages are pushed, or when building or pushing them fails.
     """
     entry = entry if entry is not None else ExchangeLog(kind=kind)
     clock = getattr(grid, "clock", time.monotonic)
@@ -220,13 +225,18 @@ def exchange(
         entry.attempts = attempt
         prefix = f"attempt {attempt}: " if attempt > 1 else ""
         try:
-            sent = sorted(messages(), key=lambda m: order(m.metadata.dst_node_id))
-        except TooFewNodes as exc:
-            raise ExchangeFailed(f"{prefix}{kind}: {exc}", entry) from None
-        entry.bytes_down += sum(record_bytes(m.content) for m in sent)
-        run = _Attempt(grid, sent, decode, fold() if fold is not None else _Collect(), entry,
-                       f"{prefix}{kind}")  # fmt: skip
-        del sent  # the global tensors are not kept once pushed
+            try:
+                sent = sorted(messages(), key=lambda m: order(m.metadata.dst_node_id))
+            except TooFewNodes as exc:
+                raise ExchangeFailed(f"{prefix}{kind}: {exc}", entry) from None
+            entry.bytes_down += sum(record_bytes(m.content) for m in sent)
+            run = _Attempt(grid, sent, decode, fold() if fold is not None else _Collect(), entry,
+                           f"{prefix}{kind}")  # fmt: skip
+            del sent  # the global tensors are not kept once pushed
+        finally:
+            if meanwhile is not None:
+                work, meanwhile = meanwhile, None
+                work()
         deadline = clock() + timeout
         while not run.done():
             if run.pull():

@@ -35,7 +35,7 @@ from lorm_flwr.server.results import (
     RoundRow,
     RunRecorder,
 )
-from lorm_flwr.server.strategies.base import Gathered, LoraStrategy, Merged, Tensors
+from lorm_flwr.server.strategies.base import Gathered, LoraStrategy, Merged, TaskModel, Tensors
 
 __all__ = ["FederatedRun", "train_exchange"]
 
@@ -58,8 +58,36 @@ class FederatedRun:
         self.grid, self.cfg, self.strategy = grid, cfg, strategy
         self.scenario, self.recorder, self.partition_of = scenario, recorder, partition_of
         self.start = start
+        # With ``overlap`` (the run sets it), a round's evaluation, results row and
+        # checkpoint wait in ``pending`` and run while the clients train the next round
+        # (or compute the task's statistics): the server's work then fills a core
+        # the clients leave idle instead of keeping them all waiting. Personalised
+        # evaluation asks the clients themselves, so it is never put off.
+        self.overlap = False
+        self.pending: list[Callable[[], None]] = []
+        self.pending_seconds = 0.0  # spent in :meth:`flush`, so far
+        # This point's checkpoint (task, round in task, tensors) -> its writer, which
+        # takes the results row that gets its seconds (set by the run; None: none).
+        self.checkpoint: Callable[[int, int, Tensors], Callable[[dict], None]] | None = None
 
     # ------------------------------------------------------------ helpers
+    def later(self, work: Callable[[], None]) -> None:
+        """Do ``work`` once the next exchange's messages are out (``overlap``), else now."""
+        if self.overlap:
+            self.pending.append(work)
+        else:
+            work()
+
+    def flush(self) -> None:
+        """The work put off by :meth:`later`, in the order it was put off."""
+        while self.pending:
+            work = self.pending.pop(0)  # a failing one is not run again
+            began = time.perf_counter()
+            try:
+                work()
+            finally:
+                self.pending_seconds += time.perf_counter() - began
+
     def order(self, node: int) -> int:
         """Replies are merged in partition order, so float sums never depend on arrival."""
         return self.partition_of.get(node, node)
@@ -85,7 +113,7 @@ class FederatedRun:
         return exchange(
             self.grid, messages, decode, kind=kind, min_replies=self.cfg.min_clients,
             retries=self.cfg.round_retries, timeout=self.cfg.round_timeout, order=self.order,
-            fold=fold,
+            fold=fold, meanwhile=self.flush,
         )  # fmt: skip
 
     def participants(self, task: int, round_in_task: int) -> set[int] | None:
@@ -135,7 +163,7 @@ class FederatedRun:
     # -------------------------------------------------------------- rounds
     def train_round(self, task: int, round_in_task: int, tensors: Tensors) -> Tensors:
         strategy, cfg = self.strategy, self.cfg
-        started = time.perf_counter()
+        started, put_off = time.perf_counter(), self.pending_seconds
         draws: list[set[int]] = []  # the nodes asked, attempt by attempt
         drawn = self.participants(task, round_in_task)  # None: every node of the hello
 
@@ -153,15 +181,17 @@ class FederatedRun:
             replies, merged, train, merge_seconds = train_exchange(
                 self.grid, strategy, tensors, round_in_task,
                 examples=lambda node: self.shard_size(node, task), order=self.order,
-                nodes=draw, members=set(self.partition_of),
+                nodes=draw, members=set(self.partition_of), meanwhile=self.flush,
             )  # fmt: skip
         except ExchangeFailed as exc:
             exc.where = {"task": task, "round_in_task": round_in_task}
             raise
         row = RoundRow.from_exchange(task, round_in_task, train)
         row.merge_seconds = merge_seconds
-        # Messages out, clients' work, replies in, checks and folds: the round less its merge.
-        row.extra["exchange_seconds"] = time.perf_counter() - started - merge_seconds
+        # Messages out, clients' work, replies in, checks and folds: the round less its
+        # merge and less the previous round's work done meanwhile (counted in its row).
+        overlapped = self.pending_seconds - put_off
+        row.extra["exchange_seconds"] = time.perf_counter() - started - merge_seconds - overlapped
         if cfg.clients_per_round > 0:  # the partitions that trained: their replies were merged
             row.extra["participants"] = sorted(self.partition_of[r.node] for r in replies)
         weights = [r.num_examples for r in replies]
@@ -176,13 +206,41 @@ class FederatedRun:
         row.extra.update(_changes(strategy, tensors, merged.tensors))
         row.extra.update(merged.report)
         new = merged.tensors
+        # The model and the checkpoint's states as they are now, before the next round.
+        model = None if strategy.local_groups else strategy.round_model(new)
+        checkpoint = self.checkpoint(task, round_in_task + 1, new) if self.checkpoint else None
+
+        def finish() -> None:
+            self._evaluate_round(task, round_in_task, new, model, row)
+            self.recorder.add_round(row)
+            log.info(
+                "lorm-flwr: task %d/%d round %d/%d: %s accuracy on seen classes %.3f, "
+                "train loss %.3f, %d B down, %d B up",
+                task + 1, self.scenario.num_tasks, round_in_task + 1, cfg.rounds_per_task,
+                "global" if strategy.has_global_model else "personalised", row.accuracy,
+                row.train_loss, row.bytes_down, row.bytes_up,
+            )  # fmt: skip
+            if checkpoint is not None:
+                checkpoint(self.recorder.rounds[-1])
+
+        if model is None:  # personalised: the clients evaluate, before they train again
+            finish()
+        else:
+            self.later(finish)
+        return new
+
+    def _evaluate_round(
+        self, task: int, round_in_task: int, new: Tensors, model: TaskModel | None, row: RoundRow
+    ) -> None:
+        """Fill ``row`` with the round's accuracy: the global ``model``'s, or (None) each
+        client's own, pooled; its seconds and the run's elapsed time."""
+        cfg = self.cfg
         evaluating = time.perf_counter()
-        if strategy.local_groups:
+        if model is None:
             row.personalised = self.evaluate_personal(task, round_in_task, new, row)
             row.accuracy = row.personalised.get("accuracy_weighted", float("nan"))
             row.per_task_accuracy = list(row.personalised.get("per_task_weighted", []))
         else:
-            model = strategy.round_model(new)
             ev = evaluate_global(
                 cfg, self.scenario, task, model.tensors, rank=model.rank, alpha=model.alpha
             )
@@ -193,28 +251,20 @@ class FederatedRun:
             row.extra["exact_match"] = row.accuracy
         if cfg.select_round == "best-validation":  # the same model on the validation split
             row.extra["validation_accuracy"] = self.validation_accuracy(
-                task, round_in_task, new, row
+                task, round_in_task, new, row, model
             )
         row.extra["evaluate_seconds"] = time.perf_counter() - evaluating
         row.elapsed_seconds = time.perf_counter() - self.start
-        self.recorder.add_round(row)
-        log.info(
-            "lorm-flwr: task %d/%d round %d/%d: %s accuracy on seen classes %.3f, "
-            "train loss %.3f, %d B down, %d B up",
-            task + 1, self.scenario.num_tasks, round_in_task + 1, cfg.rounds_per_task,
-            "global" if strategy.has_global_model else "personalised", row.accuracy,
-            row.train_loss, row.bytes_down, row.bytes_up,
-        )  # fmt: skip
-        return new
 
     def validation_accuracy(
-        self, task: int, round_in_task: int, tensors: Tensors, row: RoundRow
-    ) -> float:
+        self, task: int, round_in_task: int, tensors: Tensors, row: RoundRow,
+        model: TaskModel | None = None,
+    ) -> float:  # fmt: skip
         """The round's model (FedSA: each client's own) on the validation split."""
         if self.strategy.local_groups:
             pooled = self.evaluate_personal(task, round_in_task, tensors, row, split="validation")
             return float(pooled.get("accuracy_weighted", float("nan")))
-        model = self.strategy.round_model(tensors)
+        model = model if model is not None else self.strategy.round_model(tensors)
         return evaluate_global(
             self.cfg, self.scenario, task, model.tensors, rank=model.rank, alpha=model.alpha,
             split="validation",
@@ -268,6 +318,7 @@ def train_exchange(
     order: Callable[[int], int] = lambda node: node,
     nodes: set[int] | Callable[[frozenset[int], list[int]], set[int]] | None = None,
     members: Collection[int] | None = None,
+    meanwhile: Callable[[], None] | None = None,
 ) -> tuple[Gathered, Merged, ExchangeLog, float]:
     """One training round of the current task: send, check, merge.
 
@@ -278,7 +329,8 @@ def train_exchange(
     nodes (of ``members``, the nodes of the hello, when given) to be connected, and fails
     the round when they are not.
     ``examples(node)``: the sample count the node must report (its shard size), or
-    None to accept any positive count. Returns the checked replies (in ``order``,
+    None to accept any positive count. ``meanwhile``: the server's work to do once the
+    messages are out (:func:`~lorm_flwr.server.exchange.exchange`). Returns the checked replies (in ``order``,
     their Gram statistics already summed and dropped: see
     :class:`~lorm_flwr.server.strategies.base.Gathered`), the merge, the exchange's log and
     the merge's seconds.
@@ -305,7 +357,7 @@ def train_exchange(
     gathered, log_ = exchange(
         grid, messages, decode, kind="train", min_replies=cfg.min_clients,
         retries=cfg.round_retries, timeout=cfg.round_timeout, order=order, fold=Gathered,
-        entry=entry,
+        entry=entry, meanwhile=meanwhile,
     )  # fmt: skip
     begin = time.perf_counter()
     merged = strategy.merge(plan, gathered, tensors)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from typing import Any
 
 from flwr.serverapp import Grid
 
@@ -182,34 +184,62 @@ def _run(
     timeline["loop_started_at"] = time.time()  # where results' wall_seconds starts counting
     run = FederatedRun(grid, cfg, strategy, scenario, recorder, partition_of, start)
 
-    def save(task: int, round_in_task: int, current: Tensors, row: dict) -> None:
-        """The checkpoint, then the tracker; the checkpoint's seconds go into ``row`` (the
-        round's or task end's entry of the results, written with the next results). The
-        checkpoint itself holds that row without them: after a resume it lacks the key."""
-        saving = time.perf_counter()
-        save_checkpoint(recorder.folder, Checkpoint(
-            config=cfg.to_dict(), task=task, round_in_task=round_in_task, tensors=current,
-            strategy=strategy.state_dict(),
-            recorder={**recorder.state(), "shard_sizes": recorder.shard_sizes},
-            rng=capture_rng(), elapsed_seconds=time.perf_counter() - start,
-        ))  # fmt: skip
-        row["checkpoint_seconds"] = time.perf_counter() - saving
-        recorder.track()  # after the checkpoint: the tracker holds what a resume goes on from
+    def checkpoint(task: int, round_in_task: int, current: Tensors) -> Callable[[dict], None]:
+        """The checkpoint of this point: the strategy's and the RNGs' states are taken
+        now, before the next round's messages change them; the returned writer adds the
+        results so far, saves, and puts its seconds into ``row`` (the round's or task
+        end's entry of the results, written with the next results; the checkpoint itself
+        holds that row without them: after a resume it lacks the key), then tracks."""
+        strategy_state, rng = _copied(strategy.state_dict()), capture_rng()
+
+        def write(row: dict) -> None:
+            saving = time.perf_counter()
+            save_checkpoint(recorder.folder, Checkpoint(
+                config=cfg.to_dict(), task=task, round_in_task=round_in_task, tensors=current,
+                strategy=strategy_state,
+                recorder={**recorder.state(), "shard_sizes": recorder.shard_sizes},
+                rng=rng, elapsed_seconds=time.perf_counter() - start,
+            ))  # fmt: skip
+            row["checkpoint_seconds"] = time.perf_counter() - saving
+            recorder.track()  # after the checkpoint: the tracker holds what a resume goes on from
+
+        return write
+
+    run.checkpoint = checkpoint
+    run.overlap = True  # each round's evaluation and checkpoint while the next one trains
 
     # Opened last before training (a run stopped by its config opens no tracked run);
     # resumed: the same tracked run, first given what it missed.
     start_tracking(recorder)
 
     training.append(True)  # from here a failure writes this start's results
-    for task in range(first_task, scenario.num_tasks):
-        round0 = first_round if task == first_task else 0
-        if round0 == 0:
-            tensors = strategy.begin_task(task, tensors)
-        else:
-            strategy.task = task  # mid-task: the factors are the checkpoint's
-        for round_in_task in range(round0, cfg.rounds_per_task):
-            tensors = run.train_round(task, round_in_task, tensors)
-            save(task, round_in_task + 1, tensors, recorder.rounds[-1])
-        end_task(run, task, tensors)
-        save(task + 1, 0, tensors, recorder.task_end[-1])
+    try:
+        for task in range(first_task, scenario.num_tasks):
+            round0 = first_round if task == first_task else 0
+            if round0 == 0:
+                tensors = strategy.begin_task(task, tensors)
+            else:
+                strategy.task = task  # mid-task: the factors are the checkpoint's
+            for round_in_task in range(round0, cfg.rounds_per_task):
+                tensors = run.train_round(task, round_in_task, tensors)  # checkpoints itself
+            end_task(run, task, tensors)
+    except BaseException:
+        # What was done is kept: the last round's or task end's evaluation, results and
+        # checkpoint still run; an error there is logged, not raised over the run's own.
+        try:
+            run.flush()
+        except Exception as late:  # noqa: BLE001
+            log.error("lorm-flwr: could not finish the work of the last round: %s", late)
+        raise
+    run.flush()  # the last task end's evaluation, export, results and checkpoint
     recorder.finish(start)
+
+
+def _copied(state: Any) -> Any:
+    """``state`` with every dict and list copied (the tensors are shared: nothing changes
+    a tensor in place), so that later changes to the strategy do not reach it."""
+    if isinstance(state, dict):
+        return {k: _copied(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [_copied(v) for v in state]
+    return state
