@@ -13,17 +13,19 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from lorm_flwr.config import RunConfig
-from lorm_flwr.runtime import keep_client_heap_warm, keep_server_heap_flat
-from lorm_flwr.server.hello import wait_for_nodes
-from lorm_flwr.server.joint import JOINT_STRATEGIES, main_joint
-from lorm_flwr.server.run import run_federated
 
+# Only light imports here: Flower loads this module in its ServerApp thread while its
+# main thread starts Ray, and torch, peft and transformers (4 s here) imported at load
+# time made the start-up until the hello's answers about 2 s longer (measured,
+# benchmarks/default_run.py); they are imported when ``main`` runs.
 log = logging.getLogger("flwr.lorm")
 app = ServerApp()
 
 
 def _dry_run(grid: Grid, cfg: RunConfig) -> None:
     """Print the plan (tasks, shards, message sizes) and stop; nothing is trained."""
+    from lorm_flwr.server.hello import wait_for_nodes
+    from lorm_flwr.server.joint import JOINT_STRATEGIES
     from lorm_flwr.server.plan import make_plan
 
     if cfg.strategy in JOINT_STRATEGIES:
@@ -43,6 +45,10 @@ def _dry_run(grid: Grid, cfg: RunConfig) -> None:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_mapping(context.run_config)  # bad values stop here
+    from lorm_flwr.runtime import keep_client_heap_warm, keep_server_heap_flat  # (see above)
+    from lorm_flwr.server.joint import JOINT_STRATEGIES, main_joint
+    from lorm_flwr.server.run import run_federated
+
     if cfg.strategy in JOINT_STRATEGIES and not cfg.dry_run:
         keep_client_heap_warm()  # it trains here, as a client would, and decodes no replies
         main_joint(cfg, context.run_id)
