@@ -66,6 +66,7 @@ class FederatedRun:
         self.overlap = False
         self.pending: list[Callable[[], None]] = []
         self.pending_seconds = 0.0  # spent in :meth:`flush`, so far
+        self.unrecorded: list[RoundRow] = []  # rows of rounds whose work is pending
         # This point's checkpoint (task, round in task, tensors) -> its writer, which
         # takes the results row that gets its seconds (set by the run; None: none).
         self.checkpoint: Callable[[int, int, Tensors], Callable[[dict], None]] | None = None
@@ -149,13 +150,14 @@ class FederatedRun:
 
     def trained_on(self, task: int) -> list[int]:
         """The nodes whose training replies were merged in any round of ``task`` (all nodes
-        without clients-per-round), in partition order; read from the results rows, so a
-        resumed run agrees."""
+        without clients-per-round), in partition order; read from the results rows (and
+        the rows of rounds whose evaluation is still pending), so a resumed run agrees."""
         nodes = sorted(self.partition_of, key=self.order)
         if self.cfg.clients_per_round <= 0:
             return nodes
         asked: set[int] = set()
-        for row in self.recorder.rounds:
+        rows = self.recorder.rounds + [r.to_dict() for r in self.unrecorded]
+        for row in rows:
             if row["task"] == task:
                 asked.update(row.get("participants", self.partition_of.values()))
         return [n for n in nodes if self.partition_of[n] in asked]
@@ -213,6 +215,7 @@ class FederatedRun:
         def finish() -> None:
             self._evaluate_round(task, round_in_task, new, model, row)
             self.recorder.add_round(row)
+            self.unrecorded = [r for r in self.unrecorded if r is not row]
             log.info(
                 "lorm-flwr: task %d/%d round %d/%d: %s accuracy on seen classes %.3f, "
                 "train loss %.3f, %d B down, %d B up",
@@ -223,6 +226,7 @@ class FederatedRun:
             if checkpoint is not None:
                 checkpoint(self.recorder.rounds[-1])
 
+        self.unrecorded.append(row)
         if model is None:  # personalised: the clients evaluate, before they train again
             finish()
         else:
