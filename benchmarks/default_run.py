@@ -22,6 +22,14 @@ two clients': an upper bound of the slowest client's sum, so "rest of the exchan
 least what it shows. Federated strategies only (joint ones have no hello and no rounds).
 
     python -m benchmarks.default_run --strategies lorm fedit --out benchmarks/results/default_run
+
+The server's evaluation, results row and checkpoint of a round run while the next
+round's clients train; an exchange's seconds exclude that work, which keeps its own rows.
+
+Paired with other code (a checkout, e.g. ``git worktree add /tmp/before <commit>``), the
+two apps alternate on one SuperLink, the first strategy only:
+
+    python -m benchmarks.default_run --strategies lorm --against /tmp/before --pairs 3
 """
 
 from __future__ import annotations
@@ -70,15 +78,50 @@ def breakdown(results: dict, invoked_at: float, wall: float) -> dict[str, float]
     return phases
 
 
+def paired(strategy: str, seed: int, clients: int, other: Path, pairs: int) -> None:
+    """Walls of ``other``'s app and this one, alternating, and their differences."""
+    from harness.local_federation import ROOT
+
+    walls: dict[str, list[float]] = {"other": [], "this": []}
+    with tempfile.TemporaryDirectory() as tmp, simulation_superlink(Path(tmp)) as fed:
+        for i in range(pairs):
+            for name, app in (("other", other.resolve()), ("this", ROOT)):
+                out = Path(tmp) / f"{name}-{i}"
+                invoked_at, start = time.time(), time.perf_counter()
+                proc = fed.run({"strategy": strategy, "seed": seed, "output-dir": str(out)},
+                               num_supernodes=clients, timeout=1800, app=app)  # fmt: skip
+                wall = time.perf_counter() - start
+                if proc.returncode != 0:
+                    raise SystemExit(proc.stdout[-3000:] + proc.stderr[-3000:])
+                _, results = load_results(out)
+                phases = breakdown(results, invoked_at, wall)
+                walls[name].append(wall)
+                print(f"pair {i + 1} {name}: wall {wall:.1f} s, critical path "
+                      f"{phases['critical path']:.1f} s, final average accuracy "
+                      f"{results['final_average_accuracy']}", flush=True)  # fmt: skip
+    diffs = [b - a for a, b in zip(walls["other"], walls["this"])]
+    print(
+        f"{strategy}, {other} then this app, {pairs} pairs: this minus other "
+        f"{sum(diffs) / len(diffs):+.1f} s on average ({min(diffs):+.1f} to {max(diffs):+.1f})"
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--strategies", nargs="+", default=["lorm", "fedit"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clients", type=int, default=3)
     p.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
+    p.add_argument("--against", type=Path, help="another checkout of the app: paired runs")
+    p.add_argument("--pairs", type=int, default=3, help="with --against: runs of each")
     args = p.parse_args()
     if any(s.startswith("joint") for s in args.strategies):
         p.error("federated strategies only: joint ones have no hello and no rounds")
+    if args.against is not None:
+        if not (args.against / "pyproject.toml").is_file():
+            p.error(f"--against {args.against}: no pyproject.toml there (not an app checkout)")
+        paired(args.strategies[0], args.seed, args.clients, args.against, args.pairs)
+        return
     table: dict[str, dict[str, float]] = {}
     accuracy: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp, simulation_superlink(Path(tmp)) as fed:

@@ -3,7 +3,8 @@
 One round of LoRM::
 
     strategy.instructions -> configure_train -> exchange(send, wait, count, decode)
-      -> strategy.merge(checked replies) -> evaluate -> results row -> checkpoint
+      -> strategy.merge(checked replies) -> [once the next round's messages are out]
+      evaluate -> results row -> checkpoint
 
 The rounds are :mod:`lorm_flwr.server.rounds`, the task ends
 :mod:`lorm_flwr.server.task_end`, the hello :mod:`lorm_flwr.server.hello`.
