@@ -136,3 +136,35 @@ def test_the_work_meanwhile_runs_once_even_when_no_message_goes_out():
         exchange(grid, list, lambda m: m, kind="train", min_replies=1, retries=2,
                  timeout=1.0, meanwhile=lambda: calls.append(2))  # fmt: skip
     assert calls == [1, 2]  # once, not once per attempt
+
+
+def test_work_put_off_after_a_failed_one_is_dropped(tmp_path):
+    """Each checkpoint holds the rows before it: one written without the failed round's
+    row would replace the last good checkpoint with one a resume refuses."""
+    cfg = _cfg(tmp_path)
+    run = FederatedRun(None, cfg, None, None, None, {}, 0.0)
+    run.overlap = True
+    done: list[str] = []
+
+    def fails() -> None:
+        raise RuntimeError("evaluation failed")
+
+    run.later(fails)
+    run.later(lambda: done.append("task end"))
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        run.flush()
+    assert done == [] and run.pending == []
+    run.flush()  # the run's failure path flushes again: nothing left to write
+    assert done == []
+
+
+def test_an_exchange_that_fails_reports_its_own_error_over_the_work_meanwhile():
+    def no_nodes():
+        raise TooFewNodes("only 0 SuperNodes connected")
+
+    def fails() -> None:
+        raise RuntimeError("evaluation failed")
+
+    with pytest.raises(ExchangeFailed, match="only 0 SuperNodes"):
+        exchange(ScriptedGrid(NODES, [{}]), no_nodes, lambda m: m, kind="train",
+                 min_replies=1, retries=0, timeout=1.0, meanwhile=fails)  # fmt: skip

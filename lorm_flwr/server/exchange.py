@@ -236,10 +236,16 @@ def exchange(
             run = _Attempt(grid, sent, decode, fold() if fold is not None else _Collect(), entry,
                            f"{prefix}{kind}")  # fmt: skip
             del sent  # the global tensors are not kept once pushed
-        finally:
-            if meanwhile is not None:
-                work, meanwhile = meanwhile, None
-                work()
+        except BaseException:
+            if meanwhile is not None:  # still done; its own error must not hide this one
+                try:
+                    meanwhile()
+                except Exception as late:  # noqa: BLE001
+                    log.error("%s: the work meanwhile failed too: %s", kind, late)
+            raise
+        if meanwhile is not None:
+            work, meanwhile = meanwhile, None
+            work()
         deadline = clock() + timeout
         while not run.done():
             if run.pull():

@@ -86,6 +86,12 @@ class FederatedRun:
             began = time.perf_counter()
             try:
                 work()
+            except BaseException:
+                # Nor the rest: each checkpoint holds the rows before it, and one written
+                # without the failed row would replace a good checkpoint with one that
+                # cannot be resumed.
+                self.pending.clear()
+                raise
             finally:
                 self.pending_seconds += time.perf_counter() - began
 
@@ -208,9 +214,12 @@ class FederatedRun:
         row.extra.update(_changes(strategy, tensors, merged.tensors))
         row.extra.update(merged.report)
         new = merged.tensors
-        # The model and the checkpoint's states as they are now, before the next round.
+        # The model and the checkpoint's states as they are now, before the next round's
+        # messages (Flower's sampling draws from Python's random). Personalised: after
+        # the clients' evaluation, which samples too.
         model = None if strategy.local_groups else strategy.round_model(new)
-        checkpoint = self.checkpoint(task, round_in_task + 1, new) if self.checkpoint else None
+        checkpoint = self.checkpoint if model is not None else None
+        take_checkpoint = checkpoint(task, round_in_task + 1, new) if checkpoint else None
 
         def finish() -> None:
             self._evaluate_round(task, round_in_task, new, model, row)
@@ -223,8 +232,11 @@ class FederatedRun:
                 "global" if strategy.has_global_model else "personalised", row.accuracy,
                 row.train_loss, row.bytes_down, row.bytes_up,
             )  # fmt: skip
-            if checkpoint is not None:
-                checkpoint(self.recorder.rounds[-1])
+            write = take_checkpoint
+            if write is None and self.checkpoint is not None:
+                write = self.checkpoint(task, round_in_task + 1, new)
+            if write is not None:
+                write(self.recorder.rounds[-1])
 
         self.unrecorded.append(row)
         if model is None:  # personalised: the clients evaluate, before they train again
