@@ -67,9 +67,9 @@ class FederatedRun:
         self.pending: list[Callable[[], None]] = []
         self.pending_seconds = 0.0  # spent in :meth:`flush`, so far
         self.unrecorded: list[RoundRow] = []  # rows of rounds whose work is pending
-        # This point's checkpoint (task, round in task, tensors[, RNG states]) -> its
-        # writer, which takes the results row that gets its seconds (set by the run).
-        self.checkpoint: Callable[..., Callable[[dict], None]] | None = None
+        # This point's checkpoint (task, round in task, tensors) -> its writer, which
+        # takes the results row that gets its seconds (set by the run; None: none).
+        self.checkpoint: Callable[[int, int, Tensors], Callable[[dict], None]] | None = None
 
     # ------------------------------------------------------------ helpers
     def later(self, work: Callable[[], None]) -> None:

@@ -185,21 +185,13 @@ def _run(
     timeline["loop_started_at"] = time.time()  # where results' wall_seconds starts counting
     run = FederatedRun(grid, cfg, strategy, scenario, recorder, partition_of, start)
 
-    def checkpoint(
-        task: int, round_in_task: int, current: Tensors, rng: dict | None = None
-    ) -> Callable[[dict], None]:
+    def checkpoint(task: int, round_in_task: int, current: Tensors) -> Callable[[dict], None]:
         """The checkpoint of this point: the strategy's and the RNGs' states are taken
         now, before the next round's messages change them; the returned writer adds the
         results so far, saves, and puts its seconds into ``row`` (the round's or task
         end's entry of the results, written with the next results; the checkpoint itself
-        holds that row without them: after a resume it lacks the key), then tracks.
-        ``rng``: the RNGs' states taken earlier (a task end's, before the next task's
-        messages)."""
-        strategy_state, rng = _copied(strategy.state_dict()), rng or capture_rng()
-        # At a task's start (round 0) the strategy is saved as it ended the task before,
-        # though a task end's checkpoint is taken once the next task has begun (after
-        # the fold, put off: lorm_flwr/server/task_end.py); nothing else of it changes.
-        strategy_state["task"] = task - 1 if round_in_task == 0 and task > 0 else task
+        holds that row without them: after a resume it lacks the key), then tracks."""
+        strategy_state, rng = _copied(strategy.state_dict()), capture_rng()
 
         def write(row: dict) -> None:
             saving = time.perf_counter()

@@ -11,7 +11,6 @@ from flwr.app import Message, RecordDict
 from lorm_flwr import wire
 from lorm_flwr.models.export import export_adapter
 from lorm_flwr.runtime import model_of
-from lorm_flwr.server.checkpoint import capture_rng
 from lorm_flwr.server.evaluation import evaluate_global
 from lorm_flwr.server.exchange import (
     ExchangeFailed,
@@ -28,10 +27,9 @@ log = logging.getLogger("flwr.lorm")
 def end_task(run: FederatedRun, task: int, tensors: Tensors) -> None:
     """LoRM's statistics exchange, then evaluate, fill the matrix row, export the adapter.
 
-    With a global model, all after the statistics exchange (LoRM's cross-task merge,
-    evaluation, export, the row and the checkpoint) is put off until the next task's
-    messages are out (:meth:`FederatedRun.later`): the next task trains on its own fresh
-    factors.
+    With a global model, all after the cross-task merge (evaluation, export, the row and
+    the checkpoint) is put off until the next task's messages are out
+    (:meth:`FederatedRun.later`): the next task trains on its own fresh factors.
     """
     strategy, cfg = run.strategy, run.cfg
     started, put_off = time.perf_counter(), run.pending_seconds
@@ -61,18 +59,14 @@ def end_task(run: FederatedRun, task: int, tensors: Tensors) -> None:
         exchanges.append(entry)
         return replies
 
-    fold = strategy.end_task_later(task, tensors, query)
-    rng = capture_rng()  # for the checkpoint: before the next task's messages draw nodes
-    # The statistics exchange, less the last round's work done meanwhile (counted in its
-    # row); the cross-task merge, evaluation and export are added below.
-    query_seconds = time.perf_counter() - started - (run.pending_seconds - put_off)
+    final = strategy.end_task(task, tensors, query)
+    # The statistics exchange and the cross-task merge, less the last round's work done
+    # meanwhile (counted in its row); evaluation and export are added below.
+    merge_seconds = time.perf_counter() - started - (run.pending_seconds - put_off)
+    checkpoint = run.checkpoint(task + 1, 0, tensors) if run.checkpoint else None
 
     def finish() -> None:
         began = time.perf_counter()
-        final = fold()
-        # Taken after the fold; the strategy may have begun the next task by now, which
-        # the checkpoint factory allows for (it saves the strategy at this task).
-        checkpoint = run.checkpoint(task + 1, 0, tensors, rng) if run.checkpoint else None
         if strategy.has_global_model:
             per_task, summary = _evaluate_and_export(run, task, final)
         else:
@@ -87,7 +81,7 @@ def end_task(run: FederatedRun, task: int, tensors: Tensors) -> None:
         for entry in exchanges:
             summary[entry.kind] = entry.to_dict()
         # The statistics exchange, the cross-task merge, evaluation and the adapter export.
-        summary["seconds"] = query_seconds + time.perf_counter() - began
+        summary["seconds"] = merge_seconds + time.perf_counter() - began
         run.recorder.end_task(task, per_task, summary)
         log.info(
             "lorm-flwr: after task %d/%d: accuracy on seen classes %.3f, per task %s",

@@ -234,15 +234,6 @@ class LoraStrategy(FedAvg):
         """
         return TaskModel(tensors, self.cfg.lora_rank, self.cfg.lora_alpha)
 
-    def end_task_later(
-        self, task: int, tensors: Tensors, query: TaskQuery
-    ) -> Callable[[], TaskModel]:
-        """:meth:`end_task` in two steps: what needs the clients now, and (returned) the
-        rest, which the next task's rounds do not need, for the server to do while they
-        train. Default: all of it now."""
-        model = self.end_task(task, tensors, query)
-        return lambda: model
-
     # ----------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps of this strategy (tensors, lists, numbers only)."""

@@ -10,7 +10,7 @@ on the task's merged model and folds them into the cross-task merge
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -112,26 +112,10 @@ class LoRM(LoraStrategy):
     # ------------------------------------------------------------ task end
     def end_task(self, task: int, tensors: Tensors, query: TaskQuery) -> TaskModel:
         """Gather each client's Grams on the task's model and fold the task in."""
-        return self.end_task_later(task, tensors, query)()
-
-    def end_task_later(
-        self, task: int, tensors: Tensors, query: TaskQuery
-    ) -> Callable[[], TaskModel]:
-        """The clients' Grams now; the fold (the cross-task solves) when called: the next
-        task trains on fresh factors. With ``lorm-round-grams=mean-delta`` the next
-        task's messages carry the folded history, so it is folded now."""
         record_on, rank, alpha = self._gram_model(tensors)
         replies = query(
             record_on, wire.Instructions(task=task, grams=self.task_grams, rank=rank, alpha=alpha)
         )
-        if self.cfg.lorm_round_grams == "mean-delta":
-            model = self._fold(task, tensors, replies)
-            return lambda: model
-        return lambda: self._fold(task, tensors, replies)
-
-    def _fold(self, task: int, tensors: Tensors, replies: Gathered) -> TaskModel:
-        """Fold task ``task`` (its factors in ``tensors``, the clients' Grams on its model
-        in ``replies``) into the history; the cross-task model."""
         out = dict(tensors)
         rank = 0
         keep = task == 0 and self.cfg.lorm_first_task == "keep"
