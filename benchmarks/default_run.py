@@ -30,6 +30,11 @@ Paired with other code (a checkout, e.g. ``git worktree add /tmp/before <commit>
 two apps alternate on one SuperLink, the first strategy only:
 
     python -m benchmarks.default_run --strategies lorm --against /tmp/before --pairs 3
+
+The floor of any run of this federation, Flower's and Ray's start and finish with the
+ServerApp's imports and its plan (``dry-run=true``: nothing is trained, no client runs):
+
+    python -m benchmarks.default_run --floor 3
 """
 
 from __future__ import annotations
@@ -114,7 +119,18 @@ def main() -> None:
     p.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
     p.add_argument("--against", type=Path, help="another checkout of the app: paired runs")
     p.add_argument("--pairs", type=int, default=3, help="with --against: runs of each")
+    p.add_argument("--floor", type=int, metavar="N", help="time N dry runs instead")
     args = p.parse_args()
+    if args.floor:
+        with tempfile.TemporaryDirectory() as tmp, simulation_superlink(Path(tmp)) as fed:
+            for i in range(args.floor):
+                start = time.perf_counter()
+                proc = fed.run({"dry-run": True, "output-dir": str(Path(tmp) / "out")},
+                               num_supernodes=args.clients, timeout=600)  # fmt: skip
+                if proc.returncode != 0:
+                    raise SystemExit(proc.stdout[-3000:] + proc.stderr[-3000:])
+                print(f"dry run {i + 1}: wall {time.perf_counter() - start:.1f} s", flush=True)
+        return
     if any(s.startswith("joint") for s in args.strategies):
         p.error("federated strategies only: joint ones have no hello and no rounds")
     if args.against is not None:
