@@ -42,6 +42,22 @@ def train_content(
     return content
 
 
+def echo_node(scenario, first_node: int) -> Callable[[Message], RecordDict]:
+    """A healthy node that sends back the tensors it got, with its shard's size (node
+    ``first_node + p`` holds partition p)."""
+
+    def reply(message: Message) -> RecordDict:
+        from lorm_flwr.wire.packing import unpack_content
+
+        pid = message.metadata.dst_node_id - first_node
+        content = unpack_content(message.content)
+        task = wire.Instructions.from_config(content[wire.CONFIG]).task
+        tensors = wire.arrays_to_tensors(content[wire.ARRAYS])
+        return train_content(tensors, len(scenario.shards[task][pid]))
+
+    return reply
+
+
 def _symmetric(key: str, t: torch.Tensor) -> bool:
     return (
         key.rsplit("|", 1)[-1] in wire.SYMMETRIC_PARTS and t.dim() == 2 and t.shape[0] == t.shape[1]

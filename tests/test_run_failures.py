@@ -19,8 +19,7 @@ from lorm_flwr.server.results import RunRecorder
 from lorm_flwr.server.rounds import FederatedRun, train_exchange
 from lorm_flwr.server.run import run_federated
 from lorm_flwr.server.strategies.fedit import FedIT
-from lorm_flwr.wire.packing import unpack_content
-from tests.messages import ScriptedGrid, train_content
+from tests.messages import ScriptedGrid, echo_node
 from tests.simulations import TINY
 
 NODES = [10, 11, 12, 13, 14]  # node 10 + p holds partition p
@@ -33,16 +32,7 @@ def _cfg(tmp_path, **changes) -> RunConfig:
 
 
 def _echo(scenario):
-    """A healthy node: sends back the tensors it got, with its shard's size."""
-
-    def reply(message):
-        pid = message.metadata.dst_node_id - NODES[0]
-        content = unpack_content(message.content)
-        task = wire.Instructions.from_config(content[wire.CONFIG]).task
-        tensors = wire.arrays_to_tensors(content[wire.ARRAYS])
-        return train_content(tensors, len(scenario.shards[task][pid]))
-
-    return reply
+    return echo_node(scenario, NODES[0])
 
 
 def test_a_retried_round_asks_live_clients_in_place_of_the_failed_draw(tmp_path):
