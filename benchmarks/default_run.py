@@ -29,7 +29,7 @@ round's clients train; an exchange's seconds exclude that work, which keeps its 
 Paired with other code (a checkout, e.g. ``git worktree add /tmp/before <commit>``), the
 two apps alternate on one SuperLink, the first strategy only:
 
-    python -m benchmarks.default_run --strategies lorm --against /tmp/before --pairs 3
+    python -m benchmarks.default_run --strategies lorm --against /tmp/before --pairs 4
 
 The floor of any run of this federation, Flower's and Ray's start and finish with the
 ServerApp's imports and its plan (``dry-run=true``: nothing is trained, no client runs):
@@ -84,13 +84,16 @@ def breakdown(results: dict, invoked_at: float, wall: float) -> dict[str, float]
 
 
 def paired(strategy: str, seed: int, clients: int, other: Path, pairs: int) -> None:
-    """Walls of ``other``'s app and this one, alternating, and their differences."""
+    """Walls of ``other``'s app and this one, in turn, and their differences."""
     from harness.local_federation import ROOT
 
     walls: dict[str, list[float]] = {"other": [], "this": []}
+    apps = [("other", other.resolve()), ("this", ROOT)]
     with tempfile.TemporaryDirectory() as tmp, simulation_superlink(Path(tmp)) as fed:
         for i in range(pairs):
-            for name, app in (("other", other.resolve()), ("this", ROOT)):
+            # Each goes first in every other pair: a warm-up, or a drift of this machine,
+            # favours neither.
+            for name, app in apps if i % 2 == 0 else apps[::-1]:
                 out = Path(tmp) / f"{name}-{i}"
                 invoked_at, start = time.time(), time.perf_counter()
                 proc = fed.run({"strategy": strategy, "seed": seed, "output-dir": str(out)},
@@ -106,7 +109,7 @@ def paired(strategy: str, seed: int, clients: int, other: Path, pairs: int) -> N
                       f"{results['final_average_accuracy']}", flush=True)  # fmt: skip
     diffs = [b - a for a, b in zip(walls["other"], walls["this"])]
     print(
-        f"{strategy}, {other} then this app, {pairs} pairs: this minus other "
+        f"{strategy}, {other} and this app in turn, {pairs} pairs: this minus other "
         f"{sum(diffs) / len(diffs):+.1f} s on average ({min(diffs):+.1f} to {max(diffs):+.1f})"
     )
 
@@ -121,6 +124,21 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=3, help="with --against: runs of each")
     p.add_argument("--floor", type=int, metavar="N", help="time N dry runs instead")
     args = p.parse_args()
+    if args.floor is not None and args.floor < 1:
+        p.error(f"--floor {args.floor}: the number of dry runs must be at least 1")
+    if args.against is not None and args.pairs < 1:
+        p.error(f"--pairs {args.pairs}: must be at least 1")
+    ignored = [
+        name for name, given in (
+            ("--out", args.out is not None and (args.floor or args.against is not None)),
+            ("--against", args.against is not None and args.floor),
+            ("--pairs", args.pairs != 3 and args.against is None),
+        ) if given
+    ]  # fmt: skip
+    if ignored:
+        p.error(f"{', '.join(ignored)}: not used with the other options given")
+    if args.against is not None and len(args.strategies) > 1:
+        p.error("--against compares one strategy: give one with --strategies")
     if args.floor:
         with tempfile.TemporaryDirectory() as tmp, simulation_superlink(Path(tmp)) as fed:
             for i in range(args.floor):

@@ -240,8 +240,8 @@ def exchange(
             if meanwhile is not None:  # still done; its own error must not hide this one
                 try:
                     meanwhile()
-                except Exception as late:  # noqa: BLE001
-                    log.error("%s: the work meanwhile failed too: %s", kind, late)
+                except Exception:
+                    log.exception("%s: the work meanwhile failed too", kind)
             raise
         if meanwhile is not None:
             work, meanwhile = meanwhile, None

@@ -229,8 +229,8 @@ def _run(
         # checkpoint still run; an error there is logged, not raised over the run's own.
         try:
             run.flush()
-        except Exception as late:  # noqa: BLE001
-            log.error("lorm-flwr: could not finish the work of the last round: %s", late)
+        except Exception:
+            log.exception("lorm-flwr: could not finish the work of the last round")
         raise
     run.flush()  # the last task end's evaluation, export, results and checkpoint
     recorder.finish(start)
