@@ -214,12 +214,15 @@ class FederatedRun:
         row.extra.update(_changes(strategy, tensors, merged.tensors))
         row.extra.update(merged.report)
         new = merged.tensors
-        # The model and the checkpoint's states as they are now, before the next round's
-        # messages (Flower's sampling draws from Python's random). Personalised: after
-        # the clients' evaluation, which samples too.
         model = None if strategy.local_groups else strategy.round_model(new)
-        checkpoint = self.checkpoint if model is not None else None
-        take_checkpoint = checkpoint(task, round_in_task + 1, new) if checkpoint else None
+
+        def snapshot() -> Callable[[dict], None] | None:
+            return self.checkpoint(task, round_in_task + 1, new) if self.checkpoint else None
+
+        # The checkpoint's states as they are now, before the next round's messages
+        # (Flower's sampling draws from Python's random). Personalised: after the
+        # clients' evaluation, which samples too.
+        write_checkpoint = snapshot() if model is not None else None
 
         def finish() -> None:
             self._evaluate_round(task, round_in_task, new, model, row)
@@ -232,9 +235,7 @@ class FederatedRun:
                 "global" if strategy.has_global_model else "personalised", row.accuracy,
                 row.train_loss, row.bytes_down, row.bytes_up,
             )  # fmt: skip
-            write = take_checkpoint
-            if write is None and self.checkpoint is not None:
-                write = self.checkpoint(task, round_in_task + 1, new)
+            write = write_checkpoint or snapshot()
             if write is not None:
                 write(self.recorder.rounds[-1])
 
@@ -346,8 +347,8 @@ def train_exchange(
     the round when they are not.
     ``examples(node)``: the sample count the node must report (its shard size), or
     None to accept any positive count. ``meanwhile``: the server's work to do once the
-    messages are out (:func:`~lorm_flwr.server.exchange.exchange`). Returns the checked replies (in ``order``,
-    their Gram statistics already summed and dropped: see
+    messages are out (:func:`~lorm_flwr.server.exchange.exchange`). Returns the checked
+    replies (in ``order``, their Gram statistics already summed and dropped: see
     :class:`~lorm_flwr.server.strategies.base.Gathered`), the merge, the exchange's log and
     the merge's seconds.
     """

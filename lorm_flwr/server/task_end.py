@@ -62,7 +62,7 @@ def end_task(run: FederatedRun, task: int, tensors: Tensors) -> None:
     final = strategy.end_task(task, tensors, query)
     # The statistics exchange and the cross-task merge, less the last round's work done
     # meanwhile (counted in its row); evaluation and export are added below.
-    merge_seconds = time.perf_counter() - started - (run.pending_seconds - put_off)
+    query_and_fold_seconds = time.perf_counter() - started - (run.pending_seconds - put_off)
     checkpoint = run.checkpoint(task + 1, 0, tensors) if run.checkpoint else None
 
     def finish() -> None:
@@ -81,7 +81,7 @@ def end_task(run: FederatedRun, task: int, tensors: Tensors) -> None:
         for entry in exchanges:
             summary[entry.kind] = entry.to_dict()
         # The statistics exchange, the cross-task merge, evaluation and the adapter export.
-        summary["seconds"] = merge_seconds + time.perf_counter() - began
+        summary["seconds"] = query_and_fold_seconds + time.perf_counter() - began
         run.recorder.end_task(task, per_task, summary)
         log.info(
             "lorm-flwr: after task %d/%d: accuracy on seen classes %.3f, per task %s",
