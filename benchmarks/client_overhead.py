@@ -15,6 +15,11 @@ the median over ``--repeats`` is reported.
     python -m benchmarks.client_overhead --set gram-alpha=0
     python -m benchmarks.client_overhead --fold-ab 15
     python -m benchmarks.client_overhead --pointwise-ab 15
+    python -m benchmarks.client_overhead --forward --repeats 9 --threads 1
+
+``--forward`` also times, inside each pass and right before it, the same forward with no
+Gram recorded (the adapters merged, BatchNorm folded, as the pass runs): the part of a pass
+that any statistics of the trained model's layer inputs must pay.
 """
 
 from __future__ import annotations
@@ -49,7 +54,13 @@ def main() -> None:
         "--pointwise-ab", type=int, default=0, metavar="N",
         help="instead, time each statistics pass with and without 1x1 convs as matrix products, N times each",
     )  # fmt: skip
+    p.add_argument(
+        "--forward", action="store_true",
+        help="also time each pass's forward alone (no Gram recorded), right before the pass",
+    )  # fmt: skip
     args = p.parse_args()
+    if args.forward and (args.fold_ab or args.pointwise_ab):
+        p.error("--forward: not with --fold-ab or --pointwise-ab")
     cfg = RunConfig.from_mapping(
         {**_parse_sets(args.set), "strategy": "lorm", "client-threads": args.threads}
     )
@@ -66,11 +77,19 @@ def main() -> None:
     times: dict[str, list[float]] = {
         k: [] for k in ("train B", "stats B", "train A", "stats A", "end")
     }
-    for i in range(args.repeats + 1):  # the first repeat warms caches and is dropped
-        row = _one_repeat(cfg, args, start, seed=i)
-        if i:
-            for k, v in row.items():
-                times[k].append(v)
+    forwards: list[float] = []
+    with _forward_timed(forwards) if args.forward else contextlib.nullcontext():
+        for i in range(args.repeats + 1):  # the first repeat warms caches and is dropped
+            forwards.clear()
+            row = _one_repeat(cfg, args, start, seed=i)
+            for k, v in zip(("stats B", "stats A", "end"), forwards):
+                row[k] -= v  # the pass's own seconds (its timer held the forward too)
+            if i:
+                for k, v in row.items():
+                    times[k].append(v)
+                if args.forward:  # the B-round's pass, the A-round's, the end-of-task one
+                    for k, v in zip(("forward B", "forward A"), forwards):
+                        times.setdefault(k, []).append(v)
     med = {k: statistics.median(v) for k, v in times.items()}
     # Ratios are taken within each repeat (training and its pass ran back to back),
     # then the median over repeats: the machine's speed drifts between repeats.
@@ -90,6 +109,41 @@ def main() -> None:
         f"  end-of-task pass {med['end']:.3f} s; a task of {cfg.rounds_per_task} rounds in all: "
         f"{100 * per_task:.1f}%"
     )
+    if args.forward:
+        # Each forward was timed in the same repeat as its round's training.
+        fb = statistics.median(f / t for f, t in zip(times["forward B"], times["train B"]))
+        fa = statistics.median(f / t for f, t in zip(times["forward A"], times["train A"]))
+        print(
+            f"  forward alone (no Gram): B-round {statistics.median(times['forward B']):.3f} s "
+            f"({100 * fb:.1f}% of its training), A-round "
+            f"{statistics.median(times['forward A']):.3f} s ({100 * fa:.1f}%); timed apart "
+            "from the passes above"
+        )
+
+
+@contextlib.contextmanager
+def _forward_timed(seconds: list[float]):
+    """Wrap the client's ``layer_grams``: first the same batches through the same model with
+    nothing recorded (timed, appended to ``seconds``), then the pass itself. The pass's
+    timer runs around both: the caller takes the forward's seconds off again."""
+    from lorm_flwr.train import batches
+
+    real = client.layer_grams
+
+    def wrapped(model, targets, images, *, inputs, batch_size, device, **kw):
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            for idx in batches(len(images), batch_size, shuffle=False):
+                model(inputs(images[idx], device))
+            seconds.append(time.perf_counter() - t0)
+        return real(model, targets, images, inputs=inputs, batch_size=batch_size,
+                    device=device, **kw)  # fmt: skip
+
+    client.layer_grams = wrapped
+    try:
+        yield
+    finally:
+        client.layer_grams = real
 
 
 def _one_repeat(

@@ -35,6 +35,12 @@ The floor of any run of this federation, Flower's and Ray's start and finish wit
 ServerApp's imports and its plan (``dry-run=true``: nothing is trained, no client runs):
 
     python -m benchmarks.default_run --floor 3
+
+Below that, what Flower and Ray cost with no app at all: a Flower app with the same
+federation whose clients answer empty messages at once (``benchmarks/bare_flower``, no
+torch), 10 exchanges, as many as the default run's rounds:
+
+    python -m benchmarks.default_run --bare 3
 """
 
 from __future__ import annotations
@@ -114,6 +120,28 @@ def paired(strategy: str, seed: int, clients: int, other: Path, pairs: int) -> N
     )
 
 
+def bare(runs: int, clients: int) -> None:
+    """Walls of the bare Flower app (``benchmarks/bare_flower``), split like :func:`breakdown`."""
+    app = Path(__file__).resolve().parent / "bare_flower"
+    with tempfile.TemporaryDirectory() as tmp, simulation_superlink(Path(tmp)) as fed:
+        for i in range(runs):
+            timeline = Path(tmp) / f"timeline-{i}.json"
+            invoked_at, start = time.time(), time.perf_counter()
+            proc = fed.run({"num-clients": clients, "rounds": 10, "timeline": str(timeline)},
+                           num_supernodes=clients, timeout=600, app=app)  # fmt: skip
+            wall = time.perf_counter() - start
+            if proc.returncode != 0 or not timeline.exists():
+                raise SystemExit(proc.stdout[-3000:] + proc.stderr[-3000:])
+            t = json.loads(timeline.read_text())
+            ends = t["round_ends"]
+            print(
+                f"bare run {i + 1}: wall {wall:.1f} s; launch {t['main_started'] - invoked_at:.1f}"
+                f", first exchange (actors start) {ends[0] - t['main_started']:.1f}, the other "
+                f"{len(ends) - 1} {ends[-1] - ends[0]:.1f}, finish {invoked_at + wall - ends[-1]:.1f}",
+                flush=True,
+            )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--strategies", nargs="+", default=["lorm", "fedit"])
@@ -123,15 +151,20 @@ def main() -> None:
     p.add_argument("--against", type=Path, help="another checkout of the app: paired runs")
     p.add_argument("--pairs", type=int, default=3, help="with --against: runs of each")
     p.add_argument("--floor", type=int, metavar="N", help="time N dry runs instead")
+    p.add_argument("--bare", type=int, metavar="N", help="time N runs of a no-op Flower app")
     args = p.parse_args()
-    if args.floor is not None and args.floor < 1:
-        p.error(f"--floor {args.floor}: the number of dry runs must be at least 1")
+    for name in ("floor", "bare"):
+        given = getattr(args, name)
+        if given is not None and given < 1:
+            p.error(f"--{name} {given}: the number of runs must be at least 1")
+    if args.floor and args.bare:
+        p.error("--floor and --bare: give one")
     if args.against is not None and args.pairs < 1:
         p.error(f"--pairs {args.pairs}: must be at least 1")
     ignored = [
         name for name, given in (
-            ("--out", args.out is not None and (args.floor or args.against is not None)),
-            ("--against", args.against is not None and args.floor),
+            ("--out", args.out is not None and (args.floor or args.bare or args.against)),
+            ("--against", args.against is not None and (args.floor or args.bare)),
             ("--pairs", args.pairs != 3 and args.against is None),
         ) if given
     ]  # fmt: skip
@@ -139,6 +172,9 @@ def main() -> None:
         p.error(f"{', '.join(ignored)}: not used with the other options given")
     if args.against is not None and len(args.strategies) > 1:
         p.error("--against compares one strategy: give one with --strategies")
+    if args.bare:
+        bare(args.bare, args.clients)
+        return
     if args.floor:
         with tempfile.TemporaryDirectory() as tmp, simulation_superlink(Path(tmp)) as fed:
             for i in range(args.floor):

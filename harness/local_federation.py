@@ -239,6 +239,10 @@ def simulation_superlink(
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        # Not the caller's folder: Flower hands the simulation's sys.path, which starts with
+        # this working folder, to the Ray actors, and a client_app.py there would be
+        # imported instead of the app's own (`--against` another checkout ran this one's).
+        cwd=home,
     )
     try:
         _wait_for_port(port, proc)
