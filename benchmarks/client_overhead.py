@@ -61,6 +61,8 @@ def main() -> None:
     args = p.parse_args()
     if args.forward and (args.fold_ab or args.pointwise_ab):
         p.error("--forward: not with --fold-ab or --pointwise-ab")
+    if args.repeats < 1 or args.fold_ab < 0 or args.pointwise_ab < 0:
+        p.error("--repeats must be at least 1, --fold-ab and --pointwise-ab at least 0")
     cfg = RunConfig.from_mapping(
         {**_parse_sets(args.set), "strategy": "lorm", "client-threads": args.threads}
     )
@@ -82,12 +84,14 @@ def main() -> None:
         for i in range(args.repeats + 1):  # the first repeat warms caches and is dropped
             forwards.clear()
             row = _one_repeat(cfg, args, start, seed=i)
+            if args.forward and len(forwards) != 3:  # a pass that ran twice, or not at all
+                raise SystemExit(f"expected 3 statistics passes a repeat, timed {len(forwards)}")
             for k, v in zip(("stats B", "stats A", "end"), forwards):
-                row[k] -= v  # the pass's own seconds (its timer held the forward too)
+                row[k] -= v  # the extra timed forward off: the pass as it runs (its own forward in)
             if i:
                 for k, v in row.items():
                     times[k].append(v)
-                if args.forward:  # the B-round's pass, the A-round's, the end-of-task one
+                if args.forward:  # the B-round's pass and the A-round's (not the end-of-task one)
                     for k, v in zip(("forward B", "forward A"), forwards):
                         times.setdefault(k, []).append(v)
     med = {k: statistics.median(v) for k, v in times.items()}

@@ -166,6 +166,8 @@ def main() -> None:
             ("--out", args.out is not None and (args.floor or args.bare or args.against)),
             ("--against", args.against is not None and (args.floor or args.bare)),
             ("--pairs", args.pairs != 3 and args.against is None),
+            ("--strategies", args.strategies != ["lorm", "fedit"] and (args.floor or args.bare)),
+            ("--seed", args.seed != 0 and (args.floor or args.bare)),
         ) if given
     ]  # fmt: skip
     if ignored:

@@ -196,7 +196,7 @@ def simulation_superlink(
 ) -> Iterator[Federation]:
     """A simulation SuperLink on 127.0.0.1; ``extra_env`` reaches it and the simulation it
     starts (e.g. ``RAY_ADDRESS`` of a running Ray cluster, see :func:`ray_cluster`)."""
-    home = tmp / "flwr-home"
+    home = (tmp / "flwr-home").resolve()  # absolute: the SuperLink runs in it (below)
     home.mkdir(parents=True, exist_ok=True)
     port, control = free_port(), free_port()
     (home / "config.toml").write_text(
@@ -239,9 +239,9 @@ def simulation_superlink(
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
-        # Not the caller's folder: Flower hands the simulation's sys.path, which starts with
-        # this working folder, to the Ray actors, and a client_app.py there would be
-        # imported instead of the app's own (`--against` another checkout ran this one's).
+        # Not the caller's folder: Flower hands the simulation's sys.path to Ray's actors, and
+        # Ray puts the driver's working folder on their path too, so a client_app.py there
+        # was imported instead of the app's own (`--against` another checkout ran this one's).
         cwd=home,
     )
     try:
