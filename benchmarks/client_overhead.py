@@ -63,6 +63,8 @@ def main() -> None:
         p.error("--forward: not with --fold-ab or --pointwise-ab")
     if args.repeats < 1 or args.fold_ab < 0 or args.pointwise_ab < 0:
         p.error("--repeats must be at least 1, --fold-ab and --pointwise-ab at least 0")
+    if not 0 <= args.client < args.clients:
+        p.error(f"--client {args.client}: one of 0..{args.clients - 1} (--clients {args.clients})")
     cfg = RunConfig.from_mapping(
         {**_parse_sets(args.set), "strategy": "lorm", "client-threads": args.threads}
     )
@@ -135,11 +137,13 @@ def _forward_timed(seconds: list[float]):
     real = client.layer_grams
 
     def wrapped(model, targets, images, *, inputs, batch_size, device, **kw):
+        rng = torch.get_rng_state()  # with `augment` the pass draws its own augmentations
         with torch.no_grad():
             t0 = time.perf_counter()
             for idx in batches(len(images), batch_size, shuffle=False):
                 model(inputs(images[idx], device))
             seconds.append(time.perf_counter() - t0)
+        torch.set_rng_state(rng)
         return real(model, targets, images, inputs=inputs, batch_size=batch_size,
                     device=device, **kw)  # fmt: skip
 

@@ -53,7 +53,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness.local_federation import load_results, simulation_superlink
+from harness.local_federation import ROOT, load_results, simulation_superlink
 
 
 def breakdown(results: dict, invoked_at: float, wall: float) -> dict[str, float]:
@@ -89,10 +89,19 @@ def breakdown(results: dict, invoked_at: float, wall: float) -> dict[str, float]
     return phases
 
 
+def _timed_run(fed, cfg: dict, clients: int, timeout: float, app: Path = ROOT):
+    """``flwr run`` of ``app`` (this one by default): (epoch seconds at its start, wall
+    seconds); a failed run stops the benchmark with the end of its output."""
+    invoked_at, start = time.time(), time.perf_counter()
+    proc = fed.run(cfg, num_supernodes=clients, timeout=timeout, app=app)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(proc.stdout[-3000:] + proc.stderr[-3000:])
+    return invoked_at, wall
+
+
 def paired(strategy: str, seed: int, clients: int, other: Path, pairs: int) -> None:
     """Walls of ``other``'s app and this one, in turn, and their differences."""
-    from harness.local_federation import ROOT
-
     walls: dict[str, list[float]] = {"other": [], "this": []}
     apps = [("other", other.resolve()), ("this", ROOT)]
     with tempfile.TemporaryDirectory() as tmp, simulation_superlink(Path(tmp)) as fed:
@@ -101,12 +110,10 @@ def paired(strategy: str, seed: int, clients: int, other: Path, pairs: int) -> N
             # favours neither.
             for name, app in apps if i % 2 == 0 else apps[::-1]:
                 out = Path(tmp) / f"{name}-{i}"
-                invoked_at, start = time.time(), time.perf_counter()
-                proc = fed.run({"strategy": strategy, "seed": seed, "output-dir": str(out)},
-                               num_supernodes=clients, timeout=1800, app=app)  # fmt: skip
-                wall = time.perf_counter() - start
-                if proc.returncode != 0:
-                    raise SystemExit(proc.stdout[-3000:] + proc.stderr[-3000:])
+                invoked_at, wall = _timed_run(
+                    fed, {"strategy": strategy, "seed": seed, "output-dir": str(out)}, clients,
+                    1800, app,
+                )  # fmt: skip
                 _, results = load_results(out)
                 phases = breakdown(results, invoked_at, wall)
                 walls[name].append(wall)
@@ -126,12 +133,12 @@ def bare(runs: int, clients: int) -> None:
     with tempfile.TemporaryDirectory() as tmp, simulation_superlink(Path(tmp)) as fed:
         for i in range(runs):
             timeline = Path(tmp) / f"timeline-{i}.json"
-            invoked_at, start = time.time(), time.perf_counter()
-            proc = fed.run({"num-clients": clients, "rounds": 10, "timeline": str(timeline)},
-                           num_supernodes=clients, timeout=600, app=app)  # fmt: skip
-            wall = time.perf_counter() - start
-            if proc.returncode != 0 or not timeline.exists():
-                raise SystemExit(proc.stdout[-3000:] + proc.stderr[-3000:])
+            invoked_at, wall = _timed_run(
+                fed, {"num-clients": clients, "rounds": 10, "timeline": str(timeline)}, clients,
+                600, app,
+            )  # fmt: skip
+            if not timeline.exists():
+                raise SystemExit(f"bare run {i + 1}: its ServerApp wrote no {timeline.name}")
             t = json.loads(timeline.read_text())
             ends = t["round_ends"]
             print(
@@ -153,6 +160,8 @@ def main() -> None:
     p.add_argument("--floor", type=int, metavar="N", help="time N dry runs instead")
     p.add_argument("--bare", type=int, metavar="N", help="time N runs of a no-op Flower app")
     args = p.parse_args()
+    if args.clients < 1:
+        p.error(f"--clients {args.clients}: at least 1")
     for name in ("floor", "bare"):
         given = getattr(args, name)
         if given is not None and given < 1:
@@ -180,12 +189,10 @@ def main() -> None:
     if args.floor:
         with tempfile.TemporaryDirectory() as tmp, simulation_superlink(Path(tmp)) as fed:
             for i in range(args.floor):
-                start = time.perf_counter()
-                proc = fed.run({"dry-run": True, "output-dir": str(Path(tmp) / "out")},
-                               num_supernodes=args.clients, timeout=600)  # fmt: skip
-                if proc.returncode != 0:
-                    raise SystemExit(proc.stdout[-3000:] + proc.stderr[-3000:])
-                print(f"dry run {i + 1}: wall {time.perf_counter() - start:.1f} s", flush=True)
+                _, wall = _timed_run(
+                    fed, {"dry-run": True, "output-dir": str(Path(tmp) / "out")}, args.clients, 600
+                )
+                print(f"dry run {i + 1}: wall {wall:.1f} s", flush=True)
         return
     if any(s.startswith("joint") for s in args.strategies):
         p.error("federated strategies only: joint ones have no hello and no rounds")
@@ -199,15 +206,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, simulation_superlink(Path(tmp)) as fed:
         for strategy in args.strategies:
             out = Path(tmp) / strategy
-            invoked_at, start = time.time(), time.perf_counter()
-            proc = fed.run(
-                {"strategy": strategy, "seed": args.seed, "output-dir": str(out)},
-                num_supernodes=args.clients,
-                timeout=1800,
-            )
-            wall = time.perf_counter() - start
-            if proc.returncode != 0:
-                raise SystemExit(proc.stdout[-3000:] + proc.stderr[-3000:])
+            invoked_at, wall = _timed_run(
+                fed, {"strategy": strategy, "seed": args.seed, "output-dir": str(out)},
+                args.clients, 1800,
+            )  # fmt: skip
             _, results = load_results(out)
             table[strategy] = breakdown(results, invoked_at, wall)
             accuracy[strategy] = results["final_average_accuracy"]

@@ -2,7 +2,7 @@
 this process owns, then ``flwr run``. Used by the integration tests and benchmarks.
 
 The SuperLink is started in its own process session and always stopped by its
-PID (with its whole process group), even when the caller fails.
+PID (with its whole process group), even when the caller fails or is sent SIGTERM.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +24,25 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]  # the app (pyproject.toml) in a source checkout
 BIN = Path(sys.executable).parent
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """Within the block, SIGTERM raises SystemExit (in the main thread), so the ``finally``
+    that stops our servers runs: by default the process would end at once and leave them,
+    in sessions of their own, running."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def unwind(signum: int, frame) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, unwind)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def free_port() -> int:
@@ -196,6 +216,12 @@ def simulation_superlink(
 ) -> Iterator[Federation]:
     """A simulation SuperLink on 127.0.0.1; ``extra_env`` reaches it and the simulation it
     starts (e.g. ``RAY_ADDRESS`` of a running Ray cluster, see :func:`ray_cluster`)."""
+    with _sigterm_unwinds(), _simulation_superlink(tmp, extra_env) as federation:
+        yield federation
+
+
+@contextlib.contextmanager
+def _simulation_superlink(tmp: Path, extra_env: dict[str, str] | None) -> Iterator[Federation]:
     home = (tmp / "flwr-home").resolve()  # absolute: the SuperLink runs in it (below)
     home.mkdir(parents=True, exist_ok=True)
     port, control = free_port(), free_port()
@@ -294,6 +320,12 @@ def ray_cluster(nodes: int = 2, cpus_per_node: int = 1) -> Iterator[RayCluster]:
     its PID (with its process group) on exit, workers first. (Ray's GCS and raylets listen
     on every interface; Ray has no setting to bind them to one.)
     """
+    with _sigterm_unwinds(), _ray_cluster(nodes, cpus_per_node) as cluster:
+        yield cluster
+
+
+@contextlib.contextmanager
+def _ray_cluster(nodes: int, cpus_per_node: int) -> Iterator[RayCluster]:
     temp = Path(tempfile.mkdtemp(prefix="lfr-rc-", dir="/tmp"))  # short: AF_UNIX path limit
     env = {**os.environ, "RAY_TMPDIR": str(temp), "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)

@@ -235,7 +235,7 @@ class FederatedRun:
                 "global" if strategy.has_global_model else "personalised", row.accuracy,
                 row.train_loss, row.bytes_down, row.bytes_up,
             )  # fmt: skip
-            write = write_checkpoint or snapshot()
+            write = write_checkpoint if model is not None else snapshot()
             if write is not None:
                 write(self.recorder.rounds[-1])
 
